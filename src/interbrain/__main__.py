@@ -1,0 +1,3 @@
+from interbrain.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,120 @@
+"""The common agent contract (SPEC §3.1) and the architecture registry.
+
+Every architecture is one module in ``interbrain.agents`` that subclasses :class:`Agent` and registers
+itself with ``@register("name")``. Nothing else in the package names an architecture.
+
+Contract
+--------
+- ``hidden`` is a 256-d vector per step: the single analysis site and the only input to the heads.
+- ``action_head`` = Linear(256, 4) (categorical logits), ``value_head`` = Linear(256, 1).
+- ``initial_state(batch, device)`` -> state (a tuple of tensors whose first dim is the batch).
+- ``step(obs, state)`` -> ``(logits [B,4], value [B], hidden [B,256], state')`` for one time step.
+- ``sequence(obs [T,B,200], state0=None)`` -> ``(logits [T,B,4], value [T,B], hidden [T,B,256])``,
+  teacher-forced from ``state0`` (zero state when None); equal to repeated ``step`` to 1e-5.
+- ``readout(hidden)`` -> ``(logits, value)``.
+- ``recurrent_weight_norm()`` -> unsquared Frobenius norm of the recurrent weight (a 0-d tensor; 0 if none).
+- ``input_weight_norm()`` -> unsquared Frobenius norm of the input weight (0 if not defined).
+- ``carries_hidden``: True iff ``hidden`` is part of the carried state; then ``with_hidden(state, h)``
+  returns the state with ``hidden`` replaced by ``h`` (the `recurrent` perturbation target, SPEC §6.6).
+- ``card()`` -> dict: architecture, size preset, parameters per agent, definition of ``hidden``, memory type,
+  context limit.
+- ``max_position_used`` / ``max_context_used`` (attention models): the largest position index and context
+  length this module has been asked to process since construction (SPEC §3.2 context rule, pitfall 6).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, ClassVar
+
+import torch
+from torch import nn
+
+from interbrain.config import AgentConfig
+from interbrain.errors import InterbrainError
+
+OBS_DIM = 200
+N_CELLS = 100
+N_ACTIONS = 4
+HIDDEN = 256
+
+ARCHITECTURES: dict[str, type["Agent"]] = {}
+
+
+def register(name: str) -> Callable[[type["Agent"]], type["Agent"]]:
+    def deco(cls: type["Agent"]) -> type["Agent"]:
+        if name in ARCHITECTURES:
+            raise RuntimeError(f"architecture {name!r} registered twice")
+        cls.arch = name
+        ARCHITECTURES[name] = cls
+        return cls
+
+    return deco
+
+
+class Agent(nn.Module):
+    arch: ClassVar[str] = "base"
+    carries_hidden: ClassVar[bool] = False
+    hidden_definition: ClassVar[str] = ""
+    memory_type: ClassVar[str] = ""
+
+    def __init__(self, config: AgentConfig):
+        super().__init__()
+        self.config = config
+        self.action_head = nn.Linear(HIDDEN, N_ACTIONS)
+        self.value_head = nn.Linear(HIDDEN, 1)
+
+    # --- contract -------------------------------------------------------------------------------
+    def initial_state(self, batch: int, device: torch.device | str = "cpu") -> tuple[torch.Tensor, ...]:
+        raise NotImplementedError
+
+    def step(self, obs: torch.Tensor, state):
+        raise NotImplementedError
+
+    def sequence(self, obs: torch.Tensor, state0=None):
+        raise NotImplementedError
+
+    def readout(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.action_head(hidden), self.value_head(hidden).squeeze(-1)
+
+    def recurrent_weight_norm(self) -> torch.Tensor:
+        return torch.zeros((), device=self.action_head.weight.device)
+
+    def input_weight_norm(self) -> torch.Tensor:
+        return torch.zeros((), device=self.action_head.weight.device)
+
+    def with_hidden(self, state, hidden: torch.Tensor):
+        raise InterbrainError(f"architecture {self.arch!r} does not carry `hidden` in its state")
+
+    def context_limit(self) -> int | None:
+        """Longest context the model ever sees (None: unbounded recurrence)."""
+        return None
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def card(self) -> dict:
+        return {
+            "architecture": self.arch,
+            "size": self.config.size,
+            "init": self.config.init,
+            "parameters_per_agent": self.num_parameters(),
+            "hidden": self.hidden_definition,
+            "memory": self.memory_type,
+            "context_limit": self.context_limit(),
+            "carries_hidden": self.carries_hidden,
+        }
+
+
+def build_agent(config: AgentConfig) -> Agent:
+    """Instantiate a registered architecture (parameters drawn from the current torch RNG)."""
+    if config.arch not in ARCHITECTURES:
+        raise InterbrainError(f"unknown arch {config.arch!r}; expected one of {', '.join(sorted(ARCHITECTURES))}")
+    return ARCHITECTURES[config.arch](config)
+
+
+def build_pair(config: AgentConfig, seed: int) -> tuple[Agent, Agent]:
+    """SPEC §3.1: both agents are built after ``torch.manual_seed(seed)``, chaser first."""
+    torch.manual_seed(seed)
+    chaser = build_agent(config)
+    explorer = build_agent(config)
+    return chaser, explorer

@@ -1,0 +1,290 @@
+"""Independent PPO for the chaser and the explorer (SPEC §4.4–4.5), CleanRL style: read top to bottom.
+
+One update =
+  1. ``collect_rollout``: reset the ``num_envs`` episodes, both agents act on s_t for t = 0..H-1, each sampling from its
+     own generator; everything needed for learning and logging is stored time-major ``[T, B]``.
+  2. ``gae``: per agent, with the time limit terminal (no bootstrap) unless ``bootstrap_time_limit``.
+  3. ``update_clipped`` (presets ``paper``, ``fast``) or ``update_rllib`` (preset ``rllib``).
+
+The two learners share nothing: separate networks, losses, Adam optimisers, gradient clipping, KL coefficients and
+sampling streams (pitfall 11). Every tensor that can go non-finite is checked once per update; the first offender is
+named in a :class:`NonFiniteError`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from interbrain.agents import Agent
+from interbrain.config import PPOConfig
+from interbrain.env import ChaseEnv
+from interbrain.errors import InterbrainError, NonFiniteError
+
+AGENTS = ("chaser", "explorer")
+Z_SAMPLE_EVERY = 10  # ||z_t|| is logged on every 10th step (SPEC §4.6)
+
+
+# ------------------------------------------------------------------------------------------------ rollout
+@dataclass
+class Rollout:
+    """Time-major buffers of one update's episodes. ``obs[a]`` is [T,B,200]; the rest [T,B] unless noted."""
+
+    obs: dict[str, torch.Tensor]
+    actions: dict[str, torch.Tensor]
+    logp: dict[str, torch.Tensor]
+    logits: dict[str, torch.Tensor]  # [T,B,4]
+    values: dict[str, torch.Tensor]
+    rewards: dict[str, torch.Tensor]
+    done: torch.Tensor  # bool [T,B]
+    events: dict[str, torch.Tensor]  # collision, new fields, fov_post (partner in view on s_{t+1}), ...
+    final_distance: torch.Tensor  # [B]
+    z_norm: dict[str, torch.Tensor]  # [B * T/10] samples of ||W_a^T W_a h_t||
+    seq_states: dict[str, list] = field(default_factory=dict)  # agent -> states at the start of each sequence
+    bootstrap: dict[str, torch.Tensor] = field(default_factory=dict)  # agent -> V(s_H) when bootstrapping
+
+
+def sample_actions(logits: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Exact categorical sampling by the Gumbel-max trick from a dedicated generator (no host round trip)."""
+    u = torch.rand(logits.shape, generator=generator, device=logits.device, dtype=logits.dtype)
+    gumbel = -torch.log(-torch.log(u.clamp_min(1e-20)))
+    return torch.argmax(logits + gumbel, dim=-1)
+
+
+@torch.no_grad()
+def collect_rollout(env: ChaseEnv, agents: dict[str, Agent], env_gen: torch.Generator,
+                    action_gens: dict[str, torch.Generator], *, seq_len: int | None = None,
+                    bootstrap: bool = False) -> Rollout:
+    env.reset(env_gen)
+    T, B, dev = env.config.horizon, env.batch, env.chaser_pos.device
+    obs = {a: torch.empty(T, B, 200, device=dev) for a in AGENTS}
+    actions = {a: torch.empty(T, B, dtype=torch.long, device=dev) for a in AGENTS}
+    logp = {a: torch.empty(T, B, device=dev) for a in AGENTS}
+    logits_buf = {a: torch.empty(T, B, 4, device=dev) for a in AGENTS}
+    values = {a: torch.empty(T, B, device=dev) for a in AGENTS}
+    rewards = {a: torch.empty(T, B, device=dev) for a in AGENTS}
+    done = torch.empty(T, B, dtype=torch.bool, device=dev)
+    event_keys = ("collision", "chaser_new_field", "explorer_new_field")
+    events = {k: torch.empty(T, B, dtype=torch.bool, device=dev) for k in event_keys + ("fov_post",)}
+    z_samples = {a: [] for a in AGENTS}
+    states = {a: agents[a].initial_state(B, dev) for a in AGENTS}
+    seq_states = {a: [] for a in AGENTS}
+    for t in range(T):
+        o = dict(zip(AGENTS, env.observations()))
+        if seq_len is not None and t % seq_len == 0:
+            for a in AGENTS:
+                seq_states[a].append(tuple(s.clone() if torch.is_tensor(s) else s for s in states[a]))
+        act = {}
+        for a in AGENTS:  # chaser first
+            lg, v, h, states[a] = agents[a].step(o[a], states[a])
+            act[a] = sample_actions(lg, action_gens[a])
+            obs[a][t], logits_buf[a][t], values[a][t], actions[a][t] = o[a], lg, v, act[a]
+            logp[a][t] = torch.log_softmax(lg, -1).gather(-1, act[a][:, None]).squeeze(-1)
+            if t % Z_SAMPLE_EVERY == 0:
+                w = agents[a].action_head.weight
+                z_samples[a].append(((h @ w.t()) @ w).norm(dim=-1))
+        info = env.step(act["chaser"], act["explorer"])
+        rewards["chaser"][t], rewards["explorer"][t], done[t] = info.chaser_reward, info.explorer_reward, info.done
+        for k in event_keys:
+            events[k][t] = getattr(info, k)
+        events["fov_post"][t] = env.fov()
+    boot = {}
+    if bootstrap:
+        o = dict(zip(AGENTS, env.observations()))
+        for a in AGENTS:
+            boot[a] = agents[a].step(o[a], states[a])[1]
+    return Rollout(obs, actions, logp, logits_buf, values, rewards, done, events, env.distance(),
+                   {a: torch.cat(z_samples[a]) for a in AGENTS}, seq_states, boot)
+
+
+# ------------------------------------------------------------------------------------------------ GAE
+def gae(rewards: torch.Tensor, values: torch.Tensor, done: torch.Tensor, gamma: float, lam: float,
+        bootstrap_value: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalised advantage estimation over [T,B] (SPEC §4.4 step 2).
+
+    delta_t = r_t + gamma (1 - done_t) V_{t+1} - V_t;  A_t = delta_t + gamma lambda (1 - done_t) A_{t+1};  V_T = 0.
+    With ``bootstrap_value`` (V(s_H)) the time limit is not terminal: the last step bootstraps from it.
+    Returns (advantages, returns = A + V_old).
+    """
+    T = rewards.shape[0]
+    nonterminal = (~done).to(rewards.dtype)
+    next_value = torch.zeros_like(values[0])
+    if bootstrap_value is not None:
+        nonterminal = nonterminal.clone()
+        nonterminal[-1] = 1.0
+        next_value = bootstrap_value
+    adv = torch.empty_like(rewards)
+    last = torch.zeros_like(values[0])
+    for t in reversed(range(T)):
+        delta = rewards[t] + gamma * nonterminal[t] * next_value - values[t]
+        last = delta + gamma * lam * nonterminal[t] * last
+        adv[t] = last
+        next_value = values[t]
+    return adv, adv + values
+
+
+def normalize_advantages(adv: torch.Tensor, min_std: float = 0.0, eps: float = 1e-8) -> torch.Tensor:
+    """``paper``/``fast``: (A - mean)/(population std + 1e-8); ``rllib``: (A - mean)/max(std, 1e-4)."""
+    std = adv.std(unbiased=False)
+    if min_std > 0:
+        return (adv - adv.mean()) / torch.clamp(std, min=min_std)
+    return (adv - adv.mean()) / (std + eps)
+
+
+# ------------------------------------------------------------------------------------------------ loss
+def policy_loss(agent: Agent, obs, actions, old_logp, adv, returns, cfg: PPOConfig, *, state0=None,
+                old_logits=None, kl_coef: float = 0.0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The per-agent PPO loss (SPEC §4.4 step 4; §4.5 adds the KL penalty and drops the entropy term).
+
+    L = -mean(min(rho A, clip(rho, 1-eps, 1+eps) A)) + c_v mean(min((V-R)^2, cap)) - c_e H[pi]
+        + lambda_rec ||W_hh||_F + lambda_in ||W_ih||_F (+ beta KL(pi_old || pi_new))
+    """
+    logits, value, _ = agent.sequence(obs, state0)
+    logp_all = torch.log_softmax(logits, -1)
+    logp = logp_all.gather(-1, actions[..., None]).squeeze(-1)
+    log_ratio = logp - old_logp
+    ratio = log_ratio.exp()
+    surrogate = torch.minimum(ratio * adv, ratio.clamp(1 - cfg.clip_eps, 1 + cfg.clip_eps) * adv)
+    pg_loss = -surrogate.mean()
+    v_loss = torch.clamp((value - returns) ** 2, max=cfg.value_cap).mean()
+    entropy = -(logp_all.exp() * logp_all).sum(-1).mean()
+    rec = agent.recurrent_weight_norm()
+    loss = pg_loss + cfg.value_coef * v_loss - cfg.entropy_coef * entropy + cfg.recurrent_l2 * rec
+    if cfg.input_l2:
+        loss = loss + cfg.input_l2 * agent.input_weight_norm()
+    if old_logits is not None:
+        old_logp_all = torch.log_softmax(old_logits, -1)
+        kl = (old_logp_all.exp() * (old_logp_all - logp_all)).sum(-1).mean()
+        loss = loss + kl_coef * kl
+    else:
+        kl = ((ratio - 1) - log_ratio).mean()  # the k3 estimator of KL(pi_old || pi_new)
+    stats = {"loss": loss, "policy_loss": pg_loss, "value_loss": v_loss, "entropy": entropy, "approx_kl": kl,
+             "clip_fraction": ((ratio - 1).abs() > cfg.clip_eps).float().mean(), "recurrent_norm": rec}
+    return loss, stats
+
+
+def _grad_norm_and_clip(params: list[torch.Tensor], max_norm: float | None) -> torch.Tensor:
+    grads = [p.grad for p in params if p.grad is not None]
+    if max_norm is None:
+        return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+    return torch.nn.utils.clip_grad_norm_(params, max_norm)
+
+
+def check_finite(named: dict[str, torch.Tensor], update: int) -> None:
+    """One host sync for the whole set; on failure, name the first non-finite tensor."""
+    if not named:
+        return
+    flags = torch.stack([torch.isfinite(t).all() for t in named.values()])
+    if bool(flags.all()):
+        return
+    bad = [name for name, ok in zip(named, flags.tolist()) if not ok]
+    raise NonFiniteError(f"non-finite values in {bad[0]} at update {update}" + (f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""))
+
+
+# ------------------------------------------------------------------------------------------------ updates
+def advantages_and_returns(batch: Rollout, cfg: PPOConfig) -> tuple[dict, dict]:
+    adv, ret = {}, {}
+    for a in AGENTS:
+        raw, ret[a] = gae(batch.rewards[a], batch.values[a], batch.done, cfg.gamma, cfg.gae_lambda,
+                          batch.bootstrap.get(a) if cfg.bootstrap_time_limit else None)
+        adv[a] = normalize_advantages(raw, min_std=1e-4 if cfg.learner == "rllib" else 0.0)
+    return adv, ret
+
+
+def update_clipped(agents: dict[str, Agent], optimizers: dict[str, torch.optim.Optimizer], batch: Rollout,
+                   cfg: PPOConfig, update: int) -> dict:
+    """``paper``/``fast``: ``epochs`` full-batch passes over whole episodes from zero state; one backward of the summed
+    losses (disjoint parameters), then per-agent gradient clipping and per-agent Adam steps (SPEC §4.4 step 5)."""
+    adv, ret = advantages_and_returns(batch, cfg)
+    to_check = {f"{a}.{k}": getattr(batch, k)[a] for a in AGENTS for k in ("logits", "logp", "values", "rewards")}
+    to_check.update({f"{a}.advantages": adv[a] for a in AGENTS} | {f"{a}.returns": ret[a] for a in AGENTS})
+    check_finite(to_check, update)
+    stats: dict[str, dict] = {}
+    for epoch in range(cfg.epochs):
+        total = 0.0
+        for a in AGENTS:
+            optimizers[a].zero_grad(set_to_none=True)
+            loss, stats[a] = policy_loss(agents[a], batch.obs[a], batch.actions[a], batch.logp[a], adv[a], ret[a], cfg)
+            total = total + loss
+        check_finite({f"{a}.{k}[epoch {epoch}]": v for a in AGENTS for k, v in stats[a].items()}, update)
+        total.backward()
+        for a in AGENTS:
+            stats[a]["grad_norm"] = _grad_norm_and_clip(list(agents[a].parameters()), cfg.grad_clip)
+            optimizers[a].step()
+    return {a: {k: float(v.detach()) for k, v in stats[a].items()} for a in AGENTS}
+
+
+def _index_state(state: tuple, idx: torch.Tensor, arch: str) -> tuple:
+    out = []
+    for s in state:
+        if not torch.is_tensor(s):
+            raise InterbrainError(f"preset rllib needs a sliceable recurrent state; arch {arch!r} has none")
+        out.append(s[idx])
+    return tuple(out)
+
+
+def update_rllib(agents: dict[str, Agent], optimizers: dict[str, torch.optim.Optimizer], batch: Rollout,
+                 cfg: PPOConfig, update: int, kl_coefs: dict[str, float], minibatch_gen: torch.Generator) -> dict:
+    """The official RLlib 2.2 learner (SPEC §4.5): explorer first, then chaser; 20-step sequences carrying their stored
+    initial state; ``epochs`` passes of shuffled minibatches of ~``minibatch_steps`` timesteps (``clean`` slicing: the
+    sequences are split into ceil(N / minibatch_steps) near-equal groups, no overlap, no drops); clipped surrogate + beta KL
+    + capped value error + L2; no entropy term, no gradient clipping; beta adapted once per update."""
+    adv, ret = advantages_and_returns(batch, cfg)
+    T, B = batch.done.shape
+    L = cfg.seq_len
+    if T % L:
+        raise InterbrainError(f"seq_len {L} must divide the horizon {T}")
+    n_chunks = T // L
+    n_seq = n_chunks * B
+    n_mb = -(-T * B // cfg.minibatch_steps)
+    out = {}
+
+    def chunked(x: torch.Tensor) -> torch.Tensor:  # [T,B,...] -> [L, n_chunks*B, ...] (sequence j = chunk*B + env)
+        return x.reshape(n_chunks, L, B, *x.shape[2:]).transpose(0, 1).reshape(L, n_seq, *x.shape[2:])
+
+    for a in ("explorer", "chaser"):  # RLlib policy-map order
+        agent, opt = agents[a], optimizers[a]
+        obs, act, old_logp, old_logits = (chunked(batch.obs[a]), chunked(batch.actions[a]), chunked(batch.logp[a]),
+                                          chunked(batch.logits[a]))
+        A, R = chunked(adv[a]), chunked(ret[a])
+        states0 = tuple(torch.cat([st[i] for st in batch.seq_states[a]]) if torch.is_tensor(batch.seq_states[a][0][i])
+                        else batch.seq_states[a][0][i] for i in range(len(batch.seq_states[a][0])))
+        kls, last = [], {}
+        for epoch in range(cfg.epochs):
+            perm = torch.randperm(n_seq, generator=minibatch_gen).to(obs.device)
+            for idx in torch.tensor_split(perm, n_mb):
+                opt.zero_grad(set_to_none=True)
+                loss, last = policy_loss(agent, obs[:, idx], act[:, idx], old_logp[:, idx], A[:, idx], R[:, idx], cfg,
+                                         state0=_index_state(states0, idx, agent.arch), old_logits=old_logits[:, idx],
+                                         kl_coef=kl_coefs[a])
+                loss.backward()
+                last["grad_norm"] = _grad_norm_and_clip(list(agent.parameters()), cfg.grad_clip)
+                opt.step()
+                kls.append(last["approx_kl"].detach())
+        check_finite({f"{a}.{k}": v for k, v in last.items()}, update)
+        mean_kl = float(torch.stack(kls).mean())
+        if mean_kl > 2.0 * cfg.kl_target:
+            kl_coefs[a] *= 1.5
+        elif mean_kl < 0.5 * cfg.kl_target:
+            kl_coefs[a] *= 0.5
+        out[a] = {k: float(v.detach()) for k, v in last.items()} | {"mean_kl": mean_kl, "kl_coef": kl_coefs[a]}
+    return out
+
+
+def rollout_metrics(batch: Rollout) -> dict:
+    """Behaviour of the training episodes (SPEC §4.6 logging)."""
+    ev = batch.events
+    return {
+        "collisions_per_episode": float(ev["collision"].float().sum(0).mean()),
+        "chaser_return": float(batch.rewards["chaser"].sum(0).mean()),
+        "explorer_return": float(batch.rewards["explorer"].sum(0).mean()),
+        "chaser_partner_in_view": float(ev["fov_post"].float().mean()),
+        "explorer_partner_in_view": float(ev["fov_post"].float().mean()),
+        "chaser_new_fields": float(ev["chaser_new_field"].float().sum(0).mean()),
+        "explorer_new_fields": float(ev["explorer_new_field"].float().sum(0).mean()),
+        "final_distance": float(batch.final_distance.mean()),
+        "chaser_z_norm": float(batch.z_norm["chaser"].mean()),
+        "explorer_z_norm": float(batch.z_norm["explorer"].mean()),
+    }

@@ -1,0 +1,86 @@
+"""Provenance recorded with every artifact (SPEC §5.1, §5.4): code version, packages, device, numerics flags."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import platform
+import subprocess
+from functools import lru_cache
+from importlib import metadata
+from pathlib import Path
+
+import torch
+
+import interbrain
+
+_PACKAGES = ("torch", "numpy", "scipy", "scikit-learn", "safetensors", "pandas")
+_REPO = Path(__file__).resolve().parents[2]
+
+
+def _git(*args: str) -> str | None:
+    try:
+        out = subprocess.run(["git", "-C", str(_REPO), *args], capture_output=True, check=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.decode(errors="replace")
+
+
+@lru_cache(maxsize=1)
+def code_version() -> dict:
+    sha = _git("rev-parse", "HEAD")
+    diff = _git("diff", "HEAD") if sha else None
+    return {
+        "git_sha": sha.strip() if sha else None,
+        "git_dirty": bool(diff.strip()) if diff is not None else None,
+        "git_diff_sha256": hashlib.sha256(diff.encode()).hexdigest() if diff else None,
+        "interbrain_version": interbrain.__version__,
+    }
+
+
+@lru_cache(maxsize=1)
+def package_versions() -> dict:
+    out = {"python": platform.python_version()}
+    for name in _PACKAGES:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def device_info(device: torch.device | str | None = None) -> dict:
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    info = {"device": str(device), "torch_threads": torch.get_num_threads(), "machine": platform.machine()}
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+        info["tf32_matmul"] = bool(torch.backends.cuda.matmul.allow_tf32)
+        info["tf32_cudnn"] = bool(torch.backends.cudnn.allow_tf32)
+        info["cudnn_deterministic"] = bool(torch.backends.cudnn.deterministic)
+        info["cudnn_benchmark"] = bool(torch.backends.cudnn.benchmark)
+    return info
+
+
+def now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def provenance(device: torch.device | str | None = None) -> dict:
+    return {**code_version(), "packages": package_versions(), **device_info(device), "created_at": now()}
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    """``auto`` picks CUDA when present, else CPU."""
+    from interbrain.errors import InterbrainError
+
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise InterbrainError(f"unknown device {device!r}; expected auto, cpu or cuda[:N]") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise InterbrainError(f"device {device!r} requested but CUDA is not available")
+    if dev.type not in ("cpu", "cuda"):
+        raise InterbrainError(f"unsupported device {device!r}; expected auto, cpu or cuda[:N]")
+    return dev

@@ -1,0 +1,102 @@
+"""Training loop: determinism, bit-exact resume, checkpoint schedule, metrics, refusal to resume a different run."""
+
+import json
+
+import pytest
+import torch
+
+from interbrain.checkpoint import load_checkpoint
+from interbrain.errors import InterbrainError
+from interbrain.train import train
+
+
+def _weights(path):
+    ck = load_checkpoint(path)
+    return {f"{a}.{k}": v for a in ("chaser", "explorer") for k, v in ck.state_dict(a).items()}, ck
+
+
+def _run(out, updates, overrides, arch="rnn", preset="fast", **kw):
+    return train(arch, "social", 1, preset, updates, device="cpu", out=out, overrides=overrides,
+                 checkpoint_every=kw.pop("checkpoint_every", 2), log_every=1, progress=False, **kw)
+
+
+@pytest.mark.parametrize("arch,preset", [("rnn", "fast"), ("rnn", "paper"), ("rnn", "rllib")])
+def test_resume_is_bit_exact(tmp_path, tiny_overrides, arch, preset):
+    straight = _run(tmp_path / "a", 4, tiny_overrides, arch, preset)
+    _run(tmp_path / "b", 2, tiny_overrides, arch, preset)
+    resumed = _run(tmp_path / "b", 4, tiny_overrides, arch, preset)
+    wa, ca = _weights(straight)
+    wb, cb = _weights(resumed)
+    assert ca.update == cb.update == 4
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    for agent in ("chaser", "explorer"):
+        for i, st in ca.optimizers[agent]["state"].items():
+            for key, v in st.items():
+                assert torch.equal(v, cb.optimizers[agent]["state"][i][key])
+    assert ca.kl_coefs == cb.kl_coefs
+    events = [json.loads(x)["event"] for x in (tmp_path / "b" / "events.jsonl").read_text().splitlines()]
+    assert "resumed" in events
+    lines = [json.loads(x) for x in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    assert [x["update"] for x in lines] == [1, 2, 3, 4]
+
+
+def test_same_seed_same_weights_and_schedule(tmp_path, tiny_overrides):
+    a = _run(tmp_path / "a", 3, tiny_overrides)
+    b = _run(tmp_path / "b", 3, tiny_overrides)
+    wa, _ = _weights(a)
+    wb, _ = _weights(b)
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    names = sorted(p.name for p in (tmp_path / "a" / "checkpoints").iterdir())
+    assert names == ["latest.safetensors", "update_000000.safetensors", "update_000002.safetensors",
+                     "update_000003.safetensors"]
+    line = json.loads((tmp_path / "a" / "metrics.jsonl").read_text().splitlines()[-1])
+    for key in ("collisions_per_episode", "chaser_return", "explorer_return", "chaser_partner_in_view",
+                "chaser_new_fields", "explorer_new_fields", "final_distance", "chaser_z_norm", "env_steps_per_s"):
+        assert key in line
+    for agent in ("chaser", "explorer"):
+        assert {"policy_loss", "value_loss", "entropy", "approx_kl", "grad_norm"} <= set(line["learner"][agent])
+        assert {"max_abs_param", "recurrent_norm", "kl_coef"} <= set(line["agents"][agent])
+
+
+def test_social_and_non_social_start_from_identical_weights(tmp_path, tiny_overrides):
+    from interbrain.config import make_train_config
+    from interbrain.train import Trainer
+
+    a = Trainer(make_train_config("rnn", "social", 5, "fast", 1), torch.device("cpu"))
+    b = Trainer(make_train_config("rnn", "non_social", 5, "fast", 1), torch.device("cpu"))
+    for agent in ("chaser", "explorer"):
+        sa, sb = a.agents[agent].state_dict(), b.agents[agent].state_dict()
+        assert all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_refuses_to_resume_a_different_run(tmp_path, tiny_overrides):
+    _run(tmp_path / "a", 2, tiny_overrides)
+    with pytest.raises(InterbrainError, match="lr"):
+        _run(tmp_path / "a", 4, tiny_overrides | {"lr": 5e-4})
+
+
+def test_nonfinite_fails_with_named_tensor_after_two_attempts(tmp_path, tiny_overrides, monkeypatch):
+    import interbrain.train as tr
+
+    original = tr.Trainer.step
+
+    def poisoned(self):
+        out = original(self)
+        with torch.no_grad():
+            self.agents["explorer"].value_head.bias.fill_(float("inf"))
+        self.check_health()
+        return out
+
+    monkeypatch.setattr(tr.Trainer, "step", poisoned)
+    with pytest.raises(InterbrainError, match=r"failed 2 attempts.*explorer\.value_head\.bias at update 1"):
+        _run(tmp_path / "a", 2, tiny_overrides)
+    events = [json.loads(x) for x in (tmp_path / "a" / "events.jsonl").read_text().splitlines()]
+    assert [e["event"] for e in events].count("attempt_failed") == 2
+    assert not (tmp_path / "a" / "checkpoints" / "latest.safetensors").exists()
+
+
+def test_bad_output_dir_is_reported(tmp_path, tiny_overrides):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(InterbrainError, match="cannot create output directory"):
+        _run(blocker / "unit", 1, tiny_overrides)
