@@ -1,0 +1,85 @@
+"""`mlp`: the frame-stack control, the "common-input floor" (SPEC §3.2, sizes §3.3).
+
+``hidden_t = ReLU(L2(ReLU(L1([x_{t-7}, ..., x_t]))))``: the last 8 observations concatenated oldest first
+(1,600-d), zero-padded at episode start. There is no memory beyond the 8-frame window.
+
+- ``std``: Linear(1600→256) + ReLU, Linear(256→256) + ReLU  (476,933 parameters with the heads).
+- ``matched``: Linear(1600→64) + ReLU, Linear(64→256) + ReLU  (120,389 parameters).
+
+Init (SPEC §3.2): Kaiming-uniform (ReLU gain) weights, zero biases. SPEC fixes no head init for this
+architecture; the heads use :func:`init_heads` (the reproduction's and the `modern` RNN's head init).
+The state is ``(frames,)`` with ``frames`` [B, 7, 200] = the previous 7 observations, oldest first.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from interbrain.agents.base import HIDDEN, OBS_DIM, Agent, register
+from interbrain.config import AgentConfig
+from interbrain.errors import InterbrainError
+
+FRAMES = 8
+WIDTHS = {"std": 256, "matched": 64}  # width of the first hidden layer
+
+
+def init_heads(agent: Agent) -> None:
+    """Xavier-uniform heads with zero biases: gain 0.1 for the action head (near-uniform initial policy),
+    gain 1 for the value head (SPEC §3.2, RNN `modern`; used by every non-RNN architecture)."""
+    nn.init.xavier_uniform_(agent.action_head.weight, gain=0.1)
+    nn.init.zeros_(agent.action_head.bias)
+    nn.init.xavier_uniform_(agent.value_head.weight, gain=1.0)
+    nn.init.zeros_(agent.value_head.bias)
+
+
+def check_size(config: AgentConfig, widths: dict) -> None:
+    if config.size not in widths:
+        raise InterbrainError(f"unknown size {config.size!r} for arch {config.arch!r}; expected one of {', '.join(widths)}")
+
+
+@register("mlp")
+class MLPAgent(Agent):
+    carries_hidden = False
+    hidden_definition = "2nd hidden layer of the frame-stack MLP, post-ReLU"
+    memory_type = "none; last 8 observations"
+
+    def __init__(self, config: AgentConfig):
+        super().__init__(config)
+        check_size(config, WIDTHS)
+        width = WIDTHS[config.size]
+        self.fc1 = nn.Linear(FRAMES * OBS_DIM, width)
+        self.fc2 = nn.Linear(width, HIDDEN)
+        for layer in (self.fc1, self.fc2):
+            nn.init.kaiming_uniform_(layer.weight, nonlinearity="relu")
+            nn.init.zeros_(layer.bias)
+        init_heads(self)
+
+    def initial_state(self, batch, device="cpu"):
+        return (torch.zeros(batch, FRAMES - 1, OBS_DIM, device=device, dtype=self.fc1.weight.dtype),)
+
+    def _hidden(self, stacked: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.fc2(torch.relu(self.fc1(stacked))))
+
+    def step(self, obs, state):
+        (frames,) = state
+        window = torch.cat([frames, obs.unsqueeze(1)], dim=1)  # [B, 8, 200], oldest first
+        hidden = self._hidden(window.flatten(1))
+        logits, value = self.readout(hidden)
+        return logits, value, hidden, (window[:, 1:],)
+
+    def sequence(self, obs, state0=None):
+        T, B, _ = obs.shape
+        frames = self.initial_state(B, obs.device)[0] if state0 is None else state0[0]
+        padded = torch.cat([frames.transpose(0, 1).to(obs.dtype), obs], dim=0)  # [T+7, B, 200]
+        windows = padded.unfold(0, FRAMES, 1)  # [T, B, 200, 8]: window t covers padded[t .. t+7]
+        stacked = windows.transpose(-1, -2).reshape(T, B, FRAMES * OBS_DIM)
+        hidden = self._hidden(stacked)
+        logits, value = self.readout(hidden)
+        return logits, value, hidden
+
+    def context_limit(self) -> int:
+        return FRAMES
+
+    def input_weight_norm(self):
+        return torch.linalg.matrix_norm(self.fc1.weight)

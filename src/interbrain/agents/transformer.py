@@ -1,0 +1,228 @@
+"""`transformer`: 2-layer causal pre-LayerNorm transformer with a bounded window (SPEC §3.2, §3.3).
+
+- Input: Linear(200→d) plus a learned position table with exactly W rows (W = ``config.window``, default
+  100 = H_train), initialised N(0, 0.02). Looking up a position >= W raises :class:`InterbrainError`.
+- Blocks: ``x += Attn(LN(x)); x += MLP(LN(x))``; 4 heads; MLP d→m→d with ReLU. A final LayerNorm follows.
+- ``std``: d 256, m 512, ``hidden`` = final-LN output (1,133,061 parameters with the heads).
+- ``matched``: d 64, m 192, ``hidden`` = ReLU(Linear(64→256)(final LN)) (120,773 parameters).
+- Init: Xavier-uniform input, qkv and MLP-in weights; attention-out and MLP-out Xavier with gain
+  0.5/sqrt(2·layers) = 0.25; zero biases. Our choices where SPEC is silent: the matched projection is
+  Kaiming-uniform (ReLU), the heads use :func:`interbrain.agents.mlp.init_heads`.
+
+Context rule (SPEC §3.2, pitfall 6). Step t < W attends to steps 0..t at absolute positions 0..t (a KV cache
+makes each such step O(t)). Step t >= W attends to [t-W+1, t] with positions re-indexed 0..W-1 from the window
+start; the window is recomputed every step. ``sequence`` reproduces exactly this: one causal pass over the first
+min(T, W) steps, then the later steps from their own windows, batched in chunks. ``max_position_used`` and
+``max_context_used`` record the largest position index and context length ever processed.
+
+State: ``(t, emb, k_1, v_1, k_2, v_2)`` with ``t`` the python-int step counter, ``emb`` [B, min(t, W-1), d] the
+input embeddings (without positions) of the previous steps, and the per-layer key/value caches
+[B, heads, t, d/heads] (empty once t >= W, when windows are recomputed from ``emb``).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from interbrain.agents.base import HIDDEN, OBS_DIM, Agent, register
+from interbrain.agents.mlp import check_size, init_heads
+from interbrain.config import AgentConfig
+from interbrain.errors import InterbrainError
+
+LAYERS = 2
+HEADS = 4
+SIZES = {"std": {"d_model": 256, "mlp": 512}, "matched": {"d_model": 64, "mlp": 192}}
+CHUNK_ELEMENTS = 2**24  # activation budget per window chunk in `sequence` (elements of the widest tensor)
+
+
+class CausalBlock(nn.Module):
+    """One pre-LN block: ``x += Attn(LN(x)); x += MLP(LN(x))``."""
+
+    def __init__(self, d_model: int, heads: int, mlp: int, out_gain: float):
+        super().__init__()
+        self.heads = heads
+        self.ln_attn = nn.LayerNorm(d_model)
+        self.qkv = nn.Linear(d_model, 3 * d_model)
+        self.attn_out = nn.Linear(d_model, d_model)
+        self.ln_mlp = nn.LayerNorm(d_model)
+        self.mlp_in = nn.Linear(d_model, mlp)
+        self.mlp_out = nn.Linear(mlp, d_model)
+        for layer, gain in ((self.qkv, 1.0), (self.mlp_in, 1.0), (self.attn_out, out_gain), (self.mlp_out, out_gain)):
+            nn.init.xavier_uniform_(layer.weight, gain=gain)
+            nn.init.zeros_(layer.bias)
+
+    def _qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        N, L, d = x.shape
+        qkv = self.qkv(self.ln_attn(x)).view(N, L, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        return qkv[0], qkv[1], qkv[2]  # each [N, heads, L, d/heads]
+
+    def _finish(self, x: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
+        N, H, Lq, dh = attended.shape
+        x = x + self.attn_out(attended.transpose(1, 2).reshape(N, Lq, H * dh))
+        return x + self.mlp_out(torch.relu(self.mlp_in(self.ln_mlp(x))))
+
+    def causal(self, x: torch.Tensor) -> torch.Tensor:
+        """Every token attends to itself and the tokens before it."""
+        q, k, v = self._qkv(x)
+        return self._finish(x, F.scaled_dot_product_attention(q, k, v, is_causal=True))
+
+    def last_query(self, x: torch.Tensor) -> torch.Tensor:
+        """Output of the last token only (it attends to all tokens), shape [N, 1, d]."""
+        q, k, v = self._qkv(x)
+        return self._finish(x[:, -1:], F.scaled_dot_product_attention(q[:, :, -1:], k, v))
+
+    def cached(self, x: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor):
+        """One new token [N, 1, d] attending to the cached keys/values and itself."""
+        q, k, v = self._qkv(x)
+        k = torch.cat([k_cache, k], dim=2)
+        v = torch.cat([v_cache, v], dim=2)
+        return self._finish(x, F.scaled_dot_product_attention(q, k, v)), k, v
+
+
+@register("transformer")
+class TransformerAgent(Agent):
+    carries_hidden = False
+    memory_type = "causal attention over a bounded window (learned positions)"
+
+    def __init__(self, config: AgentConfig):
+        super().__init__(config)
+        check_size(config, SIZES)
+        if config.pos == "rope":
+            raise InterbrainError("pos='rope' is not implemented yet")
+        self.window = config.window
+        self.d_model = SIZES[config.size]["d_model"]
+        mlp = SIZES[config.size]["mlp"]
+        self.mlp_width = mlp
+        self.inp = nn.Linear(OBS_DIM, self.d_model)
+        nn.init.xavier_uniform_(self.inp.weight)
+        nn.init.zeros_(self.inp.bias)
+        self.pos_table = nn.Parameter(torch.empty(self.window, self.d_model))
+        nn.init.normal_(self.pos_table, std=0.02)
+        out_gain = 0.5 / math.sqrt(2 * LAYERS)
+        self.blocks = nn.ModuleList(CausalBlock(self.d_model, HEADS, mlp, out_gain) for _ in range(LAYERS))
+        self.final_ln = nn.LayerNorm(self.d_model)
+        if config.size == "matched":
+            self.hidden_proj = nn.Linear(self.d_model, HIDDEN)
+            nn.init.kaiming_uniform_(self.hidden_proj.weight, nonlinearity="relu")
+            nn.init.zeros_(self.hidden_proj.bias)
+        else:
+            self.hidden_proj = None
+        init_heads(self)
+        self.max_position_used = -1
+        self.max_context_used = 0
+
+    @property
+    def hidden_definition(self) -> str:  # type: ignore[override]
+        if self.hidden_proj is None:
+            return "final-LayerNorm residual at step t"
+        return "ReLU(Linear(64->256)(final-LayerNorm residual at step t))"
+
+    def context_limit(self) -> int:
+        return self.window
+
+    # --- positions and contexts (SPEC §3.2 context rule) -----------------------------------------
+    def position_embedding(self, start: int, stop: int) -> torch.Tensor:
+        """Rows ``start .. stop-1`` of the position table; anything outside 0..W-1 raises."""
+        if start < 0 or stop > self.window or start >= stop:
+            raise InterbrainError(
+                f"transformer position range {start}..{stop - 1} is outside the learned table 0..{self.window - 1} "
+                f"(window={self.window}); SPEC §3.2 context rule")
+        self.max_position_used = max(self.max_position_used, stop - 1)
+        return self.pos_table[start:stop]
+
+    def _note_context(self, length: int) -> None:
+        if length > self.window:
+            raise InterbrainError(f"transformer context of {length} steps exceeds window={self.window}")
+        self.max_context_used = max(self.max_context_used, length)
+
+    # --- forward pieces -------------------------------------------------------------------------
+    def _emit(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.final_ln(x)
+        return h if self.hidden_proj is None else torch.relu(self.hidden_proj(h))
+
+    def _causal_pass(self, emb: torch.Tensor) -> torch.Tensor:
+        """Residual stream of every token of ``emb`` [N, L, d] at positions 0..L-1 (L <= W)."""
+        L = emb.shape[1]
+        x = emb + self.position_embedding(0, L)
+        self._note_context(L)
+        for block in self.blocks:
+            x = block.causal(x)
+        return x
+
+    def _window_last(self, emb: torch.Tensor) -> torch.Tensor:
+        """Residual stream [N, d] of the last token of each window ``emb`` [N, L, d], positions 0..L-1."""
+        L = emb.shape[1]
+        x = emb + self.position_embedding(0, L)
+        self._note_context(L)
+        for block in self.blocks[:-1]:
+            x = block.causal(x)
+        return self.blocks[-1].last_query(x)[:, 0]
+
+    def _check_history(self, t: int, emb: torch.Tensor) -> None:
+        if isinstance(t, bool) or not isinstance(t, int) or t < 0:
+            raise InterbrainError(f"transformer state step counter must be a non-negative int, got {t!r}")
+        if emb.shape[1] != min(t, self.window - 1):
+            raise InterbrainError(f"transformer state at step {t} holds {emb.shape[1]} embeddings, "
+                                  f"expected {min(t, self.window - 1)} (window={self.window})")
+
+    # --- contract -------------------------------------------------------------------------------
+    def initial_state(self, batch, device="cpu"):
+        dtype = self.inp.weight.dtype
+        emb = torch.zeros(batch, 0, self.d_model, device=device, dtype=dtype)
+        cache = torch.zeros(batch, HEADS, 0, self.d_model // HEADS, device=device, dtype=dtype)
+        return (0, emb) + (cache,) * (2 * LAYERS)
+
+    def step(self, obs, state):
+        t, emb, *cache = state
+        self._check_history(t, emb)
+        e = self.inp(obs).unsqueeze(1)  # [B, 1, d]
+        history = torch.cat([emb, e], dim=1)
+        if t < self.window:
+            x = e + self.position_embedding(t, t + 1)
+            self._note_context(t + 1)
+            new_cache = []
+            for i, block in enumerate(self.blocks):
+                x, k, v = block.cached(x, cache[2 * i], cache[2 * i + 1])
+                new_cache += [k, v]
+            if t + 1 == self.window:  # from now on every step recomputes its window from `emb`
+                new_cache = [c[:, :, :0] for c in new_cache]
+            out = x[:, 0]
+        else:
+            out = self._window_last(history)
+            new_cache = cache
+        emb = history[:, max(0, history.shape[1] - (self.window - 1)):]  # the last min(t+1, W-1) steps
+        hidden = self._emit(out)
+        logits, value = self.readout(hidden)
+        return logits, value, hidden, (t + 1, emb, *new_cache)
+
+    def sequence(self, obs, state0=None):
+        T, B, _ = obs.shape
+        W = self.window
+        t0, hist = (state0 if state0 is not None else self.initial_state(B, obs.device))[:2]
+        self._check_history(t0, hist)
+        stream = torch.cat([hist, self.inp(obs).transpose(0, 1)], dim=1)  # [B, L, d], global steps g0..t0+T-1
+        n0 = hist.shape[1]
+        L = n0 + T
+        outs = []
+        if t0 < W:  # steps t0..min(t0+T, W)-1: one causal pass from step 0 (here g0 = 0, n0 = t0)
+            outs.append(self._causal_pass(stream[:, :min(L, W)])[:, n0:])
+        if t0 + T > W:  # steps >= W: each from its own window of W steps, positions 0..W-1
+            first = max(t0, W) - W + 1 - (t0 - n0)  # stream index where the first such window starts
+            windows = stream.unfold(1, W, 1)[:, first:]  # [B, n_windows, d, W]
+            n_windows = windows.shape[1]
+            per_chunk = max(1, CHUNK_ELEMENTS // (B * W * max(self.mlp_width, HEADS * W)))
+            for c in range(0, n_windows, per_chunk):
+                chunk = windows[:, c:c + per_chunk]
+                n = chunk.shape[1]
+                chunk = chunk.permute(0, 1, 3, 2).reshape(B * n, W, self.d_model)
+                outs.append(self._window_last(chunk).view(B, n, self.d_model))
+        hidden = self._emit(torch.cat(outs, dim=1)).transpose(0, 1)  # [T, B, 256]
+        logits, value = self.readout(hidden)
+        return logits, value, hidden
+
+    def input_weight_norm(self):
+        return torch.linalg.matrix_norm(self.inp.weight)
