@@ -221,3 +221,15 @@ def load_agents(source: "str | os.PathLike | Checkpoint", *, device: torch.devic
                                   f"{ckpt.config.agent.arch!r}: {str(exc).splitlines()[0]}") from None
         agents[agent] = net.to(device).eval()
     return ckpt, agents
+
+
+def health_report(checkpoints, out_json) -> Path:
+    """Health-check every checkpoint (SPEC §5.1); write the records only if all pass, else raise naming the first bad file."""
+    from interbrain.io import write_json_atomic
+
+    records = [health(p) for p in checkpoints]
+    bad = [r for r in records if not r["ok"]]
+    if bad:
+        raise InterbrainError(bad[0]["error"] or f"unhealthy checkpoint {bad[0]['path']}")
+    write_json_atomic(out_json, records)
+    return Path(out_json)

@@ -76,3 +76,33 @@ def evaluate_checkpoint(checkpoint: str | Path, out: str | Path, *, episodes: in
         append_jsonl(out, record)
         written.append(record)
     return written
+
+
+def evaluate_unit(checkpoints, out, *, episodes: int = 100, steps: int = 100, seed: int = 0, visibilities=None,
+                  device: str = "auto") -> Path:
+    """Evaluate every checkpoint of a unit (and each visibility override) into a fresh JSONL, written atomically."""
+    from interbrain.io import atomic_path
+
+    out = Path(out)
+    with atomic_path(out) as tmp:
+        for ckpt in checkpoints:
+            for vis in (visibilities or [None]):
+                evaluate_checkpoint(ckpt, tmp, episodes=episodes, steps=steps, seed=seed, visibility=vis,
+                                    device=device, force=True)
+    return out
+
+
+def gather(inputs, out) -> Path:
+    """Concatenate unit evaluation files into one architecture-level JSONL (validated line by line)."""
+    import json
+
+    from interbrain.io import write_text_atomic
+
+    lines = []
+    for path in inputs:
+        for record in read_jsonl(path):
+            if record.get("protocol") != PROTOCOL:
+                raise InterbrainError(f"{path}: record with protocol {record.get('protocol')!r}, expected {PROTOCOL!r}")
+            lines.append(json.dumps(record, sort_keys=True))
+    write_text_atomic(out, "".join(line + "\n" for line in lines))
+    return Path(out)
