@@ -12,6 +12,9 @@ from typing import Iterator
 
 from interbrain.errors import InterbrainError
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
 
 def ensure_dir(path: str | os.PathLike) -> Path:
     path = Path(path)
@@ -32,6 +35,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp = Path(tmp)
+    os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp creates 0600; give the final file ordinary permissions
     try:
         yield tmp
         os.replace(tmp, path)
