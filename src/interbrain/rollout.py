@@ -94,3 +94,20 @@ def rollout_checkpoint(checkpoint: str | Path, out: str | Path, *, episodes: int
 
 
 __all__ = ["rollout_checkpoint", "load_rollout", "save_rollout", "PROTOCOL", "SCHEMA_VERSION"]
+
+MIN_VALID_EPISODES = 3  # SPEC §5.4: fewer valid episodes -> degenerate_unit
+
+
+def rollout_identity(path: str | Path, data: dict[str, np.ndarray], meta: dict, *, protocol: str,
+                     schema_version: int = 1) -> dict:
+    """The identity columns shared by every analysis CSV row (docs/ARTIFACTS.md)."""
+    valid = ~data["episode_degenerate"].astype(bool)
+    n_valid = int(valid.sum())
+    return {
+        "schema_version": schema_version, "protocol": protocol, "unit_id": meta["unit_id"], "arch": meta["arch"],
+        "size": meta["size"], "task": meta["task"], "seed": meta["seed"], "update": meta["checkpoint"]["update"],
+        "visibility": meta["visibility"], "rollout": str(path), "rollout_sha256": sha256_file(path),
+        "n_valid_episodes": n_valid,
+        "status": "ok" if n_valid >= MIN_VALID_EPISODES else "degenerate_unit",
+        "reason": "" if n_valid >= MIN_VALID_EPISODES else f"{n_valid} valid episodes < {MIN_VALID_EPISODES}",
+    }
