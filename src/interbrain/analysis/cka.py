@@ -115,3 +115,79 @@ def balanced_probe_episodes(episodes_by_arch: dict, n_total: int = 24, seed: int
         chosen = np.sort(rng.choice(len(episodes), size=share, replace=False))
         out[arch] = [episodes[i] for i in chosen]
     return out
+
+
+# ------------------------------------------------------------------------------------------------ study driver
+CKA_PROTOCOL = "cka_v1"
+
+
+def probe_states(agent, obs, *, chunk: int = 8):
+    """Teacher-force one network on probe observations [T, N, 200] from zero state per episode -> [T*N, 256].
+
+    Attention models apply their own trained-context rule inside ``sequence`` (SPEC §3.2)."""
+    import torch
+
+    out = []
+    with torch.no_grad():
+        for start in range(0, obs.shape[1], chunk):
+            x = torch.as_tensor(obs[:, start:start + chunk], dtype=torch.float32)
+            _, _, hidden = agent.sequence(x)
+            out.append(hidden.cpu().numpy())
+    h = np.concatenate(out, axis=1)  # [T, N, 256]
+    return h.reshape(-1, h.shape[-1])
+
+
+def cka_study(checkpoints: dict, rollouts: dict, out_matrix_csv, out_pairs_csv, *, n_episodes: int = 24, seed: int = 0,
+              device: str = "auto"):
+    """Cross-architecture linear CKA of chaser networks on one balanced common probe (SPEC §6.4).
+
+    ``rollouts[arch]``: that architecture's social analysis rollouts; the probe takes equal shares of valid episodes
+    from every architecture (n_episodes rounded down to a multiple of the number of architectures), and the list is
+    hashed. Every network in ``checkpoints[arch]`` is teacher-forced on the probe; across architectures all seed pairs
+    are compared, within an architecture all i != j pairs (the diagonal is the cross-seed ceiling).
+    """
+    import hashlib
+    import json
+
+    from interbrain.checkpoint import load_agents
+    from interbrain.io import sha256_file, write_csv_atomic
+    from interbrain.rollout import load_rollout
+
+    archs = list(checkpoints)
+    if set(archs) != set(rollouts):
+        raise InterbrainError(f"cka_study: checkpoints cover {sorted(archs)} but rollouts cover {sorted(rollouts)}")
+    candidates, obs_of = {}, {}
+    for arch in archs:
+        candidates[arch] = []
+        for path in rollouts[arch]:
+            data, meta = load_rollout(path)
+            key = (str(path), sha256_file(path))
+            obs_of[key] = data["chaser_obs"]
+            valid = np.flatnonzero(~data["episode_degenerate"].astype(bool))
+            candidates[arch].extend((key, int(e)) for e in valid)
+    share = max(n_episodes // len(archs), 1)
+    chosen = balanced_probe_episodes(candidates, n_total=share * len(archs), seed=seed)
+    probe_list = [(arch, key[0], key[1], e) for arch in archs for key, e in chosen[arch]]
+    probe_sha = hashlib.sha256(json.dumps([(p[2], p[3]) for p in probe_list]).encode()).hexdigest()
+    obs = np.stack([obs_of[key][:, e] for arch in archs for key, e in chosen[arch]], axis=1)  # [T, N, 200]
+
+    features = {}
+    for arch in archs:
+        for path in checkpoints[arch]:
+            ckpt, agents = load_agents(path, device="cpu")
+            if (arch, ckpt.config.seed) in features:
+                raise InterbrainError(f"cka_study: two {arch} networks with seed {ckpt.config.seed} ({path})")
+            features[(arch, ckpt.config.seed)] = probe_states(agents["chaser"], obs)
+    result = cka_matrix(features)
+    rows = []
+    for i, a in enumerate(result["archs"]):
+        for j, b in enumerate(result["archs"]):
+            rows.append({"schema_version": 1, "protocol": CKA_PROTOCOL, "arch_a": a, "arch_b": b,
+                         "mean": result["mean"][i, j], "sd": result["sd"][i, j], "n_pairs": int(result["n_pairs"][i, j]),
+                         "probe": "balanced", "probe_episodes": len(probe_list), "probe_sha256": probe_sha})
+    write_csv_atomic(out_matrix_csv, rows)
+    keys = list(features)
+    pairs = [{"arch_a": ka[0], "seed_a": ka[1], "arch_b": kb[0], "seed_b": kb[1],
+              "cka": linear_cka(features[ka], features[kb])} for i, ka in enumerate(keys) for kb in keys[i + 1:]]
+    write_csv_atomic(out_pairs_csv, pairs, ["arch_a", "seed_a", "arch_b", "seed_b", "cka"])
+    return out_matrix_csv
