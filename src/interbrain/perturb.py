@@ -14,6 +14,7 @@ deltas against ``baseline`` are paired.
 from __future__ import annotations
 
 import csv
+import json
 from pathlib import Path
 
 import numpy as np
@@ -85,11 +86,10 @@ def perturb_unit(checkpoint, rollout, out_csv, out_bases, *, episodes: int = 100
     X = data["chaser_hidden"][:, valid].transpose(1, 0, 2).reshape(-1, data["chaser_hidden"].shape[-1])
     Y = data["explorer_hidden"][:, valid].transpose(1, 0, 2).reshape(-1, data["explorer_hidden"].shape[-1])
     bases = perturbation_bases(X, Y, k=k, seed=seed, episode_lengths=[T] * int(valid.sum()))
-    tensors, bmeta = bases.to_tensors()
     with atomic_path(out_bases) as tmp:
-        save_file({n: np.ascontiguousarray(v) for n, v in tensors.items()}, str(tmp),
-                  metadata={"protocol": PROTOCOL, "schema_version": str(SCHEMA_VERSION), **{
-                      key: str(val) for key, val in bmeta.items()}})
+        save_file({n: np.ascontiguousarray(v) for n, v in bases.to_tensors().items()}, str(tmp),
+                  metadata={"protocol": PROTOCOL, "schema_version": str(SCHEMA_VERSION),
+                            "bases": json.dumps(bases.metadata(), default=float)})
 
     mu = torch.as_tensor(bases.mu, dtype=torch.float32, device=dev)
     sigma = torch.as_tensor(bases.sigma, dtype=torch.float32, device=dev)
@@ -100,7 +100,7 @@ def perturb_unit(checkpoint, rollout, out_csv, out_bases, *, episodes: int = 100
         if cond == "baseline":
             chaser = Policy(agents["chaser"])
         else:
-            Q = torch.as_tensor(bases.Q[cond], dtype=torch.float32, device=dev)
+            Q = torch.as_tensor(bases.bases[cond], dtype=torch.float32, device=dev)
             chaser = Policy(agents["chaser"], intervention=lambda h, Q=Q: apply_removal(h, mu, sigma, Q),
                             intervention_target=target)
         return play(env_cfg, {"chaser": chaser, "explorer": explorer}, episodes=episodes, seed=seed, device=dev,
@@ -119,7 +119,7 @@ def perturb_unit(checkpoint, rollout, out_csv, out_bases, *, episodes: int = 100
                     ep["explorer_pos"][0], baseline["explorer_pos"][0]):
                 raise InterbrainError(f"perturbation condition {cond} did not start from the baseline's worlds")
             beh = per_episode_behaviour(ep)
-            Q = bases.Q[cond]
+            Q = bases.bases[cond]
             for e in range(episodes):
                 rows.append({**ident, "status": "ok", "reason": "", "condition": cond, "target": target, "episode": e,
                              **{m: beh[m][e] for m in beh},
