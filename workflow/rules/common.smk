@@ -1,0 +1,265 @@
+# Shared by all the .smk files: config validation, the study's units and checkpoints, rollout names, input functions.
+# Paths follow docs/ARTIFACTS.md. Nothing here prints at parse time (--dag / --rulegraph write DOT to stdout).
+
+import re
+import sys
+
+from snakemake.exceptions import WorkflowError
+from snakemake.utils import validate
+
+
+# ------------------------------------------------------------------------------------------ config validation
+def _config_error_line(exc):
+    """One line naming the offending key (and value) of a config that fails the schema."""
+    import jsonschema
+
+    error, seen = exc, set()
+    while error is not None and not isinstance(error, jsonschema.ValidationError) and id(error) not in seen:
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    if not isinstance(error, jsonschema.ValidationError):
+        return "config error: " + (str(exc).strip().splitlines() or ["invalid config"])[0]
+    error = jsonschema.exceptions.best_match([error] + list(error.context or []))
+    where = ".".join(f"[{p}]" if isinstance(p, int) else str(p) for p in error.absolute_path).replace(".[", "[")
+    if error.validator == "additionalProperties":
+        allowed = sorted(error.schema.get("properties", {}))
+        extra = sorted(set(error.instance) - set(allowed))
+        keys = ", ".join(repr(f"{where}.{k}" if where else k) for k in extra)
+        return f"config error: unknown key {keys}; allowed here: {', '.join(allowed)}"
+    return f"config error: {where or '(top level)'}: {error.message}"
+
+
+def _fail(message):
+    sys.exit(f"config error: {message}")
+
+
+try:
+    validate(config, "../schemas/config.schema.yaml")
+except WorkflowError as exc:
+    sys.exit(_config_error_line(exc))
+
+
+# ------------------------------------------------------------------------------------------ the study
+ARCHS = list(config["archs"])
+TASKS = list(config["tasks"])
+SEEDS = [int(s) for s in config["seeds"]]
+TRAIN = config["train"]
+FINAL = int(TRAIN["updates"])
+EVERY = int(TRAIN["checkpoint_every"])
+TASK_VISIBILITY = {"social": "partial", "non_social": "none"}
+SAVED_UPDATES = sorted(set(range(0, FINAL, EVERY)) | {FINAL})
+ANALYSIS_UPDATES = sorted(set(config["late_updates"]) | {FINAL})
+PARTNER_UPDATES = SAVED_UPDATES if config["partner"]["scope"] == "all" else ANALYSIS_UPDATES
+CROSS = "results/cross_architecture_study"
+
+for _u in config["late_updates"]:
+    if _u not in SAVED_UPDATES:
+        _fail(f"late_updates: {_u} is not a saved checkpoint (0, every train.checkpoint_every={EVERY}, and "
+              f"train.updates={FINAL})")
+if "social" not in TASKS:
+    _fail("tasks: the CKA probe and the perturbation study need 'social'")
+
+ROLLOUT_RE = r"(social|non_social)__seed_\d{4}(__(partial|none|full)__update_\d{6})?"
+
+wildcard_constraints:
+    arch="|".join(map(re.escape, ARCHS)),
+    task="social|non_social",
+    seed=r"\d{4}",
+    rollout=ROLLOUT_RE,
+
+
+# ------------------------------------------------------------------------------------------ names and paths
+def seed_tag(seed):
+    return f"{int(seed):04d}"
+
+
+def unit_dir(arch, task, seed):
+    return f"results/{arch}/{task}/seed_{seed_tag(seed)}"
+
+
+def checkpoint_path(arch, task, seed, update):
+    return f"{unit_dir(arch, task, seed)}/checkpoints/update_{int(update):06d}.safetensors"
+
+
+def units(arch=None):
+    """(arch, task, seed) of every unit of the study, or of one architecture."""
+    return [(a, t, s) for a in ([arch] if arch else ARCHS) for t in TASKS for s in SEEDS]
+
+
+def visibilities(task):
+    """Analysis/evaluation visibilities of a task: its own first, then the vision controls (non-social only)."""
+    own = TASK_VISIBILITY[task]
+    extra = config["controls"]["non_social_visibilities"] if task == "non_social" else []
+    return [own] + [v for v in extra if v != own]
+
+
+def rollout_name(task, seed, visibility, update):
+    """Canonical rollout name: the final checkpoint at the task's visibility has the short form."""
+    if visibility == TASK_VISIBILITY[task] and int(update) == FINAL:
+        return f"{task}__seed_{seed_tag(seed)}"
+    return f"{task}__seed_{seed_tag(seed)}__{visibility}__update_{int(update):06d}"
+
+
+def parse_rollout(name):
+    """{task, seed (str), visibility, update (int)} of a rollout name; the short form is the final checkpoint."""
+    m = re.fullmatch(r"(?P<task>social|non_social)__seed_(?P<seed>\d{4})(__(?P<vis>partial|none|full)__update_(?P<u>\d{6}))?",
+                     name)
+    if m is None:
+        raise ValueError(f"not a rollout name: {name!r}")
+    task = m["task"]
+    if m["vis"] is None:
+        return {"task": task, "seed": m["seed"], "visibility": TASK_VISIBILITY[task], "update": FINAL}
+    if rollout_name(task, m["seed"], m["vis"], int(m["u"])) != name:
+        raise ValueError(f"non-canonical rollout name {name!r}; use {task}__seed_{m['seed']}")
+    return {"task": task, "seed": m["seed"], "visibility": m["vis"], "update": int(m["u"])}
+
+
+def rollout_path(arch, name):
+    return f"results/{arch}/paper_rollouts/{name}.safetensors"
+
+
+def analysis_rollouts(arch, task, seed):
+    """Rollouts that decoding and PLSC analyse: final + late checkpoints x the task's visibilities."""
+    return [rollout_name(task, seed, v, u) for v in visibilities(task) for u in ANALYSIS_UPDATES]
+
+
+def partner_rollouts(arch, task, seed):
+    """Rollouts of the partner-representation analysis: every saved (or every analysed) checkpoint, own visibility."""
+    return [rollout_name(task, seed, TASK_VISIBILITY[task], u) for u in PARTNER_UPDATES]
+
+
+def derived(arch, kind, names, ext="csv"):
+    return [f"results/{arch}/derived/{kind}/{n}.{ext}" for n in names]
+
+
+def arch_analysis_rollouts(arch):
+    return [n for _, t, s in units(arch) for n in analysis_rollouts(arch, t, s)]
+
+
+def arch_partner_rollouts(arch):
+    return [n for _, t, s in units(arch) for n in partner_rollouts(arch, t, s)]
+
+
+# ------------------------------------------------------------------------------------------ input functions
+def unit_checkpoints(wildcards):
+    """Every checkpoint of a unit: update_000000 ... final, every train.checkpoint_every."""
+    return [checkpoint_path(wildcards.arch, wildcards.task, wildcards.seed, u) for u in SAVED_UPDATES]
+
+
+def unit_health(wildcards):
+    return f"{unit_dir(wildcards.arch, wildcards.task, wildcards.seed)}/health.json"
+
+
+def unit_eval_visibilities(wildcards):
+    """None = the checkpoint's own visibility; the list when vision controls apply."""
+    vis = visibilities(wildcards.task)
+    return None if len(vis) == 1 else vis
+
+
+def rollout_checkpoint_input(wildcards):
+    r = parse_rollout(wildcards.rollout)
+    return {
+        "checkpoint": checkpoint_path(wildcards.arch, r["task"], r["seed"], r["update"]),
+        "health": f"{unit_dir(wildcards.arch, r['task'], r['seed'])}/health.json",
+    }
+
+
+def rollout_labels(wildcards):
+    r = parse_rollout(wildcards.rollout)
+    return {"arch": wildcards.arch, "task": r["task"], "seed": r["seed"], "visibility": r["visibility"],
+            "update": str(r["update"])}
+
+
+def unit_labels(wildcards):
+    return {"arch": wildcards.arch, "task": wildcards.task, "seed": wildcards.seed}
+
+
+def arch_eval_inputs(wildcards):
+    return [f"{unit_dir(a, t, s)}/random_eval.jsonl" for a, t, s in units(wildcards.arch)]
+
+
+def arch_metrics(arch):
+    return [f"{unit_dir(a, t, s)}/metrics.jsonl" for a, t, s in units(arch)]
+
+
+def arch_table_inputs(wildcards):
+    arch = wildcards.arch
+    return {
+        "eval_jsonl": f"results/{arch}/paper_random_eval.jsonl",
+        "decoding": derived(arch, "decoding", arch_analysis_rollouts(arch)),
+        "plsc": derived(arch, "plsc", arch_analysis_rollouts(arch)),
+        "partner": derived(arch, "partner", arch_partner_rollouts(arch)),
+        "perturbation": [f"results/{arch}/derived/perturbation/social__seed_{seed_tag(s)}.csv" for s in SEEDS],
+    }
+
+
+TABLES = ["behavior", "decoding", "plsc", "partner", "perturbation"]
+
+
+def tables_dir(arch):
+    return f"results/{arch}/derived/tables"
+
+
+def arch_tables(arch):
+    return [f"{tables_dir(arch)}/{t}.csv" for t in TABLES]
+
+
+def manifest_inputs(wildcards):
+    """Everything an architecture's results rest on (hashed into its manifest)."""
+    arch = wildcards.arch
+    names = sorted(set(arch_analysis_rollouts(arch)) | set(arch_partner_rollouts(arch)))
+    social = [f"social__seed_{seed_tag(s)}" for s in SEEDS]
+    return {
+        "checkpoints": [checkpoint_path(a, t, s, FINAL) for a, t, s in units(arch)],
+        "health": [f"{unit_dir(a, t, s)}/health.json" for a, t, s in units(arch)],
+        "metrics": arch_metrics(arch),
+        "unit_eval": arch_eval_inputs(wildcards),
+        "rollouts": [rollout_path(arch, n) for n in names],
+        "decoding": derived(arch, "decoding", arch_analysis_rollouts(arch)),
+        "plsc": derived(arch, "plsc", arch_analysis_rollouts(arch)),
+        "plsc_tensors": derived(arch, "plsc", arch_analysis_rollouts(arch), "safetensors"),
+        "partner": derived(arch, "partner", arch_partner_rollouts(arch)),
+        "perturbation": derived(arch, "perturbation", social),
+        "perturbation_bases": [f"results/{arch}/derived/perturbation/{n}_bases.safetensors" for n in social],
+    }
+
+
+def manifest_outputs(wildcards):
+    arch = wildcards.arch
+    return {
+        "eval_jsonl": f"results/{arch}/paper_random_eval.jsonl",
+        "tables": arch_tables(arch),
+        "report": f"results/{arch}/derived/reports/report.md",
+    }
+
+
+def cka_inputs(wildcards):
+    return {
+        "checkpoints": [checkpoint_path(a, "social", s, FINAL) for a in ARCHS for s in SEEDS],
+        "rollouts": [rollout_path(a, f"social__seed_{seed_tag(s)}") for a in ARCHS for s in SEEDS],
+    }
+
+
+def cka_checkpoints_by_arch():
+    return {a: [checkpoint_path(a, "social", s, FINAL) for s in SEEDS] for a in ARCHS}
+
+
+def cka_rollouts_by_arch():
+    return {a: [rollout_path(a, f"social__seed_{seed_tag(s)}") for s in SEEDS] for a in ARCHS}
+
+
+def cross_inputs(wildcards):
+    return {
+        "tables": [f for a in ARCHS for f in arch_tables(a)],
+        "metrics": [f for a in ARCHS for f in arch_metrics(a)],
+        "cka_matrix": f"{CROSS}/cka_matrix.csv",
+        "cka_pairs": f"{CROSS}/cka_pairs.csv",
+    }
+
+
+def final_targets():
+    return (
+        [f"{CROSS}/report.md"]
+        + [f"results/{a}/derived/reports/report.md" for a in ARCHS]
+        + [f"results/{a}/manifest.json" for a in ARCHS]
+    )

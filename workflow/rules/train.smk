@@ -1,0 +1,67 @@
+# Training (SPEC §4) and checkpoint health (SPEC §5.1).
+
+
+rule train:
+    """Train one unit. The learner works in {unit}/train_work (not a Snakemake output, so a killed or failed job
+    leaves it in place and the rerun resumes from its newest healthy checkpoint); only a completed run publishes
+    the declared outputs (hard links to the checkpoints, copies of the JSONL logs)."""
+    output:
+        checkpoints=[
+            "results/{arch}/{task}/seed_{seed}/checkpoints/update_%06d.safetensors" % u for u in SAVED_UPDATES
+        ],
+        latest="results/{arch}/{task}/seed_{seed}/checkpoints/latest.safetensors",
+        metrics=report(
+            "results/{arch}/{task}/seed_{seed}/metrics.jsonl",
+            caption="../report/metrics.rst",
+            category="Training",
+            subcategory="{arch}",
+            labels=unit_labels,
+        ),
+        events="results/{arch}/{task}/seed_{seed}/events.jsonl",
+    params:
+        work=lambda wc: f"{unit_dir(wc.arch, wc.task, wc.seed)}/train_work",
+        arch=lambda wc: wc.arch,
+        task=lambda wc: wc.task,
+        seed=lambda wc: int(wc.seed),
+        preset=TRAIN["preset"],
+        updates=FINAL,
+        size=TRAIN["size"],
+        init=TRAIN["init"],
+        spawn=TRAIN["spawn"],
+        window=TRAIN["window"],
+        pos=TRAIN["pos"],
+        overrides=TRAIN["overrides"],
+        checkpoint_every=EVERY,
+        log_every=TRAIN["log_every"],
+        device=TRAIN["device"],
+    log:
+        "logs/train/{arch}/{task}/seed_{seed}.log",
+    benchmark:
+        "logs/benchmarks/train/{arch}/{task}/seed_{seed}.tsv"
+    threads: TRAIN["threads"]
+    resources:
+        mem_mb=lambda wc, attempt: TRAIN["mem_mb"] * attempt,
+        runtime=lambda wc, attempt: TRAIN["runtime"] * attempt,
+        gpu=TRAIN["gpus"],
+    conda:
+        "../envs/train.yaml"
+    script:
+        "../scripts/train.py"
+
+
+rule health:
+    """Health-check every checkpoint of a unit; the job fails (and writes nothing) if any is unhealthy."""
+    input:
+        checkpoints=unit_checkpoints,
+    output:
+        "results/{arch}/{task}/seed_{seed}/health.json",
+    log:
+        "logs/health/{arch}/{task}/seed_{seed}.log",
+    threads: 1
+    resources:
+        mem_mb=1000,
+        runtime=15,
+    conda:
+        "../envs/train.yaml"
+    script:
+        "../scripts/health.py"
