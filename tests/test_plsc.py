@@ -309,3 +309,41 @@ def test_bad_input_raises_one_line_error(kwargs, match):
     X, Y = planted(14, E=3, T=60, D=4)
     with pytest.raises(InterbrainError, match=match):
         plsc_test(X, Y, **{"n_null": 5, **kwargs})
+
+
+def test_plsc_file_rows_keep_identity_and_fixed_header(tmp_path):
+    """The file driver: one row per variant, the unit's seed kept apart from the null's, a fixed header also for
+    degenerate units (so tables concatenate), and values equal to plsc_test on the same data."""
+    import pandas as pd
+
+    from interbrain.analysis.plsc import PLSC_VARIANTS, plsc_file, plsc_test
+    from interbrain.rollout import save_rollout
+
+    rng = np.random.default_rng(0)
+    T, E, D = 120, 4, 16
+    z = rng.standard_normal((T, E, 2))
+    data = {"chaser_hidden": (rng.standard_normal((T, E, D)) + z[..., :1]).astype(np.float32),
+            "explorer_hidden": (rng.standard_normal((T, E, D)) + z[..., :1]).astype(np.float32),
+            "chaser_action": rng.integers(0, 4, (T, E)).astype(np.int8),
+            "explorer_action": rng.integers(0, 4, (T, E)).astype(np.int8),
+            "episode_degenerate": np.array([False, False, True, False])}
+    meta = {"protocol": "analysis_selfplay_v1", "schema_version": 1, "unit_id": "rnn/social/seed_0007", "arch": "rnn",
+            "size": "matched", "task": "social", "seed": 7, "visibility": "partial",
+            "checkpoint": {"path": "x", "sha256": "y", "update": 800}}
+    path = save_rollout(data, meta, tmp_path / "r.safetensors")
+    plsc_file(path, tmp_path / "p.csv", tmp_path / "p.safetensors", n_null=50, variants=("pooled", "per_episode"))
+    table = pd.read_csv(tmp_path / "p.csv")
+    assert list(table["variant"]) == ["pooled", "per_episode"]
+    assert (table["seed"] == 7).all() and (table["null_seed"] == 0).all() and (table["update"] == 800).all()
+    assert (table["n_valid_episodes"] == 3).all() and len(set(table.columns)) == len(table.columns)
+    ref = plsc_test(data["chaser_hidden"].transpose(1, 0, 2), data["explorer_hidden"].transpose(1, 0, 2), mode="pooled",
+                    n_null=50, valid=~data["episode_degenerate"])
+    assert table.loc[0, "k_star"] == ref.k_star and abs(table.loc[0, "r1"] - ref.r1) < 1e-9
+
+    data["episode_degenerate"][:] = True
+    bad = save_rollout(data, meta, tmp_path / "bad.safetensors")
+    plsc_file(bad, tmp_path / "b.csv", tmp_path / "b.safetensors", n_null=50)
+    degenerate = pd.read_csv(tmp_path / "b.csv")
+    assert list(degenerate.columns) == list(table.columns)
+    assert (degenerate["status"] == "degenerate_unit").all() and degenerate["k_star"].isna().all()
+    assert len(degenerate) == len(PLSC_VARIANTS)

@@ -496,6 +496,10 @@ def bench_decoding(T: int = 500, E: int = 25, D: int = 256, n_shuffles: int = 20
 
 
 DECODING_PROTOCOL = "decoding_v1"
+IDENTITY_FIELDS = ("schema_version", "protocol", "unit_id", "arch", "size", "task", "seed", "update", "visibility",
+                   "rollout", "rollout_sha256", "n_valid_episodes", "status", "reason")
+DECODING_FIELDS = IDENTITY_FIELDS + ("target", "scheme", "lag", "balanced_accuracy", "null_mean", "p_value",
+                                     "n_shuffles", "n_samples", "n_positive", "n_negative", "n_pos_episodes")
 
 
 def decode_file(rollout, out_csv, *, n_shuffles: int = 200, schemes=("grouped", "timestep"), lag: int = 0,
@@ -522,4 +526,4 @@ def decode_file(rollout, out_csv, *, n_shuffles: int = 200, schemes=("grouped", 
             row.pop("fold_scores", None)
             status, reason = row.pop("status"), row.pop("reason")
             rows.append({**ident, "status": status, "reason": reason or "", "lag": lag, **row})
-    return write_csv_atomic(out_csv, rows)
+    return write_csv_atomic(out_csv, rows, list(DECODING_FIELDS))

@@ -291,4 +291,8 @@ def partner_file(rollout, out_csv, *, n_shifts: int = 10, seed: int = 0):
         res = non_redundant_variance(z, build_predictors(sub, "chaser"), n_shifts=n_shifts, seed=seed)
         row.update(partner=res["partner"], r2_full=res["r2_full"], chance_full=res["chance_full"], n_shifts=n_shifts,
                    **{f"contribution_{g}": v for g, v in res["contributions"].items()})
-    return write_csv_atomic(out_csv, [row])
+    from interbrain.analysis.decoding import IDENTITY_FIELDS
+
+    fields = list(IDENTITY_FIELDS) + ["partner", "r2_full", "chance_full", "n_shifts"] + [
+        f"contribution_{g}" for g in GROUPS]
+    return write_csv_atomic(out_csv, [row], fields)

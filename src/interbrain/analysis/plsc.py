@@ -803,9 +803,15 @@ def plsc_file(rollout, out_csv, out_tensors, *, n_null: int = 2000, min_shift: i
         summary = res.summary()
         for key in ("mode", "null", "residualized", "n_null", "min_shift"):
             summary.pop(key, None)
+        summary["null_seed"] = summary.pop("seed")  # the unit's seed is an identity column
         rows.append({**row, **summary})
         tensors.update({f"{name}.{k}": v for k, v in res.to_tensors().items()})
-    write_csv_atomic(out_csv, rows)
+    from interbrain.analysis.decoding import IDENTITY_FIELDS
+
+    fields = list(IDENTITY_FIELDS) + ["variant", "mode", "null", "residualized", "n_null", "min_shift", "k_star", "r1",
+                                      "delta_pcc", "p_value", "null_r1_mean", "n_episodes", "n_samples", "quantile",
+                                      "identical_action_excluded", "null_method", "null_seed", "k_star_sd", "k_star_max"]
+    write_csv_atomic(out_csv, rows, fields)
     if not tensors:
         tensors = {"empty": np.zeros(0, np.float32)}
     with atomic_path(out_tensors) as tmp:
