@@ -28,6 +28,9 @@ include: "workflow/rules/analysis.smk"
 include: "workflow/rules/report.smk"
 
 
+quarantine_corrupt_checkpoints()
+
+
 rule all:
     input:
         final_targets(),

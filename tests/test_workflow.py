@@ -350,7 +350,8 @@ def missing_drivers() -> list[str]:
 
 @pytest.mark.slow
 def test_train_resumes_after_the_job_is_killed(tmp_path):
-    """SIGTERM to a running train job (a SLURM time limit): the rerun resumes from train_work, not from scratch."""
+    """kill -9 of a running train job: the rerun resumes from the newest periodic checkpoint in train_work (not from
+    update 0) and ends with exactly the weights of an uninterrupted run (CPU, fixed seed)."""
     cfg = tmp_path / "c.yaml"
     cfg.write_text("archs: [rnn]\ntasks: [social]\nseeds: [0]\n"
                    "train: {updates: 400, checkpoint_every: 5, log_every: 5, overrides: {num_envs: 8}, device: cpu}\n")
@@ -369,7 +370,7 @@ def test_train_resumes_after_the_job_is_killed(tmp_path):
                 and script.search((p / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
                                   if (p / "cmdline").exists() else "")]
         assert len(jobs) == 1
-        os.kill(int(jobs[0].name), signal.SIGTERM)
+        os.kill(int(jobs[0].name), signal.SIGKILL)
         assert sm.wait(timeout=120) != 0
     finally:
         if sm.poll() is None:
@@ -380,12 +381,60 @@ def test_train_resumes_after_the_job_is_killed(tmp_path):
     snakemake(tmp_path, "--cores", "1", target, configfile=cfg, timeout=600)
     events = [yaml.safe_load(line) for line in (unit / "events.jsonl").read_text().splitlines()]
     kinds = [e["event"] for e in events]
-    assert "interrupted" in kinds and "resumed" in kinds and kinds[-1] == "attempt_completed"
+    assert "resumed" in kinds and kinds[-1] == "attempt_completed"
     assert next(e for e in events if e["event"] == "resumed")["update"] >= 10
     published = sorted(p.name for p in (unit / "checkpoints").iterdir())
     assert published == sorted([f"update_{u:06d}.safetensors" for u in range(0, 401, 5)] + ["latest.safetensors"])
     assert os.path.samefile(unit / "checkpoints/update_000400.safetensors",
                             unit / "train_work/checkpoints/update_000400.safetensors")
+    # the same unit, uninterrupted, through the package
+    sys.path.insert(0, str(REPO / "src"))
+    from interbrain.train import train
+
+    ref = train("rnn", "social", 0, "fast", 400, device="cpu", out=tmp_path / "ref", size="matched",
+                checkpoint_every=5, log_every=5, overrides={"num_envs": 8}, progress=False)
+    assert_same_weights(ref, unit / "checkpoints/latest.safetensors")
+
+
+def assert_same_weights(a, b):
+    from safetensors.torch import load_file
+
+    ta, tb = load_file(str(a)), load_file(str(b))
+    nets = [k for k in ta if k.startswith(("chaser.", "explorer."))]
+    assert nets and all(ta[k].equal(tb[k]) for k in nets)
+
+
+@pytest.mark.slow
+def test_corrupt_checkpoint_is_detected_and_its_unit_retrained(tmp_path):
+    """A truncated published checkpoint is found before scheduling; the unit is retrained from scratch (same weights,
+    training being deterministic) and its descendants rebuilt; other units are untouched."""
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("archs: [rnn]\ntasks: [social, non_social]\nseeds: [0]\n"
+                   "train: {updates: 6, checkpoint_every: 3, log_every: 3, overrides: {num_envs: 8}, device: cpu}\n"
+                   "evaluation: {episodes: 4, steps: 20}\n")
+    targets = [f"results/rnn/{t}/seed_0000/random_eval.jsonl" for t in ("social", "non_social")]
+    snakemake(tmp_path, "--cores", "2", *targets, configfile=cfg, timeout=600)
+    unit = tmp_path / "results/rnn/social/seed_0000"
+    other = tmp_path / "results/rnn/non_social/seed_0000"
+    bad = unit / "checkpoints/update_000003.safetensors"
+    reference = tmp_path / "reference.safetensors"
+    reference.write_bytes((unit / "checkpoints/latest.safetensors").read_bytes())
+    before = {p: p.stat().st_mtime_ns for p in (unit / "random_eval.jsonl", other / "random_eval.jsonl",
+                                                  other / "checkpoints/latest.safetensors")}
+    with open(bad, "r+b") as fh:  # truncate in place (the published file is a hard link into train_work)
+        fh.truncate(bad.stat().st_size - 64)
+    run = snakemake(tmp_path, "--cores", "2", *targets, configfile=cfg, timeout=600)
+    log = run.stdout + run.stderr
+    assert "corrupt checkpoint" in log and "retraining rnn/social/seed_0000 from scratch" in (
+        tmp_path / "logs/train/rnn/social/seed_0000.log").read_text()
+    assert (unit / "checkpoints/update_000003.safetensors.corrupt").exists()
+    from interbrain.checkpoint import health
+
+    assert health(bad)["ok"]
+    assert_same_weights(reference, unit / "checkpoints/latest.safetensors")
+    assert (unit / "random_eval.jsonl").stat().st_mtime_ns > before[unit / "random_eval.jsonl"]  # descendants rebuilt
+    for path in (other / "random_eval.jsonl", other / "checkpoints/latest.safetensors"):
+        assert path.stat().st_mtime_ns == before[path]  # the healthy unit is untouched
 
 
 @pytest.mark.slow

@@ -1,6 +1,7 @@
 # Shared by all the .smk files: config validation, the study's units and checkpoints, rollout names, input functions.
 # Paths follow docs/ARTIFACTS.md. Nothing here prints at parse time (--dag / --rulegraph write DOT to stdout).
 
+import os
 import re
 import sys
 
@@ -84,6 +85,47 @@ def checkpoint_path(arch, task, seed, update):
 def units(arch=None):
     """(arch, task, seed) of every unit of the study, or of one architecture."""
     return [(a, t, s) for a in ([arch] if arch else ARCHS) for t in TASKS for s in SEEDS]
+
+
+def _safetensors_structure_error(path):
+    """Why a safetensors file is structurally broken (unreadable, truncated, bad header), or None. Cheap: reads the
+    header only. Non-finite values are the `health` rule's job."""
+    import json
+    import os
+    import struct
+
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as fh:
+            (n,) = struct.unpack("<Q", fh.read(8))
+            if n > size - 8:
+                return "header longer than the file"
+            header = json.loads(fh.read(n))
+        ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"]
+        if 8 + n + max(ends, default=0) != size:
+            return f"file is {size} bytes, header describes {8 + n + max(ends, default=0)}"
+    except (OSError, ValueError, KeyError, TypeError, struct.error) as exc:
+        return f"unreadable ({type(exc).__name__})"
+    return None
+
+
+def quarantine_corrupt_checkpoints():
+    """Before scheduling, move structurally corrupt published checkpoints aside (`*.corrupt`), so that the unit's
+    `train` job and everything downstream rerun; the train script then retrains the unit from scratch, because a
+    published checkpoint is a hard link into its working copy. Skipped on dry runs and inside jobs."""
+    if workflow.dryrun or not workflow.is_main_process:
+        return
+    for arch, task, seed in units():
+        ckpt_dir = f"{unit_dir(arch, task, seed)}/checkpoints"
+        names = [f"update_{u:06d}.safetensors" for u in SAVED_UPDATES] + ["latest.safetensors"]
+        for name in names:
+            path = f"{ckpt_dir}/{name}"
+            if os.path.exists(path):
+                why = _safetensors_structure_error(path)
+                if why:
+                    os.replace(path, f"{path}.corrupt")
+                    print(f"corrupt checkpoint {path} ({why}): moved aside; {arch}/{task}/seed_{seed_tag(seed)} "
+                          "will be retrained", file=sys.stderr)
 
 
 def visibilities(task):

@@ -8,6 +8,7 @@ Every publication is atomic (temporary name, then rename).
 
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
@@ -38,8 +39,28 @@ with job(snakemake) as sm:
     from interbrain.errors import InterbrainError
     from interbrain.train import train
 
+    from interbrain.checkpoint import health, load_checkpoint
+    from interbrain.config import make_train_config
+
     p = sm.params
     work = Path(p.work)
+    wanted = make_train_config(p.arch, p.task, p.seed, p.preset, p.updates, size=p.size, init=p.init, spawn=p.spawn,
+                               window=p.window, pos=p.pos, checkpoint_every=p.checkpoint_every,
+                               log_every=p.log_every, overrides=dict(p.overrides))
+    # The working copy is reused only if every checkpoint in it is healthy and was trained with these settings;
+    # otherwise the unit is retrained from scratch (training is deterministic, so nothing else changes).
+    stale = None
+    for ckpt in sorted((work / "checkpoints").glob("*.safetensors")):
+        record = health(ckpt)
+        if not record["ok"]:
+            stale = f"damaged checkpoint ({record['error']})"
+            break
+        if load_checkpoint(ckpt).config.learning_identity() != wanted.learning_identity():
+            stale = f"{ckpt.name} was trained with other learning settings"
+            break
+    if stale:
+        print(f"retraining {p.arch}/{p.task}/seed_{p.seed:04d} from scratch: {stale}", file=sys.stderr)
+        shutil.rmtree(work)
     train(p.arch, p.task, p.seed, p.preset, p.updates, device=p.device, out=work, overrides=dict(p.overrides),
           size=p.size, init=p.init, spawn=p.spawn, window=p.window, pos=p.pos, checkpoint_every=p.checkpoint_every,
           log_every=p.log_every, progress=True, threads=sm.threads)
