@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from slurm_helpers import REPO_ROOT, run_snakemake_slurm
+from slurm_helpers import REPO_ROOT, run_snakemake_slurm, slurm_cluster  # noqa: F401 (fixture)
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 

@@ -25,7 +25,7 @@ SNAKEMAKE = str(Path(sys.executable).parent / "snakemake")
 SNAKEFILE = REPO / "Snakefile"
 CONFIGS = {"default": REPO / "config.yaml", "smoke": REPO / "configs" / "smoke.yaml",
            "paper": REPO / "configs" / "paper.yaml"}
-RULES = ["train", "health", "evaluate", "gather_eval", "rollout", "decode", "plsc", "partner", "perturb", "cka",
+RULES = ["train_request", "train", "health", "evaluate", "gather_eval", "rollout", "decode", "plsc", "partner", "perturb", "cka",
          "unit_tables", "arch_report", "manifest", "cross_report"]
 TASK_VIS = {"social": "partial", "non_social": "none"}
 
@@ -100,7 +100,7 @@ def expected_counts(cfg: dict) -> dict[str, int]:
         per_arch["perturb"] += len(seeds) if task == "social" else 0
     n_units = len(archs) * len(tasks) * len(seeds)
     counts = {rule: n * len(archs) for rule, n in per_arch.items()}
-    counts.update(train=n_units, health=n_units, evaluate=n_units, gather_eval=len(archs), unit_tables=len(archs),
+    counts.update(train_request=n_units, train=n_units, health=n_units, evaluate=n_units, gather_eval=len(archs), unit_tables=len(archs),
                   arch_report=len(archs), manifest=len(archs), cka=1, cross_report=1, all=1)
     return counts
 
@@ -124,11 +124,11 @@ def dry(tmp_path_factory):
 def test_smoke_job_counts(dry):
     stats, jobs = dry("smoke")
     assert {r: n for r, n in stats.items() if r != "total"} == expected_counts(load_config("smoke"))
-    assert stats == {"train": 4, "health": 4, "evaluate": 4, "gather_eval": 2, "rollout": 14, "decode": 6,
+    assert stats == {"train_request": 4, "train": 4, "health": 4, "evaluate": 4, "gather_eval": 2, "rollout": 14, "decode": 6,
                      "plsc": 6, "partner": 12, "perturb": 2, "cka": 1, "unit_tables": 2, "arch_report": 2,
-                     "manifest": 2, "cross_report": 1, "all": 1, "total": 63}
+                     "manifest": 2, "cross_report": 1, "all": 1, "total": 67}
     assert {r: len(v) for r, v in jobs.items()} == {r: n for r, n in stats.items() if r != "total"}
-    assert sum(n for r, n in stats.items() if r != "total") == stats["total"] == 63
+    assert sum(n for r, n in stats.items() if r != "total") == stats["total"] == 67
 
 
 def test_paper_job_counts(dry):
@@ -141,13 +141,14 @@ def test_paper_job_counts(dry):
     assert stats["decode"] == stats["plsc"] == 4 * 10 * (6 + 3 * 6)
     assert stats["partner"] == 4 * 2 * 10 * 21
     assert stats["perturb"] == 40
-    assert stats["total"] == 6059
+    assert stats["total"] == 6139
 
 
 def test_default_job_counts(dry):
     stats, _ = dry("default")
     assert {r: n for r, n in stats.items() if r != "total"} == expected_counts(load_config("default"))
-    assert stats["train"] == 16 and stats["rollout"] == 64 and stats["total"] == 235
+    # 800 updates, a checkpoint every 200: 5 saved checkpoints per unit, each rolled out for the partner analysis
+    assert stats["train"] == 16 and stats["rollout"] == 80 and stats["total"] == 283
 
 
 def test_every_rule_appears_in_every_study(dry):
@@ -239,7 +240,8 @@ def test_cross_report_target_builds_exactly_what_it_needs(tmp_path):
 
 def test_one_unit_target_builds_one_unit(tmp_path):
     out = snakemake(tmp_path, "-n", "results/rnn/social/seed_0000/random_eval.jsonl", configfile=CONFIGS["smoke"])
-    assert job_stats(out.stdout) == {"train": 1, "health": 1, "evaluate": 1, "total": 3}
+    assert job_stats(out.stdout) == {"train_request": 1, "train": 1, "health": 1, "evaluate": 1,
+                                        "total": 4}
 
 
 def test_non_canonical_rollout_name_is_refused(tmp_path):

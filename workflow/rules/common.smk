@@ -109,21 +109,39 @@ def _safetensors_structure_error(path):
     return None
 
 
+def write_train_request(path, unit, reason):
+    """The `train` rule's input: which unit, and why it is (re)trained. Rewriting it reruns the unit's training."""
+    import datetime
+    import json
+
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as fh:
+        json.dump({"unit": unit, "reason": reason,
+                   "requested_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}, fh)
+        fh.write("\n")
+    os.replace(tmp, path)
+
+
 def quarantine_corrupt_checkpoints():
-    """Before scheduling, move structurally corrupt published checkpoints aside (`*.corrupt`), so that the unit's
-    `train` job and everything downstream rerun; the train script then retrains the unit from scratch, because a
-    published checkpoint is a hard link into its working copy. Skipped on dry runs and inside jobs."""
+    """Before scheduling, move structurally corrupt published checkpoints aside (`*.corrupt`) and rewrite the unit's
+    `train_request.json` (the `train` rule's input). Snakemake does not regenerate a missing intermediate file whose
+    descendants look up to date, but a newer input reruns `train`; the train script then retrains from scratch (a
+    published checkpoint is a hard link into its working copy), and every descendant reruns because its inputs are
+    newer. Skipped on dry runs and inside jobs."""
     if workflow.dryrun or not workflow.is_main_process:
         return
     for arch, task, seed in units():
-        ckpt_dir = f"{unit_dir(arch, task, seed)}/checkpoints"
+        unit = unit_dir(arch, task, seed)
         names = [f"update_{u:06d}.safetensors" for u in SAVED_UPDATES] + ["latest.safetensors"]
         for name in names:
-            path = f"{ckpt_dir}/{name}"
+            path = f"{unit}/checkpoints/{name}"
             if os.path.exists(path):
                 why = _safetensors_structure_error(path)
                 if why:
                     os.replace(path, f"{path}.corrupt")
+                    write_train_request(f"{unit}/train_request.json", f"{arch}/{task}/seed_{seed_tag(seed)}",
+                                        f"corrupt checkpoint {name}: {why}")
                     print(f"corrupt checkpoint {path} ({why}): moved aside; {arch}/{task}/seed_{seed_tag(seed)} "
                           "will be retrained", file=sys.stderr)
 

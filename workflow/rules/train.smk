@@ -1,10 +1,33 @@
 # Training (SPEC §4) and checkpoint health (SPEC §5.1).
 
 
+localrules:
+    train_request,
+
+
+rule train_request:
+    """The unit's training request (the `train` rule's input). Rewritten before scheduling when a published
+    checkpoint of the unit is found corrupt, which reruns the unit's training and everything downstream."""
+    output:
+        "results/{arch}/{task}/seed_{seed}/train_request.json",
+    log:
+        "logs/train_request/{arch}/{task}/seed_{seed}.log",
+    threads: 1
+    resources:
+        mem_mb=100,
+        runtime=1,
+    conda:
+        "../envs/train.yaml"
+    script:
+        "../scripts/train_request.py"
+
+
 rule train:
     """Train one unit. The learner works in {unit}/train_work (not a Snakemake output, so a killed or failed job
     leaves it in place and the rerun resumes from its newest healthy checkpoint); only a completed run publishes
     the declared outputs (hard links to the checkpoints, copies of the JSONL logs)."""
+    input:
+        request="results/{arch}/{task}/seed_{seed}/train_request.json",
     output:
         checkpoints=[
             "results/{arch}/{task}/seed_{seed}/checkpoints/update_%06d.safetensors" % u for u in SAVED_UPDATES
