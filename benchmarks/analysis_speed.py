@@ -86,6 +86,13 @@ def bench_cka_matrix(args) -> dict:
     return {"wall_s": wall, "cpu_s": cpu, "networks": len(feats), "pairs": n_pairs, "probe": [12000, 256]}
 
 
+def bench_decoding(args) -> dict:
+    """One unit's four decoding targets (25 x 500 synthetic rollout, D = 256), 200 shuffles each; target <= 20 s."""
+    from interbrain.analysis.decoding import bench_decoding as run
+
+    return {**run(n_shuffles=200), "target_s": 20.0}
+
+
 SECTIONS = {
     "plsc_pooled": _plsc_section("pooled", target_s=10.0),
     "plsc_per_episode": _plsc_section("per_episode", target_s=30.0),
@@ -94,6 +101,7 @@ SECTIONS = {
     "plsc_episode_shuffle": _plsc_section("pooled", null="episode_shuffle"),
     "perturbation_bases": bench_perturbation_bases,
     "cka_matrix": bench_cka_matrix,
+    "decoding": bench_decoding,
 }
 
 

@@ -455,3 +455,30 @@ def test_smoke_study_runs_end_to_end(tmp_path):
         assert list((tmp_path / "logs" / rule).rglob("*.log")), f"no log for {rule}"
     snakemake(tmp_path, "--report", "report.html", configfile=CONFIGS["smoke"], timeout=600)
     assert (tmp_path / "report.html").stat().st_size > 0
+
+    # Incrementality. Changing one architecture's training setting reruns that architecture's chain and the
+    # cross-architecture outputs only.
+    extra = tmp_path / "rnn_lr.yaml"
+    extra.write_text("train:\n  arch_overrides: {rnn: {lr: 0.002}}\n")
+    dry = snakemake(tmp_path, "-n", "--configfile", str(CONFIGS["smoke"]), str(extra))
+    jobs = parse_dry_run(dry.stdout)
+    assert sorted(o for outs in jobs["train"] for o in outs if o.endswith("latest.safetensors")) == [
+        "results/rnn/non_social/seed_0000/checkpoints/latest.safetensors",
+        "results/rnn/social/seed_0000/checkpoints/latest.safetensors"]
+    cross = {"cka", "cross_report", "all"}
+    for rule, outs in jobs.items():
+        for job_outputs in outs:
+            assert rule in cross or all("results/rnn/" in o or "logs/" in o for o in job_outputs), (rule, job_outputs)
+    assert {"unit_tables", "arch_report", "manifest", "cka", "cross_report"} <= set(jobs)
+
+    # Deleting one rollout rebuilds it and its descendants only.
+    rollout = tmp_path / "results/transformer/paper_rollouts/social__seed_0000.safetensors"
+    rollout.unlink()
+    jobs = parse_dry_run(snakemake(tmp_path, "-n", configfile=CONFIGS["smoke"]).stdout)
+    assert jobs["rollout"] == [["results/transformer/paper_rollouts/social__seed_0000.safetensors"]]
+    assert not {"train", "train_request", "health", "evaluate", "gather_eval"} & set(jobs)
+    for rule in ("decode", "plsc", "perturb"):
+        assert all(any("social__seed_0000" in o for o in outs) and all("/transformer/" in o for o in outs)
+                   for outs in jobs[rule]), (rule, jobs[rule])
+    assert all("results/rnn/" not in o for outs in jobs.values() for o in outs)  # the rnn chain is untouched
+    assert {"unit_tables", "arch_report", "cka", "cross_report"} <= set(jobs)

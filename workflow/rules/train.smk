@@ -53,7 +53,7 @@ rule train:
         spawn=TRAIN["spawn"],
         window=TRAIN["window"],
         pos=TRAIN["pos"],
-        overrides=TRAIN["overrides"],
+        overrides=lambda wc: {**TRAIN["overrides"], **TRAIN["arch_overrides"].get(wc.arch, {})},
         checkpoint_every=EVERY,
         log_every=TRAIN["log_every"],
         device=TRAIN["device"],
