@@ -146,6 +146,18 @@ def quarantine_corrupt_checkpoints():
                           "will be retrained", file=sys.stderr)
 
 
+def arch_config(wildcards):
+    """The resolved config as it applies to one architecture: the study minus other architectures' overrides (so a
+    change to one architecture's training settings leaves the other architectures' manifests up to date)."""
+    import json
+
+    resolved = json.loads(json.dumps(config))
+    own = resolved["train"].get("arch_overrides", {}).get(wildcards.arch)
+    resolved["train"]["arch_overrides"] = {wildcards.arch: own} if own else {}
+    resolved["arch"] = wildcards.arch
+    return json.loads(json.dumps(resolved, sort_keys=True))  # canonical key order: params are compared serialised
+
+
 def visibilities(task):
     """Analysis/evaluation visibilities of a task: its own first, then the vision controls (non-social only)."""
     own = TASK_VISIBILITY[task]

@@ -99,7 +99,7 @@ rule manifest:
         "results/{arch}/manifest.json",
     params:
         outputs=manifest_outputs,
-        config=config,
+        config=arch_config,
     log:
         "logs/manifest/{arch}.log",
     threads: 1
