@@ -121,3 +121,10 @@ def test_learners_are_independent(tiny_overrides):
     assert s1["explorer"]["grad_norm"] == s2["explorer"]["grad_norm"] > 1e-3  # clipping engaged
     assert s1["chaser"]["grad_norm"] != s2["chaser"]["grad_norm"]
     assert not all(torch.equal(c1[k], c2[k]) for k in c1)
+
+
+def test_unimplemented_options_are_refused_not_ignored():
+    from interbrain.errors import InterbrainError
+
+    with pytest.raises(InterbrainError, match="rllib_slicing='exact'.*not implemented"):
+        ppo_preset("rllib", rllib_slicing="exact")

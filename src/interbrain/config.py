@@ -92,6 +92,9 @@ class PPOConfig:
     def __post_init__(self):
         check_choice("learner", self.learner, LEARNERS)
         check_choice("rllib_slicing", self.rllib_slicing, ("clean", "exact"))
+        if self.rllib_slicing == "exact":  # SPEC §4.5 option; refusing beats silently running `clean`
+            raise InterbrainError("rllib_slicing='exact' (RLlib 2.2's minibatch slicing) is not implemented yet; "
+                                  "use 'clean'")
         for key in ("num_envs", "epochs", "minibatch_steps", "seq_len"):
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
