@@ -330,8 +330,12 @@ def cross_inputs(wildcards):
 
 
 def final_targets():
+    """The reports and manifests, and every rollout: Snakemake does not regenerate a missing intermediate file whose
+    descendants exist, so the rollouts are named here; a deleted rollout is then rebuilt and its descendants rerun."""
+    rollouts = sorted({rollout_path(a, n) for a in ARCHS for n in arch_analysis_rollouts(a) + arch_partner_rollouts(a)})
     return (
         [f"{CROSS}/report.md"]
         + [f"results/{a}/derived/reports/report.md" for a in ARCHS]
         + [f"results/{a}/manifest.json" for a in ARCHS]
+        + rollouts
     )
