@@ -105,6 +105,20 @@ class Agent(nn.Module):
         }
 
 
+def init_heads(agent: Agent) -> None:
+    """Xavier-uniform heads with zero biases: gain 0.1 for the action head (near-uniform initial policy),
+    gain 1 for the value head (SPEC §3.2, RNN `modern`; used by every non-RNN architecture)."""
+    nn.init.xavier_uniform_(agent.action_head.weight, gain=0.1)
+    nn.init.zeros_(agent.action_head.bias)
+    nn.init.xavier_uniform_(agent.value_head.weight, gain=1.0)
+    nn.init.zeros_(agent.value_head.bias)
+
+
+def check_size(config: AgentConfig, widths: dict) -> None:
+    if config.size not in widths:
+        raise InterbrainError(f"unknown size {config.size!r} for arch {config.arch!r}; expected one of {', '.join(widths)}")
+
+
 def build_agent(config: AgentConfig) -> Agent:
     """Instantiate a registered architecture (parameters drawn from the current torch RNG)."""
     if config.arch not in ARCHITECTURES:

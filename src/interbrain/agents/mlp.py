@@ -16,26 +16,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from interbrain.agents.base import HIDDEN, OBS_DIM, Agent, register
+from interbrain.agents.base import HIDDEN, OBS_DIM, Agent, check_size, init_heads, register
 from interbrain.config import AgentConfig
-from interbrain.errors import InterbrainError
 
 FRAMES = 8
 WIDTHS = {"std": 256, "matched": 64}  # width of the first hidden layer
-
-
-def init_heads(agent: Agent) -> None:
-    """Xavier-uniform heads with zero biases: gain 0.1 for the action head (near-uniform initial policy),
-    gain 1 for the value head (SPEC §3.2, RNN `modern`; used by every non-RNN architecture)."""
-    nn.init.xavier_uniform_(agent.action_head.weight, gain=0.1)
-    nn.init.zeros_(agent.action_head.bias)
-    nn.init.xavier_uniform_(agent.value_head.weight, gain=1.0)
-    nn.init.zeros_(agent.value_head.bias)
-
-
-def check_size(config: AgentConfig, widths: dict) -> None:
-    if config.size not in widths:
-        raise InterbrainError(f"unknown size {config.size!r} for arch {config.arch!r}; expected one of {', '.join(widths)}")
 
 
 @register("mlp")

@@ -8,7 +8,7 @@ output ``ReLU(Linear_mix(s_t))``. Layer 2's output is ``hidden`` (the state is *
 - ``matched``: width 128; in 200→128 / 128→128, layer-1 mix 128→128, layer-2 mix 128→256  (126,085).
 
 Init (SPEC §3.2): Xavier-uniform in and mix maps (zero biases); decay map Xavier gain 0.5 with bias 1, so the
-initial decay is ≈ sigmoid(1) = 0.73. Heads: :func:`interbrain.agents.mlp.init_heads`.
+initial decay is ≈ sigmoid(1) = 0.73. Heads: :func:`interbrain.agents.base.init_heads`.
 
 ``sequence`` runs an exact chunked scan (:func:`chunked_linear_scan`): no division or logarithm is used, so it
 equals the sequential loop up to float reassociation. The state is ``(s1, s2)``, each [B, width].
@@ -21,8 +21,7 @@ import math
 import torch
 from torch import nn
 
-from interbrain.agents.base import HIDDEN, OBS_DIM, Agent, register
-from interbrain.agents.mlp import check_size, init_heads
+from interbrain.agents.base import HIDDEN, OBS_DIM, Agent, check_size, init_heads, register
 from interbrain.config import AgentConfig
 
 WIDTHS = {"std": 256, "matched": 128}  # internal width of both layers

@@ -7,7 +7,7 @@
 - ``matched``: d 64, m 192, ``hidden`` = ReLU(Linear(64→256)(final LN)) (120,773 parameters).
 - Init: Xavier-uniform input, qkv and MLP-in weights; attention-out and MLP-out Xavier with gain
   0.5/sqrt(2·layers) = 0.25; zero biases. Our choices where SPEC is silent: the matched projection is
-  Kaiming-uniform (ReLU), the heads use :func:`interbrain.agents.mlp.init_heads`.
+  Kaiming-uniform (ReLU), the heads use :func:`interbrain.agents.base.init_heads`.
 
 Context rule (SPEC §3.2, pitfall 6). Step t < W attends to steps 0..t at absolute positions 0..t (a KV cache
 makes each such step O(t)). Step t >= W attends to [t-W+1, t] with positions re-indexed 0..W-1 from the window
@@ -28,8 +28,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from interbrain.agents.base import HIDDEN, OBS_DIM, Agent, register
-from interbrain.agents.mlp import check_size, init_heads
+from interbrain.agents.base import HIDDEN, OBS_DIM, Agent, check_size, init_heads, register
 from interbrain.config import AgentConfig
 from interbrain.errors import InterbrainError
 
