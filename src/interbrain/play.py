@@ -122,6 +122,8 @@ def play(env_config: EnvConfig, policies: dict[str, Policy], *, episodes: int, s
             actions[a] = act
             if record_hidden:
                 per_step[f"{a}_hidden"].append(hidden)
+                for site, value in pol.agent.extra_sites(new_state).items():
+                    per_step.setdefault(f"{a}_{site}", []).append(value)
             per_step[f"{a}_logits"].append(logits)
             per_step[f"{a}_value"].append(value)
             per_step[f"{a}_logp"].append(logp_all.gather(-1, act[:, None]).squeeze(-1))

@@ -139,7 +139,7 @@ def policy_loss(agent: Agent, obs, actions, old_logp, adv, returns, cfg: PPOConf
     """The per-agent PPO loss (SPEC §4.4 step 4; §4.5 adds the KL penalty and drops the entropy term).
 
     L = -mean(min(rho A, clip(rho, 1-eps, 1+eps) A)) + c_v mean(min((V-R)^2, cap)) - c_e H[pi]
-        + lambda_rec ||W_hh||_F + lambda_in ||W_ih||_F (+ beta KL(pi_old || pi_new))
+        + lambda_rec ||W_hh||_F + lambda_in ||W_ih||_F + agent.aux_loss() (+ beta KL(pi_old || pi_new))
     """
     logits, value, _ = agent.sequence(obs, state0)
     logp_all = torch.log_softmax(logits, -1)
@@ -151,7 +151,8 @@ def policy_loss(agent: Agent, obs, actions, old_logp, adv, returns, cfg: PPOConf
     v_loss = torch.clamp((value - returns) ** 2, max=cfg.value_cap).mean()
     entropy = -(logp_all.exp() * logp_all).sum(-1).mean()
     rec = agent.recurrent_weight_norm()
-    loss = pg_loss + cfg.value_coef * v_loss - cfg.entropy_coef * entropy + cfg.recurrent_l2 * rec
+    aux = agent.aux_loss()
+    loss = pg_loss + cfg.value_coef * v_loss - cfg.entropy_coef * entropy + cfg.recurrent_l2 * rec + aux
     if cfg.input_l2:
         loss = loss + cfg.input_l2 * agent.input_weight_norm()
     if old_logits is not None:
@@ -161,7 +162,8 @@ def policy_loss(agent: Agent, obs, actions, old_logp, adv, returns, cfg: PPOConf
     else:
         kl = ((ratio - 1) - log_ratio).mean()  # the k3 estimator of KL(pi_old || pi_new)
     stats = {"loss": loss, "policy_loss": pg_loss, "value_loss": v_loss, "entropy": entropy, "approx_kl": kl,
-             "clip_fraction": ((ratio - 1).abs() > cfg.clip_eps).float().mean(), "recurrent_norm": rec}
+             "clip_fraction": ((ratio - 1).abs() > cfg.clip_eps).float().mean(), "recurrent_norm": rec,
+             "aux_loss": aux}
     return loss, stats
 
 

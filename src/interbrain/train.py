@@ -57,6 +57,8 @@ class Trainer:
     def step(self) -> dict:
         cfg = self.config.ppo
         rllib = cfg.learner == "rllib"
+        for agent in self.agents.values():
+            agent.set_progress(self.update + 1)
         batch = collect_rollout(self.env, self.agents, self.env_gen, self.action_gens,
                                 seq_len=cfg.seq_len if rllib else None, bootstrap=cfg.bootstrap_time_limit)
         self.update += 1

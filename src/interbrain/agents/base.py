@@ -16,6 +16,8 @@ Contract
 - ``input_weight_norm()`` -> unsquared Frobenius norm of the input weight (0 if not defined).
 - ``carries_hidden``: True iff ``hidden`` is part of the carried state; then ``with_hidden(state, h)``
   returns the state with ``hidden`` replaced by ``h`` (the `recurrent` perturbation target, SPEC §6.6).
+- optional hooks: ``extra_sites(state)`` (secondary analysis sites), ``aux_loss()`` (own penalty added to the PPO
+  loss), ``set_progress(update)`` (warm-up schedules).
 - ``card()`` -> dict: architecture, size preset, parameters per agent, definition of ``hidden``, memory type,
   context limit.
 - ``max_position_used`` / ``max_context_used`` (attention models): the largest position index and context
@@ -84,6 +86,20 @@ class Agent(nn.Module):
 
     def with_hidden(self, state, hidden: torch.Tensor):
         raise InterbrainError(f"architecture {self.arch!r} does not carry `hidden` in its state")
+
+    # --- optional hooks (defaults suit every architecture without them) --------------------------
+    def extra_sites(self, state) -> dict[str, torch.Tensor]:
+        """Secondary analysis sites read from the state returned by ``step`` (e.g. the LSTM cell c_t, disRNN latents):
+        name -> [B, d]. Rollouts record each as ``{agent}_{name}`` [T, E, d] beside ``{agent}_hidden``."""
+        return {}
+
+    def aux_loss(self) -> torch.Tensor:
+        """An architecture's own penalty from its latest ``sequence`` call (e.g. the disRNN bottleneck KL), added to the
+        PPO loss as is (0 if none)."""
+        return torch.zeros((), device=self.action_head.weight.device)
+
+    def set_progress(self, update: int) -> None:
+        """Called by the trainer before each update's rollout with the 1-based update number (warm-up schedules)."""
 
     def context_limit(self) -> int | None:
         """Longest context the model ever sees (None: unbounded recurrence)."""
