@@ -55,7 +55,7 @@ class FixedPolicy(Agent):
         self.logits = nn.Parameter(torch.as_tensor(logits, dtype=torch.float32))
         self.values = nn.Parameter(torch.as_tensor(values, dtype=torch.float32))
 
-    def sequence(self, obs, state0=None):
+    def sequence_index(self, obs_index, state0=None):
         return self.logits, self.values, torch.zeros(*self.values.shape, 256)
 
 
@@ -83,12 +83,12 @@ def test_recurrent_l2_is_unsquared_frobenius():
 
     cfg = ppo_preset("paper", recurrent_l2=0.3, entropy_coef=0.0, value_coef=0.0)
     agent = build_agent(AgentConfig(arch="rnn"))
-    obs = torch.zeros(3, 2, 200)
-    obs[..., 0] = 1
+    obs_index = torch.zeros(3, 2, 2, dtype=torch.long)
+    obs_index[..., 1] = 100  # own cell 0, partner not shown
     with torch.no_grad():
-        logits, _, _ = agent.sequence(obs)
+        logits, _, _ = agent.sequence_index(obs_index)
     logp = torch.log_softmax(logits, -1)[..., 0]
-    loss, st = policy_loss(agent, obs, torch.zeros(3, 2, dtype=torch.long), logp, torch.zeros(3, 2), torch.zeros(3, 2), cfg)
+    loss, st = policy_loss(agent, obs_index, torch.zeros(3, 2, dtype=torch.long), logp, torch.zeros(3, 2), torch.zeros(3, 2), cfg)
     norm = torch.sqrt((agent.rnn.weight_hh_l0.detach() ** 2).sum())
     assert loss.item() == pytest.approx(0.3 * norm.item(), rel=1e-5)
 

@@ -73,12 +73,33 @@ class StepInfo:
 EVENT_NAMES = tuple(f.name for f in fields(StepInfo) if f.name not in ("chaser_reward", "explorer_reward", "done"))
 
 
+NOT_VISIBLE = N_CELLS  # partner index of an observation index when the partner is not shown
+
+
+def obs_from_index(index: Tensor) -> Tensor:
+    """The float observation [..., 200] (SPEC §1.3) of an observation index [..., 2] = (own cell, partner cell or
+    :data:`NOT_VISIBLE`): a one-hot of the own cell in 0..99 and of the partner's cell in 100..199 when shown."""
+    own, partner = index[..., :1], index[..., 1:]
+    x = torch.zeros(*index.shape[:-1], OBS_DIM, device=index.device)
+    x.scatter_(-1, own, 1.0)
+    x.scatter_(-1, N_CELLS + partner % N_CELLS, (partner < N_CELLS).to(x.dtype))
+    return x
+
+
 def _flat(pos: Tensor) -> Tensor:
     return pos[:, 0] * GRID + pos[:, 1]
 
 
-def _sq_dist(a: Tensor, b: Tensor) -> Tensor:
-    return (a - b).square().sum(-1)
+def _tables() -> dict[str, Tensor]:
+    """Lookup tables over flat cells, so a step is a few gathers: ``move[4*cell + action]`` (the clamped target cell),
+    ``sq_dist[100*a + b]`` (exact integer squared distance), ``in_fov[100*a + b]`` (Chebyshev distance <= 3) and
+    ``row_col[cell]``."""
+    cells = torch.arange(N_CELLS)
+    row_col = torch.stack([cells // GRID, cells % GRID], -1)  # [100, 2]
+    target = (row_col[:, None, :] + ACTION_DELTAS[None]).clamp(0, GRID - 1)  # [100, 4, 2]
+    diff = row_col[:, None, :] - row_col[None, :, :]  # [100, 100, 2]
+    return {"move": _flat(target.reshape(-1, 2)), "sq_dist": diff.square().sum(-1).flatten(),
+            "in_fov": (diff.abs().amax(-1) <= FOV_RADIUS).flatten(), "row_col": row_col}
 
 
 class ChaseEnv:
@@ -86,6 +107,9 @@ class ChaseEnv:
 
     Public state: ``chaser_pos``, ``explorer_pos`` (long [B,2], row/col), ``chaser_visited``,
     ``explorer_visited`` (bool [B,100]) and ``t`` (python int, shared by all episodes).
+    Internally the agents' cells are flat indices ``cells`` (long [2,B]: chaser, explorer) and ``visited`` is one
+    bool [2,B,100] buffer (``chaser_visited``/``explorer_visited`` are views of it); moves, distances and the field
+    of view are table lookups (:func:`_tables`).
     """
 
     def __init__(self, config: EnvConfig, batch: int, device: torch.device | str = "cpu"):
@@ -100,15 +124,31 @@ class ChaseEnv:
         self.visibility = config.visibility
         collide_c, new_c, base_c = REWARD_TABLE[config.task]["chaser"]
         collide_e, new_e, base_e = REWARD_TABLE[config.task]["explorer"]
-        self._chaser_rewards = (collide_c, new_c, base_c)
-        self._explorer_rewards = (collide_e, new_e, base_e)
-        self._deltas = ACTION_DELTAS.to(self.device)
-        self._rows = torch.arange(batch, device=self.device)
-        self.chaser_pos: Tensor | None = None
-        self.explorer_pos: Tensor | None = None
-        self.chaser_visited: Tensor | None = None
-        self.explorer_visited: Tensor | None = None
+        # reward[agent, new_field + 2 * collision]: baseline < own new field < shared collision (SPEC §2)
+        self._reward_table = torch.tensor([[base_c, new_c, collide_c, collide_c],
+                                           [base_e, new_e, collide_e, collide_e]], device=self.device)
+        tables = _tables()
+        self._move, self._sq_dist, self._in_fov, self._row_col = (tables[k].to(self.device) for k in
+                                                                  ("move", "sq_dist", "in_fov", "row_col"))
+        self.cells: Tensor | None = None
+        self.visited: Tensor | None = None
         self.t = 0
+
+    @property
+    def chaser_pos(self) -> Tensor | None:
+        return None if self.cells is None else self._row_col[self.cells[0]]
+
+    @property
+    def explorer_pos(self) -> Tensor | None:
+        return None if self.cells is None else self._row_col[self.cells[1]]
+
+    @property
+    def chaser_visited(self) -> Tensor | None:
+        return None if self.visited is None else self.visited[0]
+
+    @property
+    def explorer_visited(self) -> Tensor | None:
+        return None if self.visited is None else self.visited[1]
 
     # --- reset -----------------------------------------------------------------------------------
     def reset(self, generator: torch.Generator | None, chaser_pos: Tensor | None = None,
@@ -143,12 +183,9 @@ class ChaseEnv:
                 i = int(clash.nonzero()[0, 0])
                 raise InterbrainError(f"explorer_pos equals chaser_pos in episode {i}: {chaser[i].tolist()}; "
                                       "agents never share a cell")
-        self.chaser_pos = chaser.to(self.device)
-        self.explorer_pos = explorer.to(self.device)
-        self.chaser_visited = torch.zeros(B, N_CELLS, dtype=torch.bool, device=self.device)
-        self.explorer_visited = torch.zeros(B, N_CELLS, dtype=torch.bool, device=self.device)
-        self.chaser_visited[self._rows, _flat(self.chaser_pos)] = True
-        self.explorer_visited[self._rows, _flat(self.explorer_pos)] = True
+        self.cells = torch.stack([_flat(chaser), _flat(explorer)]).to(self.device)
+        self.visited = torch.zeros(2, B, N_CELLS, dtype=torch.bool, device=self.device)
+        self.visited.scatter_(2, self.cells.unsqueeze(2), True)
         self.t = 0
 
     def _check_positions(self, key: str, pos) -> Tensor:
@@ -164,7 +201,7 @@ class ChaseEnv:
         return pos.long()
 
     def _require_state(self) -> None:
-        if self.chaser_pos is None:
+        if self.cells is None:
             raise InterbrainError("the environment has not been reset; call reset(generator) first")
 
     # --- state readouts --------------------------------------------------------------------------
@@ -175,12 +212,12 @@ class ChaseEnv:
     def fov(self) -> Tensor:
         """Physical field of view on s_t (SPEC §1.3): Chebyshev distance <= 3; symmetric; independent of visibility."""
         self._require_state()
-        return (self.chaser_pos - self.explorer_pos).abs().amax(-1) <= FOV_RADIUS
+        return self._in_fov[self.cells[0] * N_CELLS + self.cells[1]]
 
     def distance(self) -> Tensor:
         """Euclidean distance between the agents' cells on s_t, float32 [B]."""
         self._require_state()
-        return _sq_dist(self.chaser_pos, self.explorer_pos).float().sqrt()
+        return self._sq_dist[self.cells[0] * N_CELLS + self.cells[1]].float().sqrt()
 
     def observations(self) -> tuple[Tensor, Tensor]:
         """(chaser_obs, explorer_obs), float32 [B,200] built from s_t (SPEC §1.3).
@@ -188,21 +225,19 @@ class ChaseEnv:
         Entries 0..99 one-hot the agent's own cell; entries 100..199 one-hot the partner's cell when the visibility
         mode shows it (partial: inside the physical FOV; full: always; none: never).
         """
-        self._require_state()
-        c = _flat(self.chaser_pos).unsqueeze(1)
-        e = _flat(self.explorer_pos).unsqueeze(1)
-        chaser_obs = torch.zeros(self.batch, OBS_DIM, device=self.device)
-        explorer_obs = torch.zeros(self.batch, OBS_DIM, device=self.device)
-        chaser_obs.scatter_(1, c, 1.0)
-        explorer_obs.scatter_(1, e, 1.0)
-        if self.visibility == "full":
-            chaser_obs.scatter_(1, e + N_CELLS, 1.0)
-            explorer_obs.scatter_(1, c + N_CELLS, 1.0)
-        elif self.visibility == "partial":
-            seen = self.fov().to(torch.float32).unsqueeze(1)
-            chaser_obs.scatter_(1, e + N_CELLS, seen)
-            explorer_obs.scatter_(1, c + N_CELLS, seen)
+        chaser_obs, explorer_obs = obs_from_index(self.observation_index())
         return chaser_obs, explorer_obs
+
+    def observation_index(self) -> Tensor:
+        """Both agents' observations as indices, long [2, B, 2]: ``[agent][episode] = (own cell, partner cell or
+        NOT_VISIBLE)`` with agent 0 the chaser; :func:`obs_from_index` turns it into the float observation."""
+        self._require_state()
+        partner = self.cells.flip(0)  # the chaser's partner is the explorer and vice versa
+        if self.visibility == "partial":
+            partner = torch.where(self.fov(), partner, NOT_VISIBLE)
+        elif self.visibility == "none":
+            partner = torch.full_like(partner, NOT_VISIBLE)
+        return torch.stack([self.cells, partner], -1)
 
     # --- step ------------------------------------------------------------------------------------
     def _check_actions(self, chaser_action: Tensor, explorer_action: Tensor) -> tuple[Tensor, Tensor]:
@@ -236,49 +271,27 @@ class ChaseEnv:
         ca, ea = self._check_actions(chaser_action, explorer_action)
         if self.done:
             return self._inert_info()
-        c, e = self.chaser_pos, self.explorer_pos
-
-        # 1. chaser: blocked by the explorer's old cell.
-        c_star = (c + self._deltas[ca]).clamp_(0, GRID - 1)
-        chaser_collision = (c_star == e).all(-1)
-        c_new = torch.where(chaser_collision.unsqueeze(1), c, c_star)
-        # 2. explorer: blocked by the chaser's new cell.
-        e_star = (e + self._deltas[ea]).clamp_(0, GRID - 1)
-        explorer_collision = (e_star == c_new).all(-1)
-        e_new = torch.where(explorer_collision.unsqueeze(1), e, e_star)
-        # 3. shared collision flag.
-        collision = chaser_collision | explorer_collision
-
-        # 4. new field: own landing cell not yet visited (a blocked or bumped agent stays on a visited cell).
-        c_idx, e_idx = _flat(c_new), _flat(e_new)
-        chaser_new_field = ~chaser_collision & ~self.chaser_visited.gather(1, c_idx.unsqueeze(1)).squeeze(1)
-        explorer_new_field = ~explorer_collision & ~self.explorer_visited.gather(1, e_idx.unsqueeze(1)).squeeze(1)
-        self.chaser_visited.scatter_(1, c_idx.unsqueeze(1), True)
-        self.explorer_visited.scatter_(1, e_idx.unsqueeze(1), True)
+        c, e = self.cells
+        core = self._advance(ca, ea)
+        c_new, e_new = self.cells
+        chaser_collision, explorer_collision = core["chaser_collision"], core["explorer_collision"]
+        chaser_new_field, explorer_new_field = core["chaser_new_field"], core["explorer_new_field"]
 
         # 5-6. approach / escape, strict, against the partner's old cell.
-        d_old = _sq_dist(c, e)
-        chaser_approach = ~chaser_collision & ~chaser_new_field & (_sq_dist(c_new, e) < d_old)
-        d_escape = _sq_dist(e_new, c)
+        d_old = self._sq_dist[c * N_CELLS + e]
+        chaser_approach = ~chaser_collision & ~chaser_new_field & (self._sq_dist[c_new * N_CELLS + e] < d_old)
+        d_escape = self._sq_dist[e_new * N_CELLS + c]
         explorer_escape = ~explorer_collision & ~explorer_new_field & (d_escape > d_old)
         explorer_escape_close = explorer_escape & (d_escape < _NEAR_SQ)
         explorer_escape_far = explorer_escape & (d_escape >= _FAR_SQ)
         explorer_escape_near = explorer_escape & ~explorer_escape_close & ~explorer_escape_far
 
         # Stuck: acted, did not move, own collision flag false (a wall bump).
-        chaser_stuck = ~chaser_collision & (c_new == c).all(-1)
-        explorer_stuck = ~explorer_collision & (e_new == e).all(-1)
-
-        # Rewards (SPEC §2): baseline < own new field < shared collision.
-        chaser_reward = self._reward(self._chaser_rewards, chaser_new_field, collision)
-        explorer_reward = self._reward(self._explorer_rewards, explorer_new_field, collision)
-
-        # 7. step count.
-        self.chaser_pos, self.explorer_pos = c_new, e_new
-        self.t += 1
+        chaser_stuck = ~chaser_collision & (c_new == c)
+        explorer_stuck = ~explorer_collision & (e_new == e)
         done = torch.full((self.batch,), self.done, dtype=torch.bool, device=self.device)
         return StepInfo(
-            chaser_reward=chaser_reward, explorer_reward=explorer_reward, collision=collision,
+            chaser_reward=core["chaser_reward"], explorer_reward=core["explorer_reward"], collision=core["collision"],
             chaser_collision=chaser_collision, explorer_collision=explorer_collision,
             chaser_new_field=chaser_new_field, explorer_new_field=explorer_new_field,
             chaser_approach=chaser_approach, explorer_escape=explorer_escape,
@@ -287,11 +300,42 @@ class ChaseEnv:
             done=done,
         )
 
-    @staticmethod
-    def _reward(values: tuple[float, float, float], new_field: Tensor, collision: Tensor) -> Tensor:
-        on_collision, on_new_field, otherwise = values
-        reward = torch.where(new_field, on_new_field, otherwise)
-        return torch.where(collision, on_collision, reward).to(torch.float32)
+    def step_core(self, chaser_action: Tensor, explorer_action: Tensor) -> dict[str, Tensor]:
+        """The training path of :meth:`step`: the same transition, returning only rewards, ``collision`` and the new-field
+        flags. Actions are trusted (long [B] on the device, ids 0..3, as sampled by the learner): no checks, no host
+        synchronisation. Must not be called after ``done``."""
+        return self._advance(chaser_action, explorer_action)
+
+    def _advance(self, ca: Tensor, ea: Tensor) -> dict[str, Tensor]:
+        """Steps 1-4 and 7 of SPEC §1.2 plus the rewards; moves the agents and returns the core flags. ``rewards`` is
+        [2,B] (chaser, explorer) and ``new_field`` [2,B]; the per-agent entries are views of them."""
+        c, e = self.cells
+        # 1. chaser: blocked by the explorer's old cell.
+        c_star = self._move[c * N_ACTIONS + ca]
+        chaser_collision = c_star == e
+        c_new = torch.where(chaser_collision, c, c_star)
+        # 2. explorer: blocked by the chaser's new cell.
+        e_star = self._move[e * N_ACTIONS + ea]
+        explorer_collision = e_star == c_new
+        e_new = torch.where(explorer_collision, e, e_star)
+        # 3. shared collision flag.
+        collision = chaser_collision | explorer_collision
+        cells = torch.stack([c_new, e_new])
+
+        # 4. new field: own landing cell not yet visited (a blocked or bumped agent stays on a visited cell).
+        landing = cells.unsqueeze(2)
+        new_field = ~(torch.stack([chaser_collision, explorer_collision]) | self.visited.gather(2, landing).squeeze(2))
+        self.visited.scatter_(2, landing, True)
+
+        # Rewards (SPEC §2): baseline < own new field < shared collision.
+        rewards = self._reward_table.gather(1, new_field.long() + 2 * collision.long())
+
+        # 7. step count.
+        self.cells = cells
+        self.t += 1
+        return {"rewards": rewards, "chaser_reward": rewards[0], "explorer_reward": rewards[1],
+                "collision": collision, "chaser_collision": chaser_collision, "explorer_collision": explorer_collision,
+                "new_field": new_field, "chaser_new_field": new_field[0], "explorer_new_field": new_field[1]}
 
     def _inert_info(self) -> StepInfo:
         zeros = torch.zeros(self.batch, device=self.device)
@@ -301,5 +345,5 @@ class ChaseEnv:
         return StepInfo(**values)
 
 
-__all__ = ["ChaseEnv", "StepInfo", "ACTION_DELTAS", "ACTION_NAMES", "GRID", "N_CELLS", "OBS_DIM", "FOV_RADIUS",
+__all__ = ["ChaseEnv", "StepInfo", "obs_from_index", "NOT_VISIBLE", "ACTION_DELTAS", "ACTION_NAMES", "GRID", "N_CELLS", "OBS_DIM", "FOV_RADIUS",
            "N_ACTIONS", "REWARD_TABLE", "EVENT_NAMES"]

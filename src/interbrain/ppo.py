@@ -30,73 +30,89 @@ Z_SAMPLE_EVERY = 10  # ||z_t|| is logged on every 10th step (SPEC §4.6)
 # ------------------------------------------------------------------------------------------------ rollout
 @dataclass
 class Rollout:
-    """Time-major buffers of one update's episodes. ``obs[a]`` is [T,B,200]; the rest [T,B] unless noted."""
+    """Time-major buffers of one update's episodes. ``obs_index[a]`` is [T,B,2] (own cell, partner cell or 100 = not
+    shown; :func:`interbrain.env.obs_from_index` gives the float observation); the rest [T,B] unless noted. The
+    per-agent tensors are views of joint [T, 2, B, ...] buffers (chaser 0, explorer 1)."""
 
-    obs: dict[str, torch.Tensor]
+    obs_index: dict[str, torch.Tensor]
     actions: dict[str, torch.Tensor]
     logp: dict[str, torch.Tensor]
     logits: dict[str, torch.Tensor]  # [T,B,4]
     values: dict[str, torch.Tensor]
     rewards: dict[str, torch.Tensor]
     done: torch.Tensor  # bool [T,B]
-    events: dict[str, torch.Tensor]  # collision, new fields, fov_post (partner in view on s_{t+1}), ...
+    events: dict[str, torch.Tensor]  # collision, new fields, fov_post (partner in view on s_{t+1})
     final_distance: torch.Tensor  # [B]
     z_norm: dict[str, torch.Tensor]  # [B * T/10] samples of ||W_a^T W_a h_t||
     seq_states: dict[str, list] = field(default_factory=dict)  # agent -> states at the start of each sequence
     bootstrap: dict[str, torch.Tensor] = field(default_factory=dict)  # agent -> V(s_H) when bootstrapping
 
 
+def gumbel_noise(shape: tuple, generator: torch.Generator, device: torch.device) -> torch.Tensor:
+    """Gumbel(0, 1) noise from a dedicated generator; drawing [T, ...] at once consumes the generator's stream exactly
+    as T draws of [...] would, so a rollout's actions do not depend on how the noise is batched."""
+    u = torch.rand(shape, generator=generator, device=device)
+    return -torch.log(-torch.log(u.clamp_min(1e-20)))
+
+
 def sample_actions(logits: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """Exact categorical sampling by the Gumbel-max trick from a dedicated generator (no host round trip)."""
-    u = torch.rand(logits.shape, generator=generator, device=logits.device, dtype=logits.dtype)
-    gumbel = -torch.log(-torch.log(u.clamp_min(1e-20)))
-    return torch.argmax(logits + gumbel, dim=-1)
+    return torch.argmax(logits + gumbel_noise(logits.shape, generator, logits.device), dim=-1)
+
+
+def _per_agent(joint: torch.Tensor) -> dict[str, torch.Tensor]:
+    return {a: joint[:, i] for i, a in enumerate(AGENTS)}
 
 
 @torch.no_grad()
 def collect_rollout(env: ChaseEnv, agents: dict[str, Agent], env_gen: torch.Generator,
                     action_gens: dict[str, torch.Generator], *, seq_len: int | None = None,
                     bootstrap: bool = False) -> Rollout:
+    """Play one update's ``num_envs`` episodes. Per step: the observation index of both agents, each agent's
+    ``step_index`` (chaser first), Gumbel-max actions from noise drawn up front, and the environment's core step, all
+    written into preallocated joint buffers; log-probabilities and ||z|| samples are computed once afterwards."""
     env.reset(env_gen)
     T, B, dev = env.config.horizon, env.batch, env.chaser_pos.device
-    obs = {a: torch.empty(T, B, 200, device=dev) for a in AGENTS}
-    actions = {a: torch.empty(T, B, dtype=torch.long, device=dev) for a in AGENTS}
-    logp = {a: torch.empty(T, B, device=dev) for a in AGENTS}
-    logits_buf = {a: torch.empty(T, B, 4, device=dev) for a in AGENTS}
-    values = {a: torch.empty(T, B, device=dev) for a in AGENTS}
-    rewards = {a: torch.empty(T, B, device=dev) for a in AGENTS}
-    done = torch.empty(T, B, dtype=torch.bool, device=dev)
-    event_keys = ("collision", "chaser_new_field", "explorer_new_field")
-    events = {k: torch.empty(T, B, dtype=torch.bool, device=dev) for k in event_keys + ("fov_post",)}
-    z_samples = {a: [] for a in AGENTS}
+    noise = torch.stack([gumbel_noise((T, B, 4), action_gens[a], dev) for a in AGENTS], 1)  # [T,2,B,4]
+    obs_index = torch.empty(T, 2, B, 2, dtype=torch.long, device=dev)
+    logits = torch.empty(T, 2, B, 4, device=dev)
+    values = torch.empty(T, 2, B, device=dev)
+    actions = torch.empty(T, 2, B, dtype=torch.long, device=dev)
+    rewards = torch.empty(T, 2, B, device=dev)
+    event_keys = ("collision", "chaser_new_field", "explorer_new_field", "fov_post")
+    events = torch.empty(len(event_keys), T, B, dtype=torch.bool, device=dev)
+    z_hidden = {a: [] for a in AGENTS}
     states = {a: agents[a].initial_state(B, dev) for a in AGENTS}
     seq_states = {a: [] for a in AGENTS}
     for t in range(T):
-        o = dict(zip(AGENTS, env.observations()))
+        index = env.observation_index()
+        obs_index[t] = index
         if seq_len is not None and t % seq_len == 0:
             for a in AGENTS:
                 seq_states[a].append(tuple(s.clone() if torch.is_tensor(s) else s for s in states[a]))
-        act = {}
-        for a in AGENTS:  # chaser first
-            lg, v, h, states[a] = agents[a].step(o[a], states[a])
-            act[a] = sample_actions(lg, action_gens[a])
-            obs[a][t], logits_buf[a][t], values[a][t], actions[a][t] = o[a], lg, v, act[a]
-            logp[a][t] = torch.log_softmax(lg, -1).gather(-1, act[a][:, None]).squeeze(-1)
+        for i, a in enumerate(AGENTS):  # chaser first
+            logits[t, i], values[t, i], h, states[a] = agents[a].step_index(index[i], states[a])
             if t % Z_SAMPLE_EVERY == 0:
-                w = agents[a].action_head.weight
-                z_samples[a].append(((h @ w.t()) @ w).norm(dim=-1))
-        info = env.step(act["chaser"], act["explorer"])
-        rewards["chaser"][t], rewards["explorer"][t], done[t] = info.chaser_reward, info.explorer_reward, info.done
-        for k in event_keys:
-            events[k][t] = getattr(info, k)
-        events["fov_post"][t] = env.fov()
+                z_hidden[a].append(h)
+        torch.argmax(logits[t] + noise[t], dim=-1, out=actions[t])
+        core = env.step_core(actions[t, 0], actions[t, 1])
+        rewards[t] = core["rewards"]
+        events[0, t] = core["collision"]
+        events[1:3, t] = core["new_field"]
+        events[3, t] = env.fov()
     boot = {}
     if bootstrap:
-        o = dict(zip(AGENTS, env.observations()))
-        for a in AGENTS:
-            boot[a] = agents[a].step(o[a], states[a])[1]
-    return Rollout(obs, actions, logp, logits_buf, values, rewards, done, events, env.distance(),
-                   {a: torch.cat(z_samples[a]) for a in AGENTS}, seq_states, boot)
+        index = env.observation_index()
+        for i, a in enumerate(AGENTS):
+            boot[a] = agents[a].step_index(index[i], states[a])[1]
+    logp = torch.log_softmax(logits, -1).gather(-1, actions[..., None]).squeeze(-1)
+    z_norm = {}
+    for a in AGENTS:
+        w = agents[a].action_head.weight
+        z_norm[a] = ((torch.cat(z_hidden[a]) @ w.t()) @ w).norm(dim=-1)
+    done = (torch.arange(T, device=dev) + 1 >= T)[:, None].expand(T, B)  # the shared time limit ends every episode
+    return Rollout(_per_agent(obs_index), _per_agent(actions), _per_agent(logp), _per_agent(logits), _per_agent(values),
+                   _per_agent(rewards), done, dict(zip(event_keys, events)), env.distance(), z_norm, seq_states, boot)
 
 
 # ------------------------------------------------------------------------------------------------ GAE
@@ -134,14 +150,14 @@ def normalize_advantages(adv: torch.Tensor, min_std: float = 0.0, eps: float = 1
 
 
 # ------------------------------------------------------------------------------------------------ loss
-def policy_loss(agent: Agent, obs, actions, old_logp, adv, returns, cfg: PPOConfig, *, state0=None,
+def policy_loss(agent: Agent, obs_index, actions, old_logp, adv, returns, cfg: PPOConfig, *, state0=None,
                 old_logits=None, kl_coef: float = 0.0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The per-agent PPO loss (SPEC §4.4 step 4; §4.5 adds the KL penalty and drops the entropy term).
 
     L = -mean(min(rho A, clip(rho, 1-eps, 1+eps) A)) + c_v mean(min((V-R)^2, cap)) - c_e H[pi]
         + lambda_rec ||W_hh||_F + lambda_in ||W_ih||_F + agent.aux_loss() (+ beta KL(pi_old || pi_new))
     """
-    logits, value, _ = agent.sequence(obs, state0)
+    logits, value, _ = agent.sequence_index(obs_index, state0)
     logp_all = torch.log_softmax(logits, -1)
     logp = logp_all.gather(-1, actions[..., None]).squeeze(-1)
     log_ratio = logp - old_logp
@@ -187,12 +203,17 @@ def check_finite(named: dict[str, torch.Tensor], update: int) -> None:
 
 # ------------------------------------------------------------------------------------------------ updates
 def advantages_and_returns(batch: Rollout, cfg: PPOConfig) -> tuple[dict, dict]:
-    adv, ret = {}, {}
-    for a in AGENTS:
-        raw, ret[a] = gae(batch.rewards[a], batch.values[a], batch.done, cfg.gamma, cfg.gae_lambda,
-                          batch.bootstrap.get(a) if cfg.bootstrap_time_limit else None)
-        adv[a] = normalize_advantages(raw, min_std=1e-4 if cfg.learner == "rllib" else 0.0)
-    return adv, ret
+    """GAE for both agents in one pass over time (the columns are independent), then per-agent normalisation."""
+    T, B = batch.done.shape
+    joint = lambda d: torch.stack([d[a] for a in AGENTS], 1).reshape(T, len(AGENTS) * B)  # noqa: E731
+    boot = torch.cat([batch.bootstrap[a] for a in AGENTS]) if cfg.bootstrap_time_limit else None
+    done = batch.done.repeat(1, len(AGENTS))
+    raw, ret = gae(joint(batch.rewards), joint(batch.values), done, cfg.gamma, cfg.gae_lambda, boot)
+    adv, rets = {}, {}
+    for i, a in enumerate(AGENTS):
+        adv[a] = normalize_advantages(raw[:, i * B:(i + 1) * B], min_std=1e-4 if cfg.learner == "rllib" else 0.0)
+        rets[a] = ret[:, i * B:(i + 1) * B]
+    return adv, rets
 
 
 def update_clipped(agents: dict[str, Agent], optimizers: dict[str, torch.optim.Optimizer], batch: Rollout,
@@ -208,7 +229,7 @@ def update_clipped(agents: dict[str, Agent], optimizers: dict[str, torch.optim.O
         total = 0.0
         for a in AGENTS:
             optimizers[a].zero_grad(set_to_none=True)
-            loss, stats[a] = policy_loss(agents[a], batch.obs[a], batch.actions[a], batch.logp[a], adv[a], ret[a], cfg)
+            loss, stats[a] = policy_loss(agents[a], batch.obs_index[a], batch.actions[a], batch.logp[a], adv[a], ret[a], cfg)
             total = total + loss
         check_finite({f"{a}.{k}[epoch {epoch}]": v for a in AGENTS for k, v in stats[a].items()}, update)
         total.backward()
@@ -248,7 +269,7 @@ def update_rllib(agents: dict[str, Agent], optimizers: dict[str, torch.optim.Opt
 
     for a in ("explorer", "chaser"):  # RLlib policy-map order
         agent, opt = agents[a], optimizers[a]
-        obs, act, old_logp, old_logits = (chunked(batch.obs[a]), chunked(batch.actions[a]), chunked(batch.logp[a]),
+        obs, act, old_logp, old_logits = (chunked(batch.obs_index[a]), chunked(batch.actions[a]), chunked(batch.logp[a]),
                                           chunked(batch.logits[a]))
         A, R = chunked(adv[a]), chunked(ret[a])
         states0 = tuple(torch.cat([st[i] for st in batch.seq_states[a]]) if torch.is_tensor(batch.seq_states[a][0][i])

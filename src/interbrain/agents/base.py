@@ -11,6 +11,8 @@ Contract
 - ``step(obs, state)`` -> ``(logits [B,4], value [B], hidden [B,256], state')`` for one time step.
 - ``sequence(obs [T,B,200], state0=None)`` -> ``(logits [T,B,4], value [T,B], hidden [T,B,256])``,
   teacher-forced from ``state0`` (zero state when None); equal to repeated ``step`` to 1e-5.
+- ``step_index`` / ``sequence_index``: the same two calls on observation indices (own cell, partner cell or 100);
+  the trainer uses them, architectures override them to gather input weights (exact: x_t is at most two-hot).
 - ``readout(hidden)`` -> ``(logits, value)``.
 - ``recurrent_weight_norm()`` -> unsquared Frobenius norm of the recurrent weight (a 0-d tensor; 0 if none).
 - ``input_weight_norm()`` -> unsquared Frobenius norm of the input weight (0 if not defined).
@@ -32,6 +34,7 @@ import torch
 from torch import nn
 
 from interbrain.config import AgentConfig
+from interbrain.env import obs_from_index
 from interbrain.errors import InterbrainError
 
 OBS_DIM = 200
@@ -64,6 +67,7 @@ class Agent(nn.Module):
         self.config = config
         self.action_head = nn.Linear(HIDDEN, N_ACTIONS)
         self.value_head = nn.Linear(HIDDEN, 1)
+        self._derived: dict[str, tuple] = {}  # see `cached`
 
     # --- contract -------------------------------------------------------------------------------
     def initial_state(self, batch: int, device: torch.device | str = "cpu") -> tuple[torch.Tensor, ...]:
@@ -75,8 +79,41 @@ class Agent(nn.Module):
     def sequence(self, obs: torch.Tensor, state0=None):
         raise NotImplementedError
 
+    # --- index form of the same two calls (the trainer's path; SPEC §3.2 "input gather") ------------
+    def step_index(self, index: torch.Tensor, state):
+        """``step`` for an observation index [B, 2] (own cell, partner cell or 100 = not shown; see
+        :func:`interbrain.env.obs_from_index`). Architectures override it to gather input weights instead of
+        multiplying a two-hot vector; the default builds the observation."""
+        return self.step(obs_from_index(index), state)
+
+    def sequence_index(self, index: torch.Tensor, state0=None):
+        """``sequence`` for observation indices [T, B, 2]; same contract as :meth:`step_index`."""
+        return self.sequence(obs_from_index(index), state0)
+
     def readout(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.action_head(hidden), self.value_head(hidden).squeeze(-1)
+        """Both heads as one Linear(256 -> 5) (rows: the 4 action logits, then the value): one matmul forward and two
+        backward instead of twice that."""
+        weight, bias = self.cached("heads", (self.action_head.weight, self.action_head.bias, self.value_head.weight,
+                                             self.value_head.bias), self._joint_heads)
+        out = torch.nn.functional.linear(hidden, weight, bias)
+        return out[..., :N_ACTIONS], out[..., N_ACTIONS]
+
+    def _joint_heads(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return (torch.cat([self.action_head.weight, self.value_head.weight]),
+                torch.cat([self.action_head.bias, self.value_head.bias]))
+
+    def cached(self, name: str, params: tuple[torch.Tensor, ...], build: Callable[[], object]):
+        """``build()`` recomputed only when needed: always under autograd (the result must carry the graph), otherwise
+        reused while none of ``params`` changed (tensor version counters, bumped by every in-place update such as an
+        optimiser step or ``load_state_dict``). Lets acting reuse tensors derived from the weights (joint heads, input
+        tables) across the steps of a rollout."""
+        if torch.is_grad_enabled():
+            return build()
+        key = tuple((p.data_ptr(), p._version) for p in params)
+        hit = self._derived.get(name)
+        if hit is None or hit[0] != key:
+            hit = self._derived[name] = (key, build())
+        return hit[1]
 
     def recurrent_weight_norm(self) -> torch.Tensor:
         return torch.zeros((), device=self.action_head.weight.device)

@@ -38,6 +38,26 @@ SIZES = {"std": {"d_model": 256, "mlp": 512}, "matched": {"d_model": 64, "mlp": 
 CHUNK_ELEMENTS = 2**24  # activation budget per window chunk in `sequence` (elements of the widest tensor)
 
 
+def append_along(prefix: torch.Tensor, new: torch.Tensor, dim: int, capacity: int | None) -> torch.Tensor:
+    """``torch.cat([prefix, new], dim)`` without copying ``prefix`` when acting: outside autograd, the result is a prefix
+    view of a buffer of ``capacity`` along ``dim`` and ``new`` is written into its next free slots. A buffer remembers
+    how far it is filled, so appending twice to the same state (branching) copies instead of overwriting the other
+    branch. Under autograd, without or beyond ``capacity``, it is a plain ``cat``."""
+    n, m = prefix.shape[dim], new.shape[dim]
+    if capacity is None or torch.is_grad_enabled() or n + m > capacity:
+        return torch.cat([prefix, new], dim)
+    base = prefix._base
+    if (base is None or getattr(base, "_filled", -1) != n or base.shape[dim] != capacity
+            or base.data_ptr() != prefix.data_ptr() or base.stride() != prefix.stride()):
+        shape = list(prefix.shape)
+        shape[dim] = capacity
+        base = prefix.new_empty(shape)
+        base.narrow(dim, 0, n).copy_(prefix)
+    base.narrow(dim, n, m).copy_(new)
+    base._filled = n + m
+    return base.narrow(dim, 0, n + m)
+
+
 class CausalBlock(nn.Module):
     """One pre-LN block: ``x += Attn(LN(x)); x += MLP(LN(x))``."""
 
@@ -74,11 +94,11 @@ class CausalBlock(nn.Module):
         q, k, v = self._qkv(x)
         return self._finish(x[:, -1:], F.scaled_dot_product_attention(q[:, :, -1:], k, v))
 
-    def cached(self, x: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor):
-        """One new token [N, 1, d] attending to the cached keys/values and itself."""
+    def cached(self, x: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, capacity: int | None = None):
+        """One new token [N, 1, d] attending to the cached keys/values and itself (caches hold up to ``capacity``)."""
         q, k, v = self._qkv(x)
-        k = torch.cat([k_cache, k], dim=2)
-        v = torch.cat([v_cache, v], dim=2)
+        k = append_along(k_cache, k, 2, capacity)
+        v = append_along(v_cache, v, 2, capacity)
         return self._finish(x, F.scaled_dot_product_attention(q, k, v)), k, v
 
 
@@ -179,13 +199,13 @@ class TransformerAgent(Agent):
         t, emb, *cache = state
         self._check_history(t, emb)
         e = self.inp(obs).unsqueeze(1)  # [B, 1, d]
-        history = torch.cat([emb, e], dim=1)
+        history = append_along(emb, e, 1, self.window - 1)
         if t < self.window:
             x = e + self.position_embedding(t, t + 1)
             self._note_context(t + 1)
             new_cache = []
             for i, block in enumerate(self.blocks):
-                x, k, v = block.cached(x, cache[2 * i], cache[2 * i + 1])
+                x, k, v = block.cached(x, cache[2 * i], cache[2 * i + 1], self.window)
                 new_cache += [k, v]
             if t + 1 == self.window:  # from now on every step recomputes its window from `emb`
                 new_cache = [c[:, :, :0] for c in new_cache]
