@@ -1,8 +1,9 @@
 """Conformance of every architecture to the agent contract (SPEC §3.1–3.3) and to its own definition.
 
-Ground truths used here: hand-written numpy forward passes (rnn, mlp, ssm, transformer), the exact parameter
-tables of SPEC §3.2/§3.3, the step-vs-sequence identity of §3.1, and the transformer context rule of §3.2
-(a step's output equals a fresh pass over exactly its own window).
+Ground truths used here: hand-written numpy forward passes (rnn, mlp, ssm, transformer, gru, lstm, mingru, minlstm),
+the exact parameter tables of SPEC §3.2/§3.3/§3.4 (plus the matched counts documented in the §3.4 modules), the
+step-vs-sequence identity of §3.1, and the transformer context rule of §3.2 (a step's output equals a fresh pass over
+exactly its own window).
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from torch import nn
 
 from interbrain.agents import HIDDEN, build_agent, build_pair
 from interbrain.agents.ssm import chunked_linear_scan, scan_chunk
@@ -18,12 +20,20 @@ from interbrain.errors import InterbrainError
 
 torch.set_num_threads(1)
 
-ARCHS = ["rnn", "mlp", "ssm", "transformer"]
+ARCHS = ["rnn", "mlp", "ssm", "transformer", "gru", "lstm", "mingru", "minlstm"]
 ARCH_SIZES = [("rnn", "std"), ("mlp", "std"), ("mlp", "matched"), ("ssm", "std"), ("ssm", "matched"),
-              ("transformer", "std"), ("transformer", "matched")]
+              ("transformer", "std"), ("transformer", "matched"), ("gru", "std"), ("gru", "matched"),
+              ("lstm", "std"), ("lstm", "matched"), ("mingru", "std"), ("mingru", "matched"),
+              ("minlstm", "std"), ("minlstm", "matched")]
 PARAMS = {("rnn", "std"): 118_533, ("rnn", "matched"): 118_533, ("mlp", "std"): 476_933, ("mlp", "matched"): 120_389,
           ("ssm", "std"): 381_701, ("ssm", "matched"): 126_085, ("transformer", "std"): 1_133_061,
-          ("transformer", "matched"): 120_773}
+          ("transformer", "matched"): 120_773, ("gru", "std"): 353_029, ("gru", "matched"): 119_206,
+          ("lstm", "std"): 470_277, ("lstm", "matched"): 119_141, ("mingru", "std"): 235_781,
+          ("mingru", "matched"): 118_789, ("minlstm", "std"): 353_029, ("minlstm", "matched"): 118_588}
+# `hidden` is (part of) the carried state: SPEC §6.6 (rnn, gru, the h-part of lstm, mingru, minlstm). The matched
+# gru/lstm read `hidden` through a projection of a narrower state, so there it is not carried.
+CARRIES = {("rnn", "std"), ("rnn", "matched"), ("gru", "std"), ("lstm", "std"), ("mingru", "std"),
+           ("mingru", "matched"), ("minlstm", "std"), ("minlstm", "matched")}
 TOL = dict(atol=1e-5, rtol=1e-5)
 
 
@@ -74,8 +84,8 @@ def test_parameter_counts_match_spec_tables(arch, size):
     assert agent.action_head.weight.shape == (4, HIDDEN) and agent.value_head.weight.shape == (1, HIDDEN)
     card = agent.card()
     assert card["architecture"] == arch and card["size"] == size and card["hidden"] and card["memory"]
-    assert card["context_limit"] == {"rnn": None, "ssm": None, "mlp": 8, "transformer": 100}[arch]
-    assert card["carries_hidden"] is (arch == "rnn")
+    assert card["context_limit"] == {"mlp": 8, "transformer": 100}.get(arch)
+    assert card["carries_hidden"] is ((arch, size) in CARRIES)
 
 
 def test_transformer_position_table_has_exactly_window_rows():
@@ -105,14 +115,47 @@ def test_build_pair_is_reproducible_and_agents_are_independent(arch):
     assert not torch.equal(w(chaser), w(other))
 
 
-@pytest.mark.parametrize("arch", ["mlp", "ssm", "transformer"])
+@pytest.mark.parametrize("arch", ["mlp", "ssm", "transformer", "mingru", "minlstm"])
 def test_non_rnn_archs_have_no_recurrent_penalty(arch):
     agent = make_agent(arch)
     assert agent.recurrent_weight_norm().item() == 0.0
     assert agent.input_weight_norm().item() > 0.0
-    assert agent.card()["carries_hidden"] is False
-    with pytest.raises(InterbrainError):
-        agent.with_hidden(agent.initial_state(1), torch.zeros(1, HIDDEN))
+    if (arch, "std") not in CARRIES:
+        assert agent.card()["carries_hidden"] is False
+        with pytest.raises(InterbrainError):
+            agent.with_hidden(agent.initial_state(1), torch.zeros(1, HIDDEN))
+
+
+@pytest.mark.parametrize("arch,size", [(a, s) for a, s in ARCH_SIZES if a in ("gru", "lstm", "mingru", "minlstm")])
+def test_with_hidden_replaces_exactly_hidden_or_is_refused(arch, size):
+    """Carried: with_hidden(state', h) swaps in h where `hidden` lives and keeps the rest; else a named error."""
+    agent = make_agent(arch, size)
+    with torch.no_grad():
+        (_, _, h), state = run_steps(agent, two_hot_obs(5, 2, seed=22))
+    if (arch, size) not in CARRIES:
+        with pytest.raises(InterbrainError, match="does not carry"):
+            agent.with_hidden(state, h[-1])
+        return
+    where = {"gru": 0, "lstm": 0, "mingru": 1, "minlstm": 1}[arch]  # index of `hidden` in the state tuple
+    torch.testing.assert_close(state[where], h[-1], atol=0, rtol=0)
+    new = torch.randn(2, HIDDEN)
+    swapped = agent.with_hidden(state, new)
+    assert len(swapped) == len(state) and torch.equal(swapped[where], new)
+    assert all(torch.equal(a, b) for i, (a, b) in enumerate(zip(swapped, state)) if i != where)
+
+
+@pytest.mark.parametrize("arch", ["gru", "lstm"])
+def test_gated_rnns_penalise_weight_hh_and_keep_torch_names(arch):
+    agent = make_agent(arch)
+    assert agent.recurrent_weight_norm().item() == pytest.approx(agent.rnn.weight_hh_l0.norm().item(), rel=1e-6)
+    assert agent.input_weight_norm().item() == pytest.approx(agent.rnn.weight_ih_l0.norm().item(), rel=1e-6)
+    gates = {"gru": 3, "lstm": 4}[arch]
+    shapes = {"rnn.weight_ih_l0": (gates * 256, 200), "rnn.weight_hh_l0": (gates * 256, 256),
+              "rnn.bias_ih_l0": (gates * 256,), "rnn.bias_hh_l0": (gates * 256,), "action_head.weight": (4, 256),
+              "action_head.bias": (4,), "value_head.weight": (1, 256), "value_head.bias": (1,)}
+    assert {k: tuple(v.shape) for k, v in agent.state_dict().items()} == shapes
+    plain = (nn.GRU if arch == "gru" else nn.LSTM)(200, 256)
+    agent.rnn.load_state_dict(plain.state_dict(), strict=True)  # an nn.GRU / nn.LSTM loads as is
 
 
 # --- step == sequence (SPEC §3.1) -------------------------------------------------------------------
@@ -123,9 +166,10 @@ def test_step_equals_sequence_T100(arch, size):
     assert h.abs().sum() > 0
 
 
-@pytest.mark.parametrize("arch", ["rnn", "ssm", "mlp"])
-def test_step_equals_sequence_from_a_nonzero_state(arch):
-    agent = make_agent(arch, "std" if arch == "rnn" else "matched")
+@pytest.mark.parametrize("arch,size", [("rnn", "std"), ("ssm", "matched"), ("mlp", "matched")]
+                         + [(a, s) for a in ("gru", "lstm", "mingru", "minlstm") for s in ("std", "matched")])
+def test_step_equals_sequence_from_a_nonzero_state(arch, size):
+    agent = make_agent(arch, size)
     g = torch.Generator().manual_seed(5)
     state0 = tuple(torch.rand(s.shape, generator=g) for s in agent.initial_state(3))
     h_from_state = assert_parity(agent, two_hot_obs(40, 3, seed=2), state0)
@@ -155,6 +199,12 @@ def test_scan_chunk_is_the_largest_divisor_below_sqrt():
 @pytest.mark.parametrize("T", [97, 500])
 def test_ssm_step_equals_sequence_long_and_prime(T):
     assert_parity(make_agent("ssm", "matched"), two_hot_obs(T, 2, seed=T))
+
+
+@pytest.mark.parametrize("arch", ["mingru", "minlstm"])
+@pytest.mark.parametrize("T", [97, 500])
+def test_min_rnn_step_equals_sequence_long_and_prime(arch, T):
+    assert_parity(make_agent(arch, "matched"), two_hot_obs(T, 2, seed=T))
 
 
 @pytest.mark.parametrize("size", ["std", "matched"])
@@ -344,6 +394,115 @@ def test_rnn_modern_init_norms():
     assert torch.all(agent.rnn.bias_hh_l0 == 0) and torch.all(agent.rnn.bias_ih_l0 == 0)
 
 
+def _sigmoid(x):
+    return 1.0 / (1.0 + np.exp(-x))
+
+
+def _numpy_params(agent):
+    return {k: v.double().numpy() for k, v in agent.state_dict().items()}
+
+
+def _numpy_readout(P, h):
+    hidden = np.maximum(h @ P["proj.weight"].T + P["proj.bias"], 0) if "proj.weight" in P else h
+    return hidden, hidden @ P["action_head.weight"].T + P["action_head.bias"], \
+        (hidden @ P["value_head.weight"].T + P["value_head.bias"])[:, 0]
+
+
+def _compare(agent, obs, reference, state0=None):
+    """`reference(P, x_t, state) -> (h, state)` in float64 numpy; checks `sequence`'s hidden/logits/value at every t."""
+    P = _numpy_params(agent)
+    with torch.no_grad():
+        logits, value, hidden = agent.sequence(obs, state0)
+    state = tuple(s.double().numpy() for s in (agent.initial_state(obs.shape[1]) if state0 is None else state0))
+    for t in range(obs.shape[0]):
+        h, state = reference(P, obs[t].double().numpy(), state)
+        ref_hidden, ref_logits, ref_value = _numpy_readout(P, h)
+        np.testing.assert_allclose(hidden[t].numpy(), ref_hidden, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(logits[t].numpy(), ref_logits, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(value[t].numpy(), ref_value, rtol=1e-5, atol=1e-5)
+    return state
+
+
+def _gru_reference(P, x, state):
+    """PyTorch's GRU written out: r, z, n blocks of W_ih / W_hh (in this order)."""
+    (h,) = state
+    gi = x @ P["rnn.weight_ih_l0"].T + P["rnn.bias_ih_l0"]
+    gh = h @ P["rnn.weight_hh_l0"].T + P["rnn.bias_hh_l0"]
+    w = h.shape[1]
+    r = _sigmoid(gi[:, :w] + gh[:, :w])
+    z = _sigmoid(gi[:, w:2 * w] + gh[:, w:2 * w])
+    n = np.tanh(gi[:, 2 * w:] + r * gh[:, 2 * w:])
+    h = (1 - z) * n + z * h
+    return h, (h,)
+
+
+def _lstm_reference(P, x, state):
+    """PyTorch's LSTM written out: i, f, g, o blocks."""
+    h, c = state
+    a = x @ P["rnn.weight_ih_l0"].T + P["rnn.bias_ih_l0"] + h @ P["rnn.weight_hh_l0"].T + P["rnn.bias_hh_l0"]
+    i, f, g, o = np.split(a, 4, axis=1)
+    c = _sigmoid(f) * c + _sigmoid(i) * np.tanh(g)
+    h = _sigmoid(o) * np.tanh(c)
+    return h, (h, c)
+
+
+def _min_reference(P, x, state):
+    """Two stacked minGRU or minLSTM layers (SPEC §3.4 formulas); `hidden` = layer 2's h_t."""
+    lin = lambda name, v: v @ P[f"{name}.weight"].T + P[f"{name}.bias"]  # noqa: E731
+    out = []
+    for layer, h in zip(("layer1", "layer2"), state):
+        if f"{layer}.gate.weight" in P:  # minGRU
+            z = _sigmoid(lin(f"{layer}.gate", x))
+            h = (1 - z) * h + z * lin(f"{layer}.cand", x)
+        else:  # minLSTM
+            f, i = _sigmoid(lin(f"{layer}.forget", x)), _sigmoid(lin(f"{layer}.input", x))
+            h = f / (f + i) * h + i / (f + i) * lin(f"{layer}.cand", x)
+        out.append(h)
+        x = h
+    return x, tuple(out)
+
+
+@pytest.mark.parametrize("size", ["std", "matched"])
+def test_gru_matches_a_numpy_forward_pass(size):
+    agent = make_agent("gru", size)
+    g = torch.Generator().manual_seed(23)
+    state0 = (0.5 * torch.randn(2, agent.width, generator=g),)
+    _compare(agent, two_hot_obs(25, 2, seed=23), _gru_reference, state0)
+
+
+@pytest.mark.parametrize("size", ["std", "matched"])
+def test_lstm_matches_a_numpy_forward_pass_and_records_the_cell(size):
+    agent = make_agent("lstm", size)
+    obs = two_hot_obs(25, 2, seed=24)
+    _compare(agent, obs, _lstm_reference)
+    # the `cell` site after every step is nn.LSTM's own c_t (run one step at a time through nn.LSTM)
+    state, hc = agent.initial_state(2), None
+    with torch.no_grad():
+        for t in range(25):
+            state = agent.step(obs[t], state)[3]
+            _, hc = agent.rnn(obs[t:t + 1], hc)
+            sites = agent.extra_sites(state)
+            assert set(sites) == {"cell"} and sites["cell"].shape == (2, agent.width)
+            torch.testing.assert_close(sites["cell"], hc[1][0], **TOL)
+            torch.testing.assert_close(state[0], hc[0][0], **TOL)
+    assert sites["cell"].abs().max() > 0.1
+
+
+@pytest.mark.parametrize("arch", ["mingru", "minlstm"])
+@pytest.mark.parametrize("size", ["std", "matched"])
+def test_min_rnns_match_a_numpy_recurrence(arch, size):
+    agent = make_agent(arch, size)
+    g = torch.Generator().manual_seed(25)
+    state0 = tuple(torch.randn(s.shape, generator=g) for s in agent.initial_state(2))
+    _compare(agent, two_hot_obs(15, 2, seed=25), _min_reference, state0)
+    # documented init: initial retention ~ 0.73 (gate biases -1 for minGRU; +1 forget / -1 input for minLSTM)
+    for layer in (agent.layer1, agent.layer2):
+        if arch == "mingru":
+            assert torch.all(layer.gate.bias == -1)
+        else:
+            assert torch.all(layer.forget.bias == 1) and torch.all(layer.input.bias == -1)
+
+
 # --- training signal -----------------------------------------------------------------------------
 @pytest.mark.parametrize("arch,size", ARCH_SIZES)
 def test_gradients_reach_every_parameter(arch, size):
@@ -352,3 +511,22 @@ def test_gradients_reach_every_parameter(arch, size):
     (logits.square().sum() + value.square().sum() + hidden.sum()).backward()
     for name, p in agent.named_parameters():
         assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+def test_transformer_kv_buffers_survive_branching():
+    """Acting appends into preallocated buffers; stepping twice from one state (a branch) must not corrupt either."""
+    agent = make_agent("transformer", "matched", window=12)
+    obs = two_hot_obs(8, 2, seed=31)
+    other = two_hot_obs(8, 2, seed=32)
+    with torch.no_grad():
+        state = agent.initial_state(2)
+        for t in range(4):
+            state = agent.step(obs[t], state)[3]
+        a = agent.step(obs[4], state)  # branch A
+        b = agent.step(other[4], state)  # branch B from the same state
+        a2 = agent.step(obs[5], a[3])
+        ref = agent.sequence(obs[:6])[2]
+    torch.testing.assert_close(a[2], ref[4], **TOL)
+    torch.testing.assert_close(a2[2], ref[5], **TOL)
+    with torch.no_grad():
+        torch.testing.assert_close(b[2], agent.sequence(torch.cat([obs[:4], other[4:5]]))[2][4], **TOL)

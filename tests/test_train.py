@@ -20,7 +20,8 @@ def _run(out, updates, overrides, arch="rnn", preset="fast", **kw):
                  checkpoint_every=kw.pop("checkpoint_every", 2), log_every=1, progress=False, **kw)
 
 
-@pytest.mark.parametrize("arch,preset", [("rnn", "fast"), ("rnn", "paper"), ("rnn", "rllib")])
+@pytest.mark.parametrize("arch,preset", [("rnn", "fast"), ("rnn", "paper"), ("rnn", "rllib"), ("gru", "fast"),
+                                         ("lstm", "fast"), ("mingru", "fast"), ("minlstm", "fast")])
 def test_resume_is_bit_exact(tmp_path, tiny_overrides, arch, preset):
     straight = _run(tmp_path / "a", 4, tiny_overrides, arch, preset)
     _run(tmp_path / "b", 2, tiny_overrides, arch, preset)
