@@ -56,6 +56,9 @@ def test_chain_outputs_follow_their_schemas(unit, tmp_path):
     assert {"variant", "k_star", "r1", "delta_pcc", "p_value"} <= set(plsc.columns) and len(plsc) == 6
     run("partner", ro, "--out", tmp_path / "r.csv", "--shifts", "2")
     assert {"partner", "r2_full", "contribution_partner_position"} <= set(pd.read_csv(tmp_path / "r.csv").columns)
+    run("dynamics", ro, "--out", tmp_path / "dyn.csv")
+    dyn = pd.read_csv(tmp_path / "dyn.csv")
+    assert {"summary", "bin"} <= set(dyn["kind"]) and set(dyn["agent"]) == {"chaser", "explorer"}
     run("perturb", ckpt, "--rollout", ro, "--out", tmp_path / "q.csv", "--bases", tmp_path / "b.safetensors",
         "--episodes", "4", "--steps", "20", "--k", "2", "--device", "cpu")
     pert = pd.read_csv(tmp_path / "q.csv")

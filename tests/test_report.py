@@ -30,7 +30,8 @@ CONFIG = {"archs": ["rnn", "mlp"], "tasks": ["social", "non_social"], "seeds": [
 def _inputs(arch):
     return dict(eval_jsonl=FIX / f"{arch}_eval.jsonl", decoding=sorted(FIX.glob(f"decoding_{arch}*.csv")),
                 plsc=sorted(FIX.glob(f"plsc_{arch}*.csv")), partner=sorted(FIX.glob(f"partner_{arch}*.csv")),
-                perturbation=sorted(FIX.glob(f"perturbation_{arch}*.csv")))
+                perturbation=sorted(FIX.glob(f"perturbation_{arch}*.csv")),
+                dynamics=sorted(FIX.glob(f"dynamics_{arch}*.csv")))
 
 
 def _metrics(arch):
@@ -152,9 +153,32 @@ def test_arch_report_sections_numbers(study):
     assert "Not run" not in md
 
 
+def test_dynamics_sections_pool_units_and_find_the_fixed_points(study):
+    """Fixture flows are linear in each unit (tests/fixtures/report/make_fixtures.py): pooling three units with the
+    same bins and slope gives the mean of their L*; update 100 is not the final checkpoint and stays out."""
+    tab = pd.read_csv(study["tables"]["rnn"]["dynamics"])
+    assert len(tab) == len(pd.read_csv(FIX / "dynamics_rnn.csv")) and set(tab["kind"]) == {"summary", "bin",
+                                                                                          "fixed_point"}
+    md = study["rnn_md"].read_text()
+    dyn = _section(md, "Choice dynamics")
+    # columns: arch, condition, agent, units, collision, visible, invisible, all (no new_field rows in the fixture)
+    assert ("| rnn | social | chaser | 3 | 1.00 (stable, slope -0.50) | 0.50 (unstable, slope +0.20) | none | "
+            "0.00 (stable, slope -0.30) |") in dyn
+    assert "| rnn | social | explorer | 3 | — | — | — | -0.50 (stable, slope -1.00) |" in dyn
+    assert "| rnn | non-social | chaser | 3 | — | — | — | 2.00 (stable, slope -0.40) |" in dyn
+    assert "2.50" not in dyn                                    # the update-100 rows are not the final checkpoint
+    # per unit: the collision attractor at 0.9 / 1.0 / 1.1 -> 1.00 ± 0.10; the repeller is no stable point
+    assert "| rnn | social | chaser | collision | 1200 | 3 / 3 | 1.00 ± 0.10 (n = 3) |" in dyn
+    assert "| rnn | social | chaser | visible | 1200 | 0 / 3 | — |" in dyn
+    assert "![Choice dynamics of rnn (final checkpoint)](figures/dynamics.png)" in dyn
+    cross = _section(study["cross_md"].read_text(), "9 Choice dynamics")
+    assert "| rnn | social | chaser | 3 | 1.00 (stable, slope -0.50) |" in cross
+    assert "figures/dynamics_rnn.png" in cross and "Per unit" not in cross
+
+
 def test_claims_exact_permutation_p_and_underpowered(study):
     md = study["cross_md"].read_text()
-    claims = _section(md, "9 Which claims hold")
+    claims = _section(md, "10 Which claims hold")
     a = _claim_row(claims, "a")
     # 3 vs 3 fully separated: exact two-sided p = 2 / C(6,3) = 0.1, which is also the smallest achievable p
     for verdict in a[1:]:
@@ -197,10 +221,11 @@ def test_cross_report_tables_and_plsc_matrix(study):
 
 def test_figures_are_valid_pngs(study):
     rnn_figs = study["root"] / "rnn" / "reports" / "figures"
-    for name in ("training_curves", "behavior", "decoding", "plsc", "partner", "perturbation"):
+    for name in ("training_curves", "behavior", "decoding", "plsc", "partner", "perturbation", "dynamics"):
         _assert_png(rnn_figs / f"{name}.png")
-    for name in ("training_curves", "behavior", "decoding", "plsc", "partner", "perturbation", "cka"):
+    for name in ("training_curves", "behavior", "decoding", "plsc", "partner", "perturbation", "cka", "dynamics_rnn"):
         _assert_png(study["cross"] / "figures" / f"{name}.png")
+    assert not (study["cross"] / "figures" / "dynamics_mlp.png").exists()  # mlp has no dynamics rows
     md = study["cross_md"].read_text()
     for link in re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md):
         assert (study["cross"] / link).is_file(), link
@@ -242,6 +267,7 @@ def test_claim_flips_and_not_run_with_empty_tables(tmp_path):
     for title, reason in (("Event decoding", "the decoding table is empty"), ("PLSC", "the PLSC table is empty"),
                           ("Partner representation", "the partner-representation table is empty"),
                           ("Shared-subspace removal", "the perturbation table is empty"),
+                          ("Choice dynamics", "the dynamics table is empty"),
                           ("Training curves", "no training metrics")):
         assert f"**Not run:** {reason}" in _section(md, title), title
     for claim in ("b1", "b2", "c", "f", "d"):

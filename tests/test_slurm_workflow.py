@@ -47,7 +47,7 @@ def test_smoke_workflow_through_slurm_equals_local(slurm_cluster, tmp_path):
     assert all(s.requests_gpu for s in trains), [s.sbatch for s in trains]
     # every non-local job was a SLURM job: each rule of the workflow except `all` appears in some submission
     submitted_rules = {r for s in run.submissions for r in (s.rules or [s.label.removeprefix("rule_")])}
-    for rule in ("train", "health", "evaluate", "gather_eval", "rollout", "decode", "plsc", "partner", "perturb", "cka",
+    for rule in ("train", "health", "evaluate", "gather_eval", "rollout", "decode", "plsc", "partner", "dynamics", "perturb", "cka",
                  "unit_tables", "arch_report", "manifest", "cross_report"):
         assert any(rule in r for r in submitted_rules), (rule, submitted_rules)
 

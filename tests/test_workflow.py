@@ -25,7 +25,8 @@ SNAKEMAKE = str(Path(sys.executable).parent / "snakemake")
 SNAKEFILE = REPO / "Snakefile"
 CONFIGS = {"default": REPO / "config.yaml", "smoke": REPO / "configs" / "smoke.yaml",
            "paper": REPO / "configs" / "paper.yaml"}
-RULES = ["train_request", "train", "health", "evaluate", "gather_eval", "rollout", "decode", "plsc", "partner", "perturb", "cka",
+RULES = ["train_request", "train", "health", "evaluate", "gather_eval", "rollout", "decode", "plsc", "partner", "dynamics",
+         "perturb", "cka",
          "unit_tables", "arch_report", "manifest", "cross_report"]
 TASK_VIS = {"social": "partial", "non_social": "none"}
 
@@ -96,6 +97,7 @@ def expected_counts(cfg: dict) -> dict[str, int]:
         per_arch["rollout"] += len(seeds) * len(analysis | partner)
         per_arch["decode"] += len(seeds) * len(analysis)
         per_arch["plsc"] += len(seeds) * len(analysis)
+        per_arch["dynamics"] += len(seeds) * len(analysis)
         per_arch["partner"] += len(seeds) * len(partner)
         per_arch["perturb"] += len(seeds) if task == "social" else 0
     n_units = len(archs) * len(tasks) * len(seeds)
@@ -125,10 +127,10 @@ def test_smoke_job_counts(dry):
     stats, jobs = dry("smoke")
     assert {r: n for r, n in stats.items() if r != "total"} == expected_counts(load_config("smoke"))
     assert stats == {"train_request": 4, "train": 4, "health": 4, "evaluate": 4, "gather_eval": 2, "rollout": 14, "decode": 6,
-                     "plsc": 6, "partner": 12, "perturb": 2, "cka": 1, "unit_tables": 2, "arch_report": 2,
-                     "manifest": 2, "cross_report": 1, "all": 1, "total": 67}
+                     "plsc": 6, "partner": 12, "dynamics": 6, "perturb": 2, "cka": 1, "unit_tables": 2,
+                     "arch_report": 2, "manifest": 2, "cross_report": 1, "all": 1, "total": 73}
     assert {r: len(v) for r, v in jobs.items()} == {r: n for r, n in stats.items() if r != "total"}
-    assert sum(n for r, n in stats.items() if r != "total") == stats["total"] == 67
+    assert sum(n for r, n in stats.items() if r != "total") == stats["total"] == 73
 
 
 def test_paper_job_counts(dry):
@@ -138,17 +140,17 @@ def test_paper_job_counts(dry):
     # 4 archs x 2 tasks x 10 seeds; 21 checkpoints per unit; late scope of 6 checkpoints; 2 vision controls
     assert stats["train"] == stats["health"] == stats["evaluate"] == 80
     assert stats["rollout"] == 4 * 10 * (21 + (21 + 2 * 6))   # social 21; non-social 21 (none) + 12 controls
-    assert stats["decode"] == stats["plsc"] == 4 * 10 * (6 + 3 * 6)
+    assert stats["decode"] == stats["plsc"] == stats["dynamics"] == 4 * 10 * (6 + 3 * 6)
     assert stats["partner"] == 4 * 2 * 10 * 21
     assert stats["perturb"] == 40
-    assert stats["total"] == 6139
+    assert stats["total"] == 7099
 
 
 def test_default_job_counts(dry):
     stats, _ = dry("default")
     assert {r: n for r, n in stats.items() if r != "total"} == expected_counts(load_config("default"))
     # 800 updates, a checkpoint every 200: 5 saved checkpoints per unit, each rolled out for the partner analysis
-    assert stats["train"] == 16 and stats["rollout"] == 80 and stats["total"] == 283
+    assert stats["train"] == 16 and stats["rollout"] == 80 and stats["dynamics"] == 16 and stats["total"] == 299
 
 
 def test_every_rule_appears_in_every_study(dry):
@@ -183,6 +185,8 @@ def test_smoke_rollout_and_analysis_targets(dry):
     plsc = sorted(tuple(o) for o in jobs["plsc"] if o[0].startswith("results/rnn/derived/plsc/social__seed_0000."))
     assert plsc == [("results/rnn/derived/plsc/social__seed_0000.csv",
                      "results/rnn/derived/plsc/social__seed_0000.safetensors")]
+    dynamics = sorted(o[0] for o in jobs["dynamics"] if o[0].startswith("results/rnn/"))
+    assert dynamics == [d.replace("/decoding/", "/dynamics/") for d in decoding]
     partner = sorted(o[0] for o in jobs["partner"] if o[0].startswith("results/rnn/"))
     assert partner == sorted(f"results/rnn/derived/partner/{t}__seed_0000{s}.csv"
                              for t, v in TASK_VIS.items() for s in ("", f"__{v}__update_000000", f"__{v}__update_000002"))
@@ -195,7 +199,7 @@ def test_smoke_rollout_and_analysis_targets(dry):
 def test_smoke_report_targets(dry):
     _, jobs = dry("smoke")
     assert sorted(jobs["unit_tables"]) == [[f"results/{a}/derived/tables/{t}.csv" for t in
-                                            ("behavior", "decoding", "plsc", "partner", "perturbation")]
+                                            ("behavior", "decoding", "plsc", "partner", "dynamics", "perturbation")]
                                            for a in ("rnn", "transformer")]
     assert sorted(jobs["gather_eval"]) == [[f"results/{a}/paper_random_eval.jsonl"] for a in ("rnn", "transformer")]
     assert sorted(jobs["manifest"]) == [[f"results/{a}/manifest.json"] for a in ("rnn", "transformer")]
@@ -253,7 +257,7 @@ def test_non_canonical_rollout_name_is_refused(tmp_path):
 
 
 def test_unknown_arch_in_a_target_matches_no_rule(tmp_path):
-    proc = snakemake(tmp_path, "-n", "results/lstm/social/seed_0000/health.json", configfile=CONFIGS["smoke"],
+    proc = snakemake(tmp_path, "-n", "results/lstm9/social/seed_0000/health.json", configfile=CONFIGS["smoke"],
                      check=False)
     assert proc.returncode != 0
     assert "MissingRuleException" in proc.stderr + proc.stdout
@@ -283,7 +287,7 @@ def test_schema_archs_match_the_package_registry():
 @pytest.mark.parametrize("bad, message", [
     ("foo: 1", "config error: unknown key 'foo'"),
     ("train: {overrides: {lrr: 0.1}}", "config error: unknown key 'train.overrides.lrr'"),
-    ("archs: [rnn, lstm]", "config error: archs[1]: 'lstm' is not one of"),
+    ("archs: [rnn, lstm9]", "config error: archs[1]: 'lstm9' is not one of"),
     ("train: {updates: ten}", "config error: train.updates: 'ten' is not of type 'integer'"),
     ("late_updates: [150]", "config error: late_updates: 150 is not a saved checkpoint"),
     ("tasks: [non_social]", "config error: tasks: the CKA probe and the perturbation study need 'social'"),
@@ -332,7 +336,8 @@ def test_slurm_profile_names_existing_rules():
 DRIVERS = {
     "interbrain.checkpoint": "health_report", "interbrain.evaluate": "evaluate_unit",
     "interbrain.analysis.decoding": "decode_file", "interbrain.analysis.plsc": "plsc_file",
-    "interbrain.analysis.partner": "partner_file", "interbrain.perturb": "perturb_unit",
+    "interbrain.analysis.partner": "partner_file", "interbrain.analysis.dynamics": "dynamics_file",
+    "interbrain.perturb": "perturb_unit",
     "interbrain.analysis.cka": "cka_study", "interbrain.report.tables": "arch_tables",
     "interbrain.report": "arch_report", "interbrain.report.manifest": "write_manifest",
 }
@@ -477,7 +482,7 @@ def test_smoke_study_runs_end_to_end(tmp_path):
     jobs = parse_dry_run(snakemake(tmp_path, "-n", configfile=CONFIGS["smoke"]).stdout)
     assert jobs["rollout"] == [["results/transformer/paper_rollouts/social__seed_0000.safetensors"]]
     assert not {"train", "train_request", "health", "evaluate", "gather_eval"} & set(jobs)
-    for rule in ("decode", "plsc", "perturb"):
+    for rule in ("decode", "plsc", "dynamics", "perturb"):
         assert all(any("social__seed_0000" in o for o in outs) and all("/transformer/" in o for o in outs)
                    for outs in jobs[rule]), (rule, jobs[rule])
     assert all("results/rnn/" not in o for outs in jobs.values() for o in outs)  # the rnn chain is untouched

@@ -1,4 +1,4 @@
-"""Analysis subcommands of the ``interbrain`` CLI: decode, plsc, partner, cka, perturb.
+"""Analysis subcommands of the ``interbrain`` CLI: decode, plsc, partner, dynamics, cka, perturb.
 
 Each reads analysis rollouts (``interbrain rollout``) or checkpoints and writes the versioned outputs documented in
 docs/ARTIFACTS.md, by one call of the package function named in the help text.
@@ -26,6 +26,17 @@ def _partner(args) -> int:
     from interbrain.analysis.partner import partner_file
 
     print(partner_file(args.rollout, args.out, n_shifts=args.shifts, seed=args.seed))
+    return 0
+
+
+def _dynamics(args) -> int:
+    from interbrain.analysis.dynamics import dynamics_file
+    from interbrain.errors import InterbrainError
+
+    if (args.rollout is None) == (args.rollout_opt is None):
+        raise InterbrainError("give the rollout once: as the positional argument or as --rollout")
+    print(dynamics_file(args.rollout or args.rollout_opt, args.out, l_min=args.l_min, l_max=args.l_max,
+                        n_bins=args.bins, min_count=args.min_count))
     return 0
 
 
@@ -81,6 +92,18 @@ def add_parsers(sub) -> None:
     r.add_argument("--shifts", type=int, default=10)
     r.add_argument("--seed", type=int, default=0)
     r.set_defaults(func=_partner)
+
+    y = sub.add_parser("dynamics", help="phase portrait of each agent's action preference and its fixed points "
+                                        "(tiny-RNN style, protocol dynamics_v1)")
+    y.add_argument("rollout", nargs="?", default=None)
+    y.add_argument("--rollout", dest="rollout_opt", default=None, metavar="ROLLOUT",
+                   help="the analysis rollout (alternative to the positional argument)")
+    y.add_argument("--out", required=True, help="output CSV (summary, bin and fixed_point rows per agent x event)")
+    y.add_argument("--l-min", type=float, default=-10.0, help="lower edge of the preference grid")
+    y.add_argument("--l-max", type=float, default=10.0, help="upper edge of the preference grid")
+    y.add_argument("--bins", type=int, default=40, help="equal bins over [l-min, l-max]")
+    y.add_argument("--min-count", type=int, default=10, help="pairs a bin needs to enter the fixed-point search")
+    y.set_defaults(func=_dynamics)
 
     c = sub.add_parser("cka", help="linear CKA between chaser networks on a balanced common probe (SPEC §6.4)")
     c.add_argument("--checkpoint", action="append", required=True, metavar="ARCH=PATH", help="repeat per network")

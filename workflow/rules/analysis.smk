@@ -1,4 +1,5 @@
-# Neural analyses of the rollouts (SPEC §6): decoding, PLSC, partner representation, perturbation, CKA.
+# Neural analyses of the rollouts (SPEC §6): decoding, PLSC, partner representation, choice dynamics, perturbation,
+# CKA.
 
 
 rule decode:
@@ -91,6 +92,37 @@ rule partner:
         "../envs/analysis.yaml"
     script:
         "../scripts/partner.py"
+
+
+rule dynamics:
+    """Choice dynamics: each agent's preference L_t vs its change, per event, with fixed points (dynamics_v1)."""
+    input:
+        rollout="results/{arch}/paper_rollouts/{rollout}.safetensors",
+    output:
+        report(
+            "results/{arch}/derived/dynamics/{rollout}.csv",
+            caption="../report/dynamics.rst",
+            category="Dynamics",
+            subcategory="{arch}",
+            labels=rollout_labels,
+        ),
+    params:
+        l_min=config["dynamics"]["l_min"],
+        l_max=config["dynamics"]["l_max"],
+        n_bins=config["dynamics"]["n_bins"],
+        min_count=config["dynamics"]["min_count"],
+    log:
+        "logs/dynamics/{arch}/{rollout}.log",
+    benchmark:
+        "logs/benchmarks/dynamics/{arch}/{rollout}.tsv"
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=15,
+    conda:
+        "../envs/analysis.yaml"
+    script:
+        "../scripts/dynamics.py"
 
 
 rule perturb:

@@ -57,6 +57,8 @@ for _u in config["late_updates"]:
     if _u not in SAVED_UPDATES:
         _fail(f"late_updates: {_u} is not a saved checkpoint (0, every train.checkpoint_every={EVERY}, and "
               f"train.updates={FINAL})")
+if not config["dynamics"]["l_min"] < config["dynamics"]["l_max"]:
+    _fail(f"dynamics: l_min ({config['dynamics']['l_min']}) must be below l_max ({config['dynamics']['l_max']})")
 if "social" not in TASKS:
     _fail("tasks: the CKA probe and the perturbation study need 'social'")
 
@@ -261,11 +263,12 @@ def arch_table_inputs(wildcards):
         "decoding": derived(arch, "decoding", arch_analysis_rollouts(arch)),
         "plsc": derived(arch, "plsc", arch_analysis_rollouts(arch)),
         "partner": derived(arch, "partner", arch_partner_rollouts(arch)),
+        "dynamics": derived(arch, "dynamics", arch_analysis_rollouts(arch)),
         "perturbation": [f"results/{arch}/derived/perturbation/social__seed_{seed_tag(s)}.csv" for s in SEEDS],
     }
 
 
-TABLES = ["behavior", "decoding", "plsc", "partner", "perturbation"]
+TABLES = ["behavior", "decoding", "plsc", "partner", "dynamics", "perturbation"]
 
 
 def tables_dir(arch):
@@ -291,6 +294,7 @@ def manifest_inputs(wildcards):
         "plsc": derived(arch, "plsc", arch_analysis_rollouts(arch)),
         "plsc_tensors": derived(arch, "plsc", arch_analysis_rollouts(arch), "safetensors"),
         "partner": derived(arch, "partner", arch_partner_rollouts(arch)),
+        "dynamics": derived(arch, "dynamics", arch_analysis_rollouts(arch)),
         "perturbation": derived(arch, "perturbation", social),
         "perturbation_bases": [f"results/{arch}/derived/perturbation/{n}_bases.safetensors" for n in social],
     }

@@ -34,6 +34,13 @@ rule unit_tables:
             subcategory="{arch}",
             labels={"arch": "{arch}", "table": "partner representation"},
         ),
+        dynamics=report(
+            "results/{arch}/derived/tables/dynamics.csv",
+            caption="../report/tables.rst",
+            category="Dynamics",
+            subcategory="{arch}",
+            labels={"arch": "{arch}", "table": "choice dynamics"},
+        ),
         perturbation=report(
             "results/{arch}/derived/tables/perturbation.csv",
             caption="../report/tables.rst",

@@ -9,4 +9,5 @@ with job(snakemake) as sm:
 
     out_dir = Path(sm.output.behavior).parent
     arch_tables(eval_jsonl=sm.input.eval_jsonl, decoding=as_list(sm.input.decoding), plsc=as_list(sm.input.plsc),
-                partner=as_list(sm.input.partner), perturbation=as_list(sm.input.perturbation), out_dir=str(out_dir))
+                partner=as_list(sm.input.partner), perturbation=as_list(sm.input.perturbation),
+                dynamics=as_list(sm.input.dynamics), out_dir=str(out_dir))

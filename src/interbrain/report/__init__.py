@@ -1,6 +1,6 @@
 """Reports: one architecture's report and the cross-architecture report (SPEC §6.7, §7).
 
-- :func:`interbrain.report.tables.arch_tables` writes an architecture's five tables (docs/ARTIFACTS.md).
+- :func:`interbrain.report.tables.arch_tables` writes an architecture's six tables (docs/ARTIFACTS.md).
 - :func:`arch_report` renders one architecture's report from those tables and its units' ``metrics.jsonl``.
 - :func:`cross_report` renders the cross-architecture report (the product's main page), writes ``plsc_matrix.csv``.
 - :func:`interbrain.report.manifest.write_manifest` writes a SPEC §5.4 sidecar manifest.
@@ -28,9 +28,9 @@ from interbrain.report import claims as C
 from interbrain.report import figures as F
 from interbrain.report import references as R
 from interbrain.report.manifest import write_manifest
-from interbrain.report.tables import (BEHAVIOR_METRICS, add_scope, arch_tables, behavior_units, load_tables, ok_rows,
-                                      perturbation_units, random_baseline, scoped, status_counts, training_frame,
-                                      with_condition)
+from interbrain.report.tables import (BEHAVIOR_METRICS, add_scope, arch_tables, behavior_units, dynamics_pooled,
+                                      load_tables, ok_rows, perturbation_units, random_baseline, scoped, status_counts,
+                                      training_frame, with_condition)
 
 TEMPLATES = Path(__file__).resolve().parent / "templates"
 TASKS = ("social", "non_social")
@@ -39,6 +39,7 @@ PLSC_VARIANTS = ("per_episode", "pooled", "residualized", "pooled_residualized",
                  "episode_shuffle_mrr", "identical_action_excluded")
 PERTURBATION_CONDITIONS = ("baseline", "shared_removed", "random_orthogonal", "top_unique_removed", "paper_control",
                            "shared_only")
+DYNAMICS_EVENTS = ("collision", "new_field", "visible", "invisible", "all")
 VISION_REF_TASK = {"social": "social", "non_social": "non_social", "non_social+partial": "non_social_vision"}
 
 
@@ -251,7 +252,7 @@ def _setup_section(config: dict, archs: list[str], frames: dict, training: pd.Da
 
 def _eligibility_section(frames: dict, archs: list[str]) -> dict:
     tables = []
-    for name in ("decoding", "plsc", "partner", "perturbation"):
+    for name in ("decoding", "plsc", "partner", "dynamics", "perturbation"):
         df = frames.get(name)
         counts = status_counts(df) if df is not None and len(df) else pd.DataFrame()
         if not len(counts):
@@ -686,6 +687,96 @@ def _perturbation_section(frames: dict, archs: list[str], figdir: Path, base: Pa
     return _section(tables=tables, figures=[_figure(fig, base, "Perturbation deltas")], notes=notes)
 
 
+def _truthy(values) -> pd.Series:
+    return pd.Series(values).astype(str).str.lower().isin(["true", "1", "1.0"])
+
+
+def _fp_cell(f: pd.DataFrame) -> str:
+    """Fixed points of one pooled flow: "L* (stable|unstable, slope s)", in order of L*; "none" without a crossing."""
+    if not len(f):
+        return "none"
+    return "; ".join(f"{r['l_star']:.2f} ({'stable' if bool(r['stable']) else 'unstable'}, slope {r['slope']:+.2f})"
+                     for _, r in f.sort_values("l_star").iterrows())
+
+
+def _dynamics_section(frames: dict, archs: list[str], figdir: Path, base: Path, *, per_arch_figures: bool,
+                      detail: bool) -> dict:
+    """Choice dynamics (tiny-RNN phase portraits, protocol ``dynamics_v1``) at the final checkpoint."""
+    df = frames.get("dynamics")
+    if df is None or not len(df) or "kind" not in df.columns:
+        return _not_run("the dynamics table is empty")
+    fin = ok_rows(scoped(df, "final"))
+    if not len(fin):
+        return _not_run("no final-checkpoint dynamics rollout is ok (every unit degenerate)")
+    archs = _archs(fin, archs)
+    bins, fixed = dynamics_pooled(fin)
+    mc = pd.to_numeric(fin["min_count"]) if "min_count" in fin.columns else pd.Series(dtype=float)
+    min_count = int(mc.max()) if mc.notna().any() else 1
+    events = [e for e in DYNAMICS_EVENTS if e in set(fin["event"])]
+    tables = []
+    rows = []
+    for arch in archs:
+        a = fin[fin["arch"] == arch]
+        for cond in _conditions(a):
+            for agent in [x for x in ("chaser", "explorer") if x in set(a.loc[a["condition"] == cond, "agent"])]:
+                key = (fixed["arch"] == arch) & (fixed["condition"] == cond) & (fixed["agent"] == agent)
+                has = (bins["arch"] == arch) & (bins["condition"] == cond) & (bins["agent"] == agent)
+                cells = [_fp_cell(fixed[key & (fixed["event"] == e)]) if (has & (bins["event"] == e)).any() else "—"
+                         for e in events]
+                rows.append([arch, _cond_label(cond), agent, a.loc[a["condition"] == cond, "unit_id"].nunique(),
+                             *cells])
+    tables.append(_table("Fixed points L* of the pooled mean flow (final checkpoint; bins pooled over units)",
+                         ["arch", "condition", "agent", "units", *events], rows,
+                         note="L* where the binned mean ΔL crosses zero (linear interpolation between adjacent bins "
+                              f"with ≥ {min_count} pairs); stable = attractor of L → L + ΔL (−2 < slope < 0); "
+                              "“none”: the mean flow does not change sign; “—”: no pairs."))
+    if detail:
+        summ = fin[fin["kind"] == "summary"].assign(n=lambda x: pd.to_numeric(x["n"]))
+        fps = fin[fin["kind"] == "fixed_point"].copy()
+        if len(fps):
+            fps["stable"] = _truthy(fps["stable"]).to_numpy()
+            fps = fps.assign(l_star=pd.to_numeric(fps["l_star"]), n=pd.to_numeric(fps["n"]))
+        rows = []
+        for arch in archs:
+            s = summ[summ["arch"] == arch]
+            for cond in _conditions(s) if len(s) else []:
+                for agent in [x for x in ("chaser", "explorer") if x in set(s.loc[s["condition"] == cond, "agent"])]:
+                    for e in events:
+                        g = s[(s["condition"] == cond) & (s["agent"] == agent) & (s["event"] == e)]
+                        if not len(g):
+                            continue
+                        f = fps[(fps["arch"] == arch) & (fps["condition"] == cond) & (fps["agent"] == agent)
+                                & (fps["event"] == e) & fps["stable"]] if len(fps) else pd.DataFrame()
+                        # one L* per unit: its stable crossing with the most pairs in the bracketing bins
+                        best = (f.sort_values("n", ascending=False).groupby("unit_id").head(1) if len(f)
+                                else pd.DataFrame(columns=["l_star"]))
+                        rows.append([arch, _cond_label(cond), agent, e, int(g["n"].fillna(0).sum()),
+                                     f"{len(best)} / {g['unit_id'].nunique()}",
+                                     _msd(best["l_star"]) if len(best) else "—"])
+        tables.append(_table("Per unit: stable fixed points (final checkpoint)",
+                             ["arch", "condition", "agent", "event", "pairs (all units)",
+                              "units with a stable L*", "L* over those units (mean ± SD)"], rows,
+                             note="A unit's L* is its stable crossing with the most pairs in the two bracketing bins."))
+    figures = []
+    plotted = bins[bins["n"] >= min_count]
+    for arch in archs:
+        name = f"dynamics_{arch}.png" if per_arch_figures else "dynamics.png"
+        fig = F.dynamics_panel(plotted[plotted["arch"] == arch], fixed[fixed["arch"] == arch], figdir / name,
+                               title=arch)
+        figures.append(_figure(fig, base, f"Choice dynamics of {arch} (final checkpoint)"))
+    notes = ["Preference L_t = log p_t(c) − log(1 − p_t(c)) of the action c chosen at t, and "
+             "ΔL = L_{t+1}(c) − L_t(c) for the same action under the next step's policy (after Ji-An, Benna & "
+             "Mattar 2025). Each pair is "
+             "labelled by the transition t → t+1, by priority: collision, the agent's own new field, partner in its "
+             "physical field of view on s_{t+1} (visible), otherwise invisible; `all` pools the four. Valid episodes "
+             "only. The visible/invisible split is what the agent observes only under partial visibility (social); in "
+             "the non-social task the partner is never shown, so there it is a control.",
+             "c is sampled from p_t, so L_t is selected upward and sampling noise alone gives a negative slope at "
+             "high L (regression to the mean): compare events, tasks and architectures rather than reading one "
+             "attractor as a strategy. Band: ± SEM treating pairs as independent (optimistic within episodes)."]
+    return _section(tables=tables, figures=figures, notes=notes)
+
+
 def _unit_frames(frames: dict) -> dict:
     """Final-scope unit-level frames for the claims."""
     out = {}
@@ -784,6 +875,7 @@ def arch_report(*, arch, tables_dir, metrics: list, out_md, figures_dir) -> Path
         "plsc": _plsc_section(frames, [arch], figdir, base)[0],
         "partner": _partner_section(frames, [arch], figdir, base, DEFAULT_EARLY_UPDATE),
         "perturbation": _perturbation_section(frames, [arch], figdir, base),
+        "dynamics": _dynamics_section(frames, [arch], figdir, base, per_arch_figures=False, detail=True),
         "claims": _claims_section(per_arch),
         "protocols": _references_legend(),
         "regularisation": regs.get(arch, "unknown"),
@@ -832,6 +924,7 @@ def cross_report(*, arch_tables: dict[str, str], metrics: dict[str, list], cka_m
         "cka": _cka_section(cka, pairs, archs, figdir, base),
         "partner": _partner_section(frames, archs, figdir, base, early),
         "perturbation": _perturbation_section(frames, archs, figdir, base),
+        "dynamics": _dynamics_section(frames, archs, figdir, base, per_arch_figures=True, detail=False),
         "claims": _claims_section(per_arch, [e1, e2]),
         "paragraph": paragraph,
         "regularisation": regs,

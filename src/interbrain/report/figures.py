@@ -226,5 +226,68 @@ def perturbation_panel(units: pd.DataFrame, path, order: list[str] | None = None
     return _save(fig, path)
 
 
+DYNAMICS_EVENTS = ["collision", "new_field", "visible", "invisible", "all"]
+_DYNAMICS_COLOURS = {"collision": "#c0392b", "new_field": "#27ae60", "visible": "#2e86c1", "invisible": "#e67e22",
+                     "all": "#222222"}
+
+
+def dynamics_panel(bins: pd.DataFrame, fixed: pd.DataFrame, path, *, title: str = "") -> Path | None:
+    """Tiny-RNN phase portraits of one architecture: mean ΔL vs L (pooled bins, band ± SEM), a line per event, a panel
+    per condition (rows) and agent (columns); fixed points of the pooled flow on the ΔL = 0 line (filled: stable,
+    −2 < slope < 0; open: not). ``bins`` / ``fixed``: :func:`interbrain.report.tables.dynamics_pooled` rows of one
+    architecture, ``bins`` already restricted to the bins that enter the fixed-point search."""
+    if bins is None or not len(bins):
+        return None
+    _theme()
+    conds = _order(bins["condition"].unique())
+    agents = [a for a in ("chaser", "explorer") if a in set(bins["agent"])]
+    events = [e for e in DYNAMICS_EVENTS if e in set(bins["event"])] + sorted(set(bins["event"]) - set(DYNAMICS_EVENTS))
+    palette = {e: _DYNAMICS_COLOURS.get(e, "grey") for e in events}
+    fig, axes = plt.subplots(len(conds), len(agents), figsize=(5.4 * len(agents), 3.7 * len(conds)), squeeze=False,
+                             sharex=True)
+    for i, cond in enumerate(conds):
+        for j, agent in enumerate(agents):
+            ax = axes[i][j]
+            d = bins[(bins["condition"] == cond) & (bins["agent"] == agent)].sort_values("l_mean")
+            if not len(d):
+                ax.text(0.5, 0.5, "no bins with enough pairs", ha="center", va="center", transform=ax.transAxes,
+                        color="grey")
+            else:
+                present = [e for e in events if e in set(d["event"])]
+                sns.lineplot(data=d, x="l_mean", y="delta_mean", hue="event", hue_order=present, palette=palette,
+                             style="event", style_order=present,
+                             dashes={e: (4, 2) if e == "all" else "" for e in present}, markers=False, sort=True,
+                             estimator=None, errorbar=None, ax=ax, legend=False)
+            for e in events:
+                g = d[d["event"] == e]
+                if len(g):
+                    sem = g["delta_sem"].fillna(0).to_numpy(float)
+                    ax.fill_between(g["l_mean"], g["delta_mean"] - sem, g["delta_mean"] + sem, color=palette[e],
+                                    alpha=0.15, lw=0)
+            f = fixed[(fixed["condition"] == cond) & (fixed["agent"] == agent)] if fixed is not None and len(
+                fixed) else pd.DataFrame()
+            for _, r in f.iterrows():
+                c = palette.get(r["event"], "grey")
+                ax.plot([r["l_star"]], [0.0], marker="o", ms=8, mec=c, mew=1.8,
+                        mfc=c if bool(r["stable"]) else "white", zorder=5, ls="none")
+            ax.axhline(0, color="grey", lw=1)
+            task, _, vis = cond.partition("+")
+            label = task.replace("_", "-") + (f" ({vis} vision control)" if vis else "")
+            ax.set_title(f"{label} — {agent}", fontsize=10)
+            ax.set_xlabel(r"preference $L_t$ (log-odds of the chosen action $c_t$)")
+            ax.set_ylabel(r"$\Delta L = L_{t+1}(c_t) - L_t(c_t)$")
+    from matplotlib.lines import Line2D
+
+    handles = [Line2D([], [], color=palette[e], ls="--" if e == "all" else "-", label=e.replace("_", " "))
+               for e in events]
+    handles += [Line2D([], [], marker="o", ls="none", color="grey", mfc="grey", label="fixed point, stable"),
+                Line2D([], [], marker="o", ls="none", color="grey", mfc="white", label="fixed point, not stable")]
+    fig.suptitle((title + ": " if title else "") + "choice dynamics (mean ΔL ± SEM, bins pooled over units)")
+    fig.tight_layout()
+    fig.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=min(len(handles), 4),
+               frameon=False, fontsize=9)
+    return _save(fig, path)
+
+
 __all__ = ["training_curves", "behavior_panel", "decoding_panel", "plsc_panel", "cka_heatmap", "partner_panel",
-           "perturbation_panel"]
+           "perturbation_panel", "dynamics_panel"]

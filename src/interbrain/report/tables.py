@@ -1,7 +1,8 @@
 """Architecture tables (docs/ARTIFACTS.md) and the unit-level summaries the reports are built from.
 
 ``arch_tables`` writes ``behavior.csv`` (one row per ok evaluation record, every SPEC §5.2 metric a column) and the
-concatenations ``decoding.csv``, ``plsc.csv``, ``partner.csv``, ``perturbation.csv`` of the per-rollout CSVs.
+concatenations ``decoding.csv``, ``plsc.csv``, ``partner.csv``, ``dynamics.csv``, ``perturbation.csv`` of the
+per-rollout CSVs.
 
 The other functions turn those tables into *unit-level* frames (one value per unit, or per unit x checkpoint for the
 ``late`` scope) which the report then summarises as mean ± sample SD over units (SPEC §6.7) with
@@ -26,7 +27,7 @@ from interbrain.config import TASK_VISIBILITY
 from interbrain.errors import InterbrainError
 from interbrain.io import atomic_path, read_jsonl
 
-TABLES = ("behavior", "decoding", "plsc", "partner", "perturbation")
+TABLES = ("behavior", "decoding", "plsc", "partner", "dynamics", "perturbation")
 IDENTITY = ["schema_version", "protocol", "unit_id", "arch", "size", "task", "seed", "update", "visibility", "rollout",
             "rollout_sha256", "n_valid_episodes", "status", "reason"]
 # Header of an empty table (no input files): the docs/ARTIFACTS.md schema.
@@ -36,6 +37,9 @@ SCHEMAS: dict[str, list[str]] = {
     "plsc": IDENTITY + ["variant", "mode", "null", "residualized", "n_null", "min_shift", "k_star", "r1", "delta_pcc",
                         "p_value", "null_r1_mean", "n_episodes"],
     "partner": IDENTITY + ["partner", "r2_full", "chance_full"],
+    "dynamics": IDENTITY + ["agent", "event", "kind", "bin", "l_lo", "l_hi", "l_centre", "l_mean", "delta_mean",
+                            "delta_sd", "delta_sem", "n", "n_out_of_range", "fixed_point", "l_star", "slope", "stable",
+                            "n_fixed_points", "min_count"],
     "perturbation": IDENTITY + ["condition", "target", "opponent", "episode", "collisions", "partner_in_view",
                                 "mean_distance", "delta_collisions", "delta_partner_in_view", "delta_mean_distance",
                                 "removed_variance", "rank"],
@@ -125,11 +129,15 @@ def concat_csvs(paths, table: str) -> pd.DataFrame:
     return pd.concat(non_empty, ignore_index=True, sort=False).reindex(columns=columns)
 
 
-def arch_tables(*, eval_jsonl, decoding: list, plsc: list, partner: list, perturbation: list, out_dir) -> dict[str, Path]:
-    """Write ``{out_dir}/{behavior,decoding,plsc,partner,perturbation}.csv`` (atomic); returns name -> path."""
+def arch_tables(*, eval_jsonl, decoding: list, plsc: list, partner: list, perturbation: list, out_dir,
+                dynamics: list | None = None) -> dict[str, Path]:
+    """Write ``{out_dir}/{behavior,decoding,plsc,partner,dynamics,perturbation}.csv`` (atomic); returns name -> path.
+
+    ``dynamics`` left out (None) writes the header-only dynamics table, as an empty list does."""
     out_dir = Path(out_dir)
     out = {"behavior": _write_csv(behavior_frame(eval_jsonl), out_dir / "behavior.csv")}
-    for name, paths in (("decoding", decoding), ("plsc", plsc), ("partner", partner), ("perturbation", perturbation)):
+    for name, paths in (("decoding", decoding), ("plsc", plsc), ("partner", partner), ("dynamics", dynamics),
+                        ("perturbation", perturbation)):
         out[name] = _write_csv(concat_csvs(paths or [], name), out_dir / f"{name}.csv")
     return out
 
@@ -150,7 +158,7 @@ def read_table(path) -> pd.DataFrame:
 
 
 def load_tables(arch_dirs: dict[str, str | os.PathLike]) -> dict[str, pd.DataFrame]:
-    """Read and concatenate the five tables of several architectures (``arch`` column filled from the key)."""
+    """Read and concatenate the six tables of several architectures (``arch`` column filled from the key)."""
     out = {}
     for name in TABLES:
         frames = []
@@ -301,6 +309,54 @@ def perturbation_units(perturbation: pd.DataFrame) -> pd.DataFrame:
     return agg.reindex(columns=cols)
 
 
+DYNAMICS_KEYS = ["arch", "condition", "agent", "event"]
+
+
+def dynamics_pooled(dynamics: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The choice-dynamics bins pooled over units, and the fixed points of the pooled mean flow.
+
+    ``dynamics`` holds ``bin`` rows of the dynamics table with ``condition`` (see :func:`scoped`) and ok status.
+    Bins are pooled per (arch, condition, agent, event, l_lo, l_hi) as if their pairs were one sample: n = sum of
+    n, l_mean and delta_mean n-weighted, delta_sd from the within- and between-unit sums of squares, delta_sem =
+    delta_sd / sqrt(n). Fixed points: :func:`interbrain.analysis.dynamics.fixed_points` on the pooled bins with the
+    table's ``min_count`` (its largest value). Returns (bins, fixed points); both empty when there is nothing.
+    """
+    from interbrain.analysis.dynamics import fixed_points
+
+    bcols = DYNAMICS_KEYS + ["l_lo", "l_hi", "l_centre", "l_mean", "delta_mean", "delta_sd", "delta_sem", "n",
+                             "n_units"]
+    fcols = DYNAMICS_KEYS + ["l_star", "slope", "stable", "n"]
+    if dynamics is None or not len(dynamics) or "kind" not in dynamics.columns:
+        return pd.DataFrame(columns=bcols), pd.DataFrame(columns=fcols)
+    d = dynamics[dynamics["kind"] == "bin"].copy()
+    if not len(d):
+        return pd.DataFrame(columns=bcols), pd.DataFrame(columns=fcols)
+    for c in ("l_lo", "l_hi", "l_centre", "l_mean", "delta_mean", "delta_sd", "n"):
+        d[c] = pd.to_numeric(d[c])
+    d["delta_sd"] = d["delta_sd"].fillna(0.0)
+    mc = pd.to_numeric(d["min_count"]) if "min_count" in d.columns else pd.Series(dtype=float)
+    min_count = int(mc.max()) if mc.notna().any() else 1
+    rows, fps = [], []
+    for key, g in d.groupby(DYNAMICS_KEYS, sort=False):
+        per_bin = []
+        for (lo, hi), b in g.groupby(["l_lo", "l_hi"], sort=True):
+            n = b["n"].to_numpy(float)
+            N = n.sum()
+            m = float((n * b["delta_mean"]).sum() / N)
+            ss = float(((n - 1) * b["delta_sd"] ** 2).sum() + (n * (b["delta_mean"] - m) ** 2).sum())
+            sd = float(np.sqrt(ss / (N - 1))) if N > 1 else float("nan")
+            per_bin.append({**dict(zip(DYNAMICS_KEYS, key)), "l_lo": lo, "l_hi": hi,
+                            "l_centre": float(b["l_centre"].iloc[0]), "l_mean": float((n * b["l_mean"]).sum() / N),
+                            "delta_mean": m, "delta_sd": sd, "delta_sem": sd / np.sqrt(N) if N > 1 else float("nan"),
+                            "n": int(N), "n_units": int(b["unit_id"].nunique())})
+        rows += per_bin
+        for f in fixed_points([r["l_mean"] for r in per_bin], [r["delta_mean"] for r in per_bin],
+                              [r["n"] for r in per_bin], min_count=min_count):
+            fps.append({**dict(zip(DYNAMICS_KEYS, key)), "l_star": f["l_star"], "slope": f["slope"],
+                        "stable": f["stable"], "n": f["n"]})
+    return pd.DataFrame(rows, columns=bcols), pd.DataFrame(fps, columns=fcols)
+
+
 __all__ = ["arch_tables", "behavior_frame", "concat_csvs", "read_table", "load_tables", "parse_unit_path",
            "training_frame", "behavior_units", "perturbation_units", "scoped", "status_counts", "condition_of",
-           "BEHAVIOR_METRICS", "TABLES", "SCHEMAS", "PRIMARY_VISIBILITY"]
+           "dynamics_pooled", "BEHAVIOR_METRICS", "TABLES", "SCHEMAS", "PRIMARY_VISIBILITY"]
