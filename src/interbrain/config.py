@@ -19,6 +19,7 @@ SPAWNS = ("full", "official")
 SIZES = ("std", "matched")
 INITS = ("pytorch_default", "modern")
 POSITION_MODES = ("learned", "rope")
+TOKEN_MODES = ("sum", "concat")
 PRESETS = ("paper", "fast", "rllib")
 LEARNERS = ("clipped", "rllib")
 DEGENERATE_RULES = ("default", "joint")
@@ -52,6 +53,16 @@ class AgentConfig:
     init: str = "pytorch_default"
     window: int = 100
     pos: str = "learned"
+    # `disrnn` only (SPEC §3.4): KL weight β of the bottlenecks, and the noiseless, penalty-free warm-up in updates
+    bottleneck_beta: float = 1e-2
+    bottleneck_warmup: int = 100
+    # `tok_transformer` only (SPEC §3.4): compute tokens per step, how own/partner tokens combine, a per-type
+    # embedding, and the previous-action/-reward tokens (off by default; refused, not implemented)
+    tok_compute: int = 2
+    tok_mode: str = "sum"
+    tok_type_embedding: bool = False
+    tok_prev_action: bool = False
+    tok_prev_reward: bool = False
 
     def __post_init__(self):
         from interbrain.agents import ARCHITECTURES  # registry; imported lazily to avoid a cycle
@@ -60,8 +71,19 @@ class AgentConfig:
         check_choice("size", self.size, SIZES)
         check_choice("init", self.init, INITS)
         check_choice("pos", self.pos, POSITION_MODES)
+        check_choice("tok_mode", self.tok_mode, TOKEN_MODES)
         if isinstance(self.window, bool) or not isinstance(self.window, int) or self.window <= 0:
             raise InterbrainError(f"window must be a positive integer, got {self.window!r}")
+        for key in ("bottleneck_warmup", "tok_compute"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise InterbrainError(f"{key} must be a non-negative integer, got {value!r}")
+        beta = self.bottleneck_beta
+        if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not 0.0 <= beta < float("inf"):
+            raise InterbrainError(f"bottleneck_beta must be a finite non-negative number, got {beta!r}")
+        for key in ("tok_type_embedding", "tok_prev_action", "tok_prev_reward"):
+            if not isinstance(getattr(self, key), bool):
+                raise InterbrainError(f"{key} must be true or false, got {getattr(self, key)!r}")
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,257 @@
+"""`disrnn`: a disentangled RNN (SPEC §3.4), ported from disRNN.
+
+Design from Miller, Eckstein, Botvinick & Kurth-Nelson, "Cognitive model discovery via disentangled RNNs", NeurIPS 2023,
+and its reference implementation google-deepmind/disentangled_rnns (``library/disrnn.py``, Copyright DeepMind
+Technologies Limited, Apache License 2.0). This is a PyTorch re-implementation of that design, not a copy of its code.
+
+Dynamics, per step, with observation x_t (200-d), carried latents z_{t-1} (L = 10 values) and, for each latent i, its
+own update network (a residual MLP, :data:`LAYERS` = 2 hidden layers of ``n`` units, leaky ReLU as in disRNN):
+
+- inputs through Gaussian bottlenecks, one per (input, net): ``a_{j,i} = m_{j,i} x_j + σ_{j,i} ε`` for the 200
+  observation inputs and ``b_{j,i} = m'_{j,i} z_{t-1,j} + σ'_{j,i} ε`` for the L latent inputs (multipliers ``m``
+  start at 1, as in disRNN);
+- ``s = W_in,i [a_{·,i}; b_{·,i}] + c_i``; twice ``s += leaky_relu(W_ℓ,i s + c_ℓ,i)``; ``(g, v) = W_out,i s + c_out,i``;
+- gate ``w = sigmoid(g)``, target ``u = 2·tanh(v/2)``, ``μ_i = (1 − w)·z_{t-1,i} + w·u``;
+- latent bottleneck ``z_{t,i} = μ_i + σ''_i ε`` (the carried latent); ``hidden = ReLU(Linear(L→256)(z_t))``.
+
+Every σ = |p| + 1e-5 with p ~ U(0, 0.05) at init, so the bottlenecks start open. The noise (ε ~ N(0, 1) from the
+global torch RNG, which the trainer seeds and checkpoints) is on only while ``self.training`` and after the warm-up:
+``set_progress(update)`` with ``update > config.bottleneck_warmup``. Then ``sequence`` also records the penalty
+``β·KL`` (β = ``config.bottleneck_beta``), KL = Σ over all bottlenecks of KL(N(μ, σ²) ‖ N(0, 1)) =
+½ Σ (μ² + σ² − 1 − log σ²), per step, averaged over the T × B steps of the call; :meth:`aux_loss` returns it (0 during
+the warm-up and in eval mode). Eval mode (``.eval()``, as every analysis loads checkpoints) is noiseless and
+deterministic. In training mode after the warm-up the rollouts' ``step`` calls are noisy too: the behaviour policy
+is the noisy network being trained (their draws differ from those of the loss's ``sequence`` pass).
+
+Parameters (L = 10): update nets ``obs_weight`` [L,200,n], ``latent_weight`` [L,L,n], ``in_bias`` [L,n],
+``layer_weight`` [2,L,n,n], ``layer_bias`` [2,L,n], ``out_weight`` [L,n,2] (column 0 gate, 1 target), ``out_bias``
+[L,2]; bottlenecks ``obs_sigma_param``/``obs_multiplier`` [200,L], ``latent_in_sigma_param``/``latent_in_multiplier``
+[L,L] (input j, net i), ``latent_sigma_param`` [L]; ``latent_init`` [L]; ``hidden_proj`` Linear(L→256); the heads.
+
+- ``std`` (disRNN defaults, n = 10): 31,841 parameters with the heads.
+- ``matched`` (update nets widened to n = 38, L = 10 kept): 118,921 (+0.3 % of the RNN's 118,533).
+
+Init as in disRNN's ResMLP: input weights N(0, 1/(200+L)), hidden N(0, 1/(n·layers)), output N(0, 1/n) (variances),
+zero biases; ``latent_init`` ~ U(−0.1, 0.1). Our choices where SPEC is silent: ``hidden_proj`` Kaiming-uniform (ReLU),
+zero bias; heads :func:`interbrain.agents.base.init_heads`. Left out of disRNN: the choice network and its
+bottleneck (``hidden`` and the heads take its place) and the L2 penalty on the update nets' hidden weights.
+
+``recurrent_weight_norm`` is 0: there is no single recurrent matrix (the recurrence runs through each update net's
+latent inputs and the gated update), so the PPO recurrent L2 does not apply; the bottleneck KL is this model's
+regulariser. ``input_weight_norm`` is ‖obs_weight‖_F. The state is ``(z,)`` with ``z`` [B, L] the carried latents;
+``extra_sites`` records them as ``latents``. ``hidden`` is not carried (``carries_hidden`` False).
+:func:`bottleneck_summary` reports the learned σ, SPEC §6.7's open/partial/closed counts and optional per-latent KLs.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from interbrain.agents.base import HIDDEN, N_CELLS, OBS_DIM, Agent, check_size, init_heads, register
+from interbrain.config import AgentConfig
+
+LATENTS = 10
+LAYERS = 2
+WIDTHS = {"std": 10, "matched": 38}  # units per update-net layer
+MAX_LATENT = 2.0  # u = MAX_LATENT·tanh(v / MAX_LATENT)
+MIN_SIGMA = 1e-5
+OPEN, PARTIAL, CLOSED = 0.1, 0.25, 0.9  # SPEC §6.7 (disRNN's log_bottlenecks thresholds)
+
+
+def reparameterize_sigma(param: torch.Tensor) -> torch.Tensor:
+    """σ = |p| + 1e-5 (disRNN)."""
+    return param.abs() + MIN_SIGMA
+
+
+def kl_constant(sigma: torch.Tensor) -> torch.Tensor:
+    """Σ (σ² − 1 − log σ²) over a bottleneck's entries: the mean-independent part of 2·KL(N(μ, σ²) ‖ N(0, 1))."""
+    var = sigma.square()
+    return (var - 1.0 - var.log()).sum()
+
+
+@register("disrnn")
+class DisRNNAgent(Agent):
+    carries_hidden = False
+    hidden_definition = f"ReLU(Linear({LATENTS}->256)(latents z_t))"
+    memory_type = "10 disentangled latents; gated per-latent updates through Gaussian bottlenecks"
+
+    def __init__(self, config: AgentConfig):
+        super().__init__(config)
+        check_size(config, WIDTHS)
+        L, D, n = LATENTS, OBS_DIM, WIDTHS[config.size]
+        self.latents, self.width = L, n
+        self.beta, self.warmup = float(config.bottleneck_beta), config.bottleneck_warmup
+        self.progress = 0  # the trainer's 1-based update number (set_progress); 0 = not training yet
+        self.obs_weight = nn.Parameter(torch.randn(L, D, n) / math.sqrt(D + L))
+        self.latent_weight = nn.Parameter(torch.randn(L, L, n) / math.sqrt(D + L))
+        self.in_bias = nn.Parameter(torch.zeros(L, n))
+        self.layer_weight = nn.Parameter(torch.randn(LAYERS, L, n, n) / math.sqrt(n * LAYERS))
+        self.layer_bias = nn.Parameter(torch.zeros(LAYERS, L, n))
+        self.out_weight = nn.Parameter(torch.randn(L, n, 2) / math.sqrt(n))
+        self.out_bias = nn.Parameter(torch.zeros(L, 2))
+        self.obs_sigma_param = nn.Parameter(torch.rand(D, L) * 0.05)
+        self.obs_multiplier = nn.Parameter(torch.ones(D, L))
+        self.latent_in_sigma_param = nn.Parameter(torch.rand(L, L) * 0.05)
+        self.latent_in_multiplier = nn.Parameter(torch.ones(L, L))
+        self.latent_sigma_param = nn.Parameter(torch.rand(L) * 0.05)
+        self.latent_init = nn.Parameter(torch.rand(L) * 0.2 - 0.1)
+        self.hidden_proj = nn.Linear(L, HIDDEN)
+        nn.init.kaiming_uniform_(self.hidden_proj.weight, nonlinearity="relu")
+        nn.init.zeros_(self.hidden_proj.bias)
+        init_heads(self)
+        self._aux: torch.Tensor | None = None  # β·KL of the latest `sequence` call while the bottlenecks are active
+
+    # --- bottleneck schedule --------------------------------------------------------------------
+    def set_progress(self, update: int) -> None:
+        self.progress = int(update)
+
+    @property
+    def bottlenecks_active(self) -> bool:
+        """Noise and penalty are on in training mode after the warm-up (updates 1..warmup are noiseless)."""
+        return self.training and self.progress > self.warmup
+
+    def sigmas(self) -> dict[str, torch.Tensor]:
+        """The bottleneck σ: ``obs`` [200, L] and ``latent_in`` [L, L] (input j, net i), ``latent`` [L]."""
+        return {"obs": reparameterize_sigma(self.obs_sigma_param),
+                "latent_in": reparameterize_sigma(self.latent_in_sigma_param),
+                "latent": reparameterize_sigma(self.latent_sigma_param)}
+
+    # --- forward pieces -------------------------------------------------------------------------
+    def _obs_terms(self, obs: torch.Tensor | None = None, index: torch.Tensor | None = None):
+        """Noise-free observation drive of the update nets [..., L, n] (through the multipliers) and Σ_{j,i} μ_{j,i}²
+        [...] of the observation bottlenecks, from a float observation [..., 200] or an index [..., 2]."""
+        L, n = self.latents, self.width
+        table = (self.obs_multiplier.t().unsqueeze(-1) * self.obs_weight).transpose(0, 1)  # [200, L, n]: input j
+        m2 = self.obs_multiplier.square().sum(1)  # [200]
+        if index is None:
+            return (obs @ table.reshape(OBS_DIM, L * n)).unflatten(-1, (L, n)), obs.square() @ m2
+        # index: x is two-hot (own cell, partner cell or none), so gathering rows is exact; row 200 = not shown
+        table = torch.cat([table, table.new_zeros(1, L, n)])
+        m2 = torch.cat([m2, m2.new_zeros(1)])
+        own, partner = index[..., 0], index[..., 1] + N_CELLS
+        return table[own] + table[partner], m2[own] + m2[partner]
+
+    def _run(self, drive: torch.Tensor, z: torch.Tensor, noisy: bool):
+        """Latents for T steps from ``z`` [B, L] and the observation drive [T, B, L, n] of :meth:`_obs_terms`.
+        Returns the carried latents z_t, the previous latents z_{t-1} and the pre-noise means μ_t, each [T, B, L]."""
+        T, B = drive.shape[:2]
+        L, n = self.latents, self.width
+        drive = drive.transpose(1, 2) + self.in_bias.unsqueeze(1)  # [T, L, B, n]: one residual stream per update net
+        if noisy:  # all the noise of the call, drawn up front from the global torch RNG
+            sig = self.sigmas()
+            # input bottleneck noise reaches net i only through its input weights: Σ_j ε_j σ_{j,i} W_i[j]
+            scaled = torch.cat([sig["obs"].t().unsqueeze(-1) * self.obs_weight,
+                                sig["latent_in"].t().unsqueeze(-1) * self.latent_weight], dim=1)  # [L, 200+L, n]
+            eps = torch.randn(L, T * B, OBS_DIM + L, device=drive.device, dtype=drive.dtype)
+            drive = drive + torch.bmm(eps, scaled).view(L, T, B, n).transpose(0, 1)
+            eps_z = torch.randn(T, B, L, device=drive.device, dtype=drive.dtype) * sig["latent"]
+        latent_table = (self.latent_in_multiplier.t().unsqueeze(-1) * self.latent_weight).transpose(0, 1)  # [L(j),L,n]
+        latent_table = latent_table.reshape(L, L * n)
+        zs, means, prevs = [], [], []
+        for t in range(T):
+            s = drive[t] + (z @ latent_table).view(B, L, n).transpose(0, 1)  # [L, B, n]
+            for layer in range(LAYERS):
+                s = s + F.leaky_relu(torch.baddbmm(self.layer_bias[layer].unsqueeze(1), s, self.layer_weight[layer]))
+            out = torch.baddbmm(self.out_bias.unsqueeze(1), s, self.out_weight)  # [L, B, 2]
+            w = torch.sigmoid(out[..., 0]).t()
+            u = MAX_LATENT * torch.tanh(out[..., 1].t() / MAX_LATENT)
+            mean = z + w * (u - z)  # (1 - w)·z + w·u
+            prevs.append(z)
+            means.append(mean)
+            z = mean + eps_z[t] if noisy else mean
+            zs.append(z)
+        return torch.stack(zs), torch.stack(prevs), torch.stack(means)
+
+    def _kl(self, mu2: torch.Tensor, prev: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
+        """Σ over all bottlenecks of KL(N(μ, σ²) ‖ N(0, 1)) per step [T, B]; ``mu2``: Σ μ² of the observation inputs."""
+        sig = self.sigmas()
+        m2_in = self.latent_in_multiplier.square().sum(1)  # [L(j)]
+        return 0.5 * (mu2 + kl_constant(sig["obs"]) + prev.square() @ m2_in + kl_constant(sig["latent_in"])
+                      + mean.square().sum(-1) + kl_constant(sig["latent"]))
+
+    def _outputs(self, z_all: torch.Tensor):
+        hidden = torch.relu(self.hidden_proj(z_all))
+        logits, value = self.readout(hidden)
+        return logits, value, hidden
+
+    def _step(self, drive, mu2, state):
+        z = self._run(drive.unsqueeze(0), state[0], self.bottlenecks_active)[0][0]
+        logits, value, hidden = self._outputs(z)
+        return logits, value, hidden, (z,)
+
+    def _sequence(self, drive, mu2, state0):
+        z0 = self.latent_init.expand(drive.shape[1], -1) if state0 is None else state0[0]
+        noisy = self.bottlenecks_active
+        z_all, prev, mean = self._run(drive, z0, noisy)
+        self._aux = self.beta * self._kl(mu2, prev, mean).mean() if noisy else None
+        return self._outputs(z_all)
+
+    # --- contract -------------------------------------------------------------------------------
+    def initial_state(self, batch, device="cpu"):
+        """``(z_0,)``: the learned initial latents (detached; ``sequence`` without a state uses the parameter)."""
+        return (self.latent_init.detach().to(device).expand(batch, -1).clone(),)
+
+    def step(self, obs, state):
+        return self._step(*self._obs_terms(obs=obs), state)
+
+    def sequence(self, obs, state0=None):
+        return self._sequence(*self._obs_terms(obs=obs), state0)
+
+    def step_index(self, index, state):
+        return self._step(*self._obs_terms(index=index), state)
+
+    def sequence_index(self, index, state0=None):
+        return self._sequence(*self._obs_terms(index=index), state0)
+
+    def extra_sites(self, state):
+        return {"latents": state[0]}
+
+    def aux_loss(self):
+        """β·KL of the latest ``sequence`` call (0 during the warm-up and in eval mode)."""
+        return super().aux_loss() if self._aux is None else self._aux
+
+    def input_weight_norm(self):
+        return torch.linalg.vector_norm(self.obs_weight)
+
+
+@torch.no_grad()
+def bottleneck_summary(agent: DisRNNAgent, obs: torch.Tensor | None = None) -> dict:
+    """Plain-python summary of a disRNN's bottlenecks, for reports.
+
+    Always:
+      - ``thresholds``: {"open": 0.1, "partial": 0.25, "closed": 0.9} (SPEC §6.7).
+      - ``latent_sigma`` [L]: σ of each latent's bottleneck.
+      - ``update_obs_sigma`` [L][200] and ``update_latent_sigma`` [L][L]: σ of update net i's input j.
+      - ``counts``: for ``latent``, ``update_obs``, ``update_latent``: {"open": #σ<0.1, "partial": #σ<0.25 (includes
+        the open ones, as disRNN counts), "closed": #σ>0.9}.
+      - ``open_latents``: indices of the latents whose bottleneck is open (σ < 0.1): the latents that stay in use.
+    With ``obs`` [T, B, 200] (a noiseless pass from the learned initial latents):
+      - ``latent_kl`` [L], ``update_obs_kl`` [L], ``update_latent_kl`` [L]: mean KL(N(μ, σ²) ‖ N(0, 1)) per step of
+        latent i's bottleneck, and of update net i's observation / latent inputs summed over inputs.
+    """
+    sig = agent.sigmas()
+    summary = {
+        "thresholds": {"open": OPEN, "partial": PARTIAL, "closed": CLOSED},
+        "latent_sigma": sig["latent"].tolist(),
+        "update_obs_sigma": sig["obs"].t().tolist(),
+        "update_latent_sigma": sig["latent_in"].t().tolist(),
+        "counts": {name: {"open": int((s < OPEN).sum()), "partial": int((s < PARTIAL).sum()),
+                          "closed": int((s > CLOSED).sum())}
+                   for name, s in (("latent", sig["latent"]), ("update_obs", sig["obs"]),
+                                   ("update_latent", sig["latent_in"]))},
+        "open_latents": [i for i, s in enumerate(sig["latent"].tolist()) if s < OPEN],
+    }
+    if obs is not None:
+        drive, _ = agent._obs_terms(obs=obs)
+        z_all, prev, _ = agent._run(drive, agent.latent_init.expand(obs.shape[1], -1), noisy=False)  # z = μ
+        half_kl = lambda mu2, s: 0.5 * (mu2 + s.square() - 1.0 - s.square().log())  # noqa: E731
+        obs_mu2 = torch.einsum("tbj,ji->tbji", obs.square(), agent.obs_multiplier.square())
+        lat_mu2 = torch.einsum("tbj,ji->tbji", prev.square(), agent.latent_in_multiplier.square())
+        summary["latent_kl"] = half_kl(z_all.square(), sig["latent"]).mean((0, 1)).tolist()
+        summary["update_obs_kl"] = half_kl(obs_mu2, sig["obs"]).sum(2).mean((0, 1)).tolist()
+        summary["update_latent_kl"] = half_kl(lat_mu2, sig["latent_in"]).sum(2).mean((0, 1)).tolist()
+    return summary

@@ -1,0 +1,249 @@
+"""`tok_transformer`: a transformer over per-step token blocks, in the style of MOUSE's step embedder (SPEC §3.4).
+
+MOUSE (micahr234/mouse-core) is GPL-3.0: its design is adopted here, none of its code.
+
+Each step t contributes a block of S tokens, decoded from the observation (own = argmax of x[:100]; partner = argmax of
+x[100:] when shown, else 100 = "not visible"; the index form ``step_index``/``sequence_index`` takes these directly):
+- ``tok_mode="sum"`` (default): one observation token ``own_embed[own] + partner_embed[partner]``;
+  ``tok_mode="concat"``: two tokens, ``own_embed[own]`` then ``partner_embed[partner]``;
+- then K = ``config.tok_compute`` (default 2) learned compute tokens, the same every step;
+- with ``tok_type_embedding``, a learned embedding per token type (observation or own/partner, compute) is added.
+So S = 1 + K (sum) or 2 + K (concat). Every token of step t gets row t' of the learned step-position table (exactly W
+rows), t' the step's index inside its window. The blocks are :class:`interbrain.agents.transformer.CausalBlock` (pre-LN,
+4 heads, ReLU MLP), 2 layers, a final LayerNorm. Attention is causal over tokens: a token sees every token of the
+earlier steps of its window and the tokens up to itself in its own block. ``hidden`` = the last token of the step's
+block (the last compute token when K > 0), or ReLU(Linear(d→256)(·)) of it for ``matched``.
+
+Context rule (SPEC §3.2, as `transformer`, counted in steps). Step t < W attends to the blocks of steps 0..t at step
+positions 0..t (a per-token KV cache makes each step O(t·S)); step t >= W attends to the blocks of [t-W+1, t] at
+positions 0..W-1, recomputed every step. ``sequence`` reproduces exactly this (one causal pass over the first
+min(T, W) steps, then every later step from its own window, batched in chunks). A position outside 0..W-1 raises
+:class:`InterbrainError`; ``max_position_used`` / ``max_context_used`` record the largest step position and window
+length (in steps) ever processed.
+
+Parameters (W = 100, K = 2, either mode, no type embedding; a type embedding adds (2 or 3)·d):
+- ``std``: d 256, MLP 512: 1,133,573 (the `transformer`'s 1,133,061 with Linear(200→256) replaced by the own (100),
+  partner (101) and compute (2) tokens).
+- ``matched``: d 64, MLP 192, ``hidden`` = ReLU(Linear(64→256)(final LN)): 120,901 (+2.0 % of 118,533).
+
+Init: the token tables Xavier-uniform as the `transformer`'s input map (bound √(6/(200+d))); compute tokens, type
+embedding and position table N(0, 0.02); blocks as in `transformer` (our choice where SPEC is silent); the matched
+projection Kaiming-uniform (ReLU); heads :func:`interbrain.agents.base.init_heads`. Previous-action/-reward tokens
+(``tok_prev_action``/``tok_prev_reward``) are refused, as ``step`` receives the observation only; so is ``pos="rope"``.
+
+State: ``(t, ids, k_1, v_1, k_2, v_2)``: ``t`` the python-int step counter, ``ids`` [B, min(t, W-1), 2] (long) the
+(own, partner) indices of the previous steps (the tokens are rebuilt from them with the current weights), and the
+per-layer key/value caches [B, heads, t·S, d/heads] (empty once t >= W, when windows are recomputed).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from interbrain.agents.base import HIDDEN, N_CELLS, OBS_DIM, Agent, check_size, init_heads, register
+from interbrain.agents.transformer import CHUNK_ELEMENTS, HEADS, LAYERS, SIZES, CausalBlock, append_along
+from interbrain.config import AgentConfig
+from interbrain.errors import InterbrainError
+
+NOT_VISIBLE = N_CELLS  # partner index when the partner is not shown
+
+
+def index_from_obs(obs: torch.Tensor) -> torch.Tensor:
+    """(own cell, partner cell or 100) [..., 2] of float observations [..., 200] (SPEC §1.3)."""
+    partner = obs[..., N_CELLS:]
+    shown = partner.sum(-1) > 0
+    return torch.stack([obs[..., :N_CELLS].argmax(-1),
+                        torch.where(shown, partner.argmax(-1), torch.full_like(shown, NOT_VISIBLE, dtype=torch.long))],
+                       dim=-1)
+
+
+def cached_block(block: CausalBlock, x: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                 capacity: int | None = None):
+    """A step's S new tokens ``x`` [N, S, d] through ``block``: token j attends to the cached keys/values and to the
+    new tokens 0..j. Returns ``(out [N, S, d], k, v)`` with the caches extended (see ``append_along``)."""
+    q, k, v = block._qkv(x)
+    n, S = k_cache.shape[2], x.shape[1]
+    k = append_along(k_cache, k, 2, capacity)
+    v = append_along(v_cache, v, 2, capacity)
+    mask = torch.ones(S, n + S, dtype=torch.bool, device=x.device).tril(n)
+    return block._finish(x, F.scaled_dot_product_attention(q, k, v, attn_mask=mask)), k, v
+
+
+@register("tok_transformer")
+class TokTransformerAgent(Agent):
+    carries_hidden = False
+    memory_type = "causal attention over per-step token blocks in a bounded window (learned step positions)"
+
+    def __init__(self, config: AgentConfig):
+        super().__init__(config)
+        check_size(config, SIZES)
+        if config.pos == "rope":
+            raise InterbrainError("pos='rope' is not implemented for tok_transformer")
+        if config.tok_prev_action or config.tok_prev_reward:
+            raise InterbrainError("tok_transformer previous-action/previous-reward tokens are not implemented (the "
+                                  "agent contract passes only the observation to step); leave tok_prev_action and "
+                                  "tok_prev_reward off")
+        self.window = config.window
+        self.d_model = d = SIZES[config.size]["d_model"]
+        self.mlp_width = SIZES[config.size]["mlp"]
+        self.mode, self.n_compute = config.tok_mode, config.tok_compute
+        obs_slots = 1 if self.mode == "sum" else 2
+        self.block_len = obs_slots + self.n_compute
+        bound = math.sqrt(6.0 / (OBS_DIM + d))
+        self.own_embed = nn.Embedding(N_CELLS, d)
+        self.partner_embed = nn.Embedding(N_CELLS + 1, d)
+        for table in (self.own_embed, self.partner_embed):
+            nn.init.uniform_(table.weight, -bound, bound)
+        self.compute_tokens = nn.Parameter(torch.randn(self.n_compute, d) * 0.02) if self.n_compute else None
+        # token types per slot: observation (sum) or own, partner (concat); then one type for all compute tokens
+        slot_types = list(range(obs_slots)) + [obs_slots] * self.n_compute
+        self.register_buffer("slot_types", torch.tensor(slot_types), persistent=False)
+        if config.tok_type_embedding:
+            self.type_embed = nn.Parameter(torch.randn(obs_slots + (self.n_compute > 0), d) * 0.02)
+        else:
+            self.type_embed = None
+        self.pos_table = nn.Parameter(torch.randn(self.window, d) * 0.02)
+        out_gain = 0.5 / math.sqrt(2 * LAYERS)
+        self.blocks = nn.ModuleList(CausalBlock(d, HEADS, self.mlp_width, out_gain) for _ in range(LAYERS))
+        self.final_ln = nn.LayerNorm(d)
+        if config.size == "matched":
+            self.hidden_proj = nn.Linear(d, HIDDEN)
+            nn.init.kaiming_uniform_(self.hidden_proj.weight, nonlinearity="relu")
+            nn.init.zeros_(self.hidden_proj.bias)
+        else:
+            self.hidden_proj = None
+        init_heads(self)
+        self.max_position_used = -1
+        self.max_context_used = 0
+
+    @property
+    def hidden_definition(self) -> str:  # type: ignore[override]
+        token = "last compute token" if self.n_compute else ("partner token" if self.mode == "concat" else "obs token")
+        site = f"final-LayerNorm residual of step t's {token}"
+        return site if self.hidden_proj is None else f"ReLU(Linear({self.d_model}->256)({site}))"
+
+    def context_limit(self) -> int:
+        return self.window
+
+    # --- positions and contexts (SPEC §3.2 context rule, in steps) ---------------------------------
+    def position_embedding(self, start: int, stop: int) -> torch.Tensor:
+        """Rows ``start .. stop-1`` of the step-position table; anything outside 0..W-1 raises."""
+        if start < 0 or stop > self.window or start >= stop:
+            raise InterbrainError(
+                f"tok_transformer position range {start}..{stop - 1} is outside the learned table 0..{self.window - 1} "
+                f"(window={self.window}); SPEC §3.2 context rule")
+        self.max_position_used = max(self.max_position_used, stop - 1)
+        return self.pos_table[start:stop]
+
+    def _note_context(self, steps: int) -> None:
+        if steps > self.window:
+            raise InterbrainError(f"tok_transformer context of {steps} steps exceeds window={self.window}")
+        self.max_context_used = max(self.max_context_used, steps)
+
+    # --- forward pieces -------------------------------------------------------------------------
+    def tokens(self, ids: torch.Tensor) -> torch.Tensor:
+        """Token blocks [B, n, S, d] (without positions) of the (own, partner) indices ``ids`` [B, n, 2]."""
+        own, partner = self.own_embed(ids[..., 0]), self.partner_embed(ids[..., 1])
+        parts = [own + partner] if self.mode == "sum" else [own, partner]
+        if self.n_compute:
+            parts += list(self.compute_tokens.expand(*ids.shape[:2], -1, -1).unbind(2))
+        tok = torch.stack(parts, dim=2)
+        return tok if self.type_embed is None else tok + self.type_embed[self.slot_types]
+
+    def _positioned(self, tok: torch.Tensor) -> torch.Tensor:
+        """Blocks of steps 0..n-1 of a window [N, n, S, d] -> flat token sequence [N, n·S, d] with step positions."""
+        n = tok.shape[1]
+        self._note_context(n)
+        return (tok + self.position_embedding(0, n).unsqueeze(1)).flatten(1, 2)
+
+    def _causal_pass(self, tok: torch.Tensor) -> torch.Tensor:
+        """Residual of every step's last token [N, n, d] for blocks [N, n, S, d] at step positions 0..n-1 (n <= W)."""
+        x = self._positioned(tok)
+        for block in self.blocks:
+            x = block.causal(x)
+        return x[:, self.block_len - 1::self.block_len]
+
+    def _window_last(self, tok: torch.Tensor) -> torch.Tensor:
+        """Residual [N, d] of the last token of each window's blocks [N, n, S, d], positions 0..n-1."""
+        x = self._positioned(tok)
+        for block in self.blocks[:-1]:
+            x = block.causal(x)
+        return self.blocks[-1].last_query(x)[:, 0]
+
+    def _emit(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.final_ln(x)
+        return h if self.hidden_proj is None else torch.relu(self.hidden_proj(h))
+
+    def _check_history(self, t: int, ids: torch.Tensor) -> None:
+        if isinstance(t, bool) or not isinstance(t, int) or t < 0:
+            raise InterbrainError(f"tok_transformer state step counter must be a non-negative int, got {t!r}")
+        if ids.shape[1] != min(t, self.window - 1):
+            raise InterbrainError(f"tok_transformer state at step {t} holds {ids.shape[1]} steps of embeddings, "
+                                  f"expected {min(t, self.window - 1)} (window={self.window})")
+
+    # --- contract -------------------------------------------------------------------------------
+    def initial_state(self, batch, device="cpu"):
+        ids = torch.zeros(batch, 0, 2, dtype=torch.long, device=device)
+        cache = torch.zeros(batch, HEADS, 0, self.d_model // HEADS, device=device, dtype=self.pos_table.dtype)
+        return (0, ids) + (cache,) * (2 * LAYERS)
+
+    def step(self, obs, state):
+        return self.step_index(index_from_obs(obs), state)
+
+    def sequence(self, obs, state0=None):
+        return self.sequence_index(index_from_obs(obs), state0)
+
+    def step_index(self, index, state):
+        t, ids, *cache = state
+        self._check_history(t, ids)
+        history = torch.cat([ids, index.unsqueeze(1)], dim=1)
+        W = self.window
+        if t < W:
+            self._note_context(t + 1)
+            x = self.tokens(index.unsqueeze(1))[:, 0] + self.position_embedding(t, t + 1)  # [B, S, d]
+            new_cache = []
+            for i, block in enumerate(self.blocks):
+                x, k, v = cached_block(block, x, cache[2 * i], cache[2 * i + 1], W * self.block_len)
+                new_cache += [k, v]
+            if t + 1 == W:  # from now on every step recomputes its window from `ids`
+                new_cache = [c[:, :, :0] for c in new_cache]
+            out = x[:, -1]
+        else:
+            out = self._window_last(self.tokens(history))
+            new_cache = cache
+        ids = history[:, max(0, history.shape[1] - (W - 1)):]  # the last min(t+1, W-1) steps
+        hidden = self._emit(out)
+        logits, value = self.readout(hidden)
+        return logits, value, hidden, (t + 1, ids, *new_cache)
+
+    def sequence_index(self, index, state0=None):
+        T, B, _ = index.shape
+        W, S, d = self.window, self.block_len, self.d_model
+        t0, hist = (state0 if state0 is not None else self.initial_state(B, index.device))[:2]
+        self._check_history(t0, hist)
+        tok = self.tokens(torch.cat([hist, index.transpose(0, 1)], dim=1))  # [B, L, S, d], steps t0-n0 .. t0+T-1
+        n0 = hist.shape[1]
+        L = n0 + T
+        outs = []
+        if t0 < W:  # steps t0..min(t0+T, W)-1: one causal pass from step 0 (here n0 = t0)
+            outs.append(self._causal_pass(tok[:, :min(L, W)])[:, n0:])
+        if t0 + T > W:  # steps >= W: each from its own window of W steps, positions 0..W-1
+            first = max(t0, W) - W + 1 - (t0 - n0)  # index in `tok` where the first such window starts
+            windows = tok.unfold(1, W, 1)[:, first:]  # [B, n_windows, S, d, W]
+            n_windows = windows.shape[1]
+            per_chunk = max(1, CHUNK_ELEMENTS // (B * W * S * max(self.mlp_width, HEADS * W * S)))
+            for c in range(0, n_windows, per_chunk):
+                chunk = windows[:, c:c + per_chunk]
+                n = chunk.shape[1]
+                chunk = chunk.permute(0, 1, 4, 2, 3).reshape(B * n, W, S, d)
+                outs.append(self._window_last(chunk).view(B, n, d))
+        hidden = self._emit(torch.cat(outs, dim=1)).transpose(0, 1)  # [T, B, 256]
+        logits, value = self.readout(hidden)
+        return logits, value, hidden
+
+    def input_weight_norm(self):
+        return torch.sqrt(self.own_embed.weight.square().sum() + self.partner_embed.weight.square().sum())
