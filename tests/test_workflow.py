@@ -149,8 +149,8 @@ def test_paper_job_counts(dry):
 def test_default_job_counts(dry):
     stats, _ = dry("default")
     assert {r: n for r, n in stats.items() if r != "total"} == expected_counts(load_config("default"))
-    # 800 updates, a checkpoint every 200: 5 saved checkpoints per unit, each rolled out for the partner analysis
-    assert stats["train"] == 16 and stats["rollout"] == 80 and stats["dynamics"] == 16 and stats["total"] == 299
+    # partner scope `analysis`: only the final checkpoint of each unit is rolled out
+    assert stats["train"] == 16 and stats["rollout"] == 16 and stats["dynamics"] == 16 and stats["total"] == 171
 
 
 def test_every_rule_appears_in_every_study(dry):
