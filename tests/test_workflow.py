@@ -24,7 +24,7 @@ REPO = Path(__file__).resolve().parents[1]
 SNAKEMAKE = str(Path(sys.executable).parent / "snakemake")
 SNAKEFILE = REPO / "Snakefile"
 CONFIGS = {"default": REPO / "config.yaml", "smoke": REPO / "configs" / "smoke.yaml",
-           "paper": REPO / "configs" / "paper.yaml"}
+           "paper": REPO / "configs" / "paper.yaml", "all_architectures": REPO / "configs" / "all_architectures.yaml"}
 RULES = ["train_request", "train", "health", "evaluate", "gather_eval", "rollout", "decode", "plsc", "partner", "dynamics",
          "perturb", "cka",
          "unit_tables", "arch_report", "manifest", "cross_report"]
@@ -487,3 +487,32 @@ def test_smoke_study_runs_end_to_end(tmp_path):
                    for outs in jobs[rule]), (rule, jobs[rule])
     assert all("results/rnn/" not in o for outs in jobs.values() for o in outs)  # the rnn chain is untouched
     assert {"unit_tables", "arch_report", "cka", "cross_report"} <= set(jobs)
+
+
+def test_paper_study_learns_every_architecture_with_the_paper_preset():
+    """configs/paper.yaml is merged over config.yaml key by key: the default study's per-architecture learners must not
+    leak into the paper-scale study."""
+    from snakemake.utils import update_config
+
+    from interbrain.config import ppo_preset
+
+    merged = yaml.safe_load((REPO / "config.yaml").read_text())
+    update_config(merged, yaml.safe_load(CONFIGS["paper"].read_text()))
+    train = merged["train"]
+    assert train["preset"] == "paper"
+    for arch in merged["archs"]:
+        effective = ppo_preset("paper", **{**train["overrides"], **train["arch_overrides"].get(arch, {})})
+        assert effective == ppo_preset("paper"), arch
+
+
+def test_all_architectures_study_dry_runs_every_registered_architecture(dry):
+    from snakemake.utils import update_config
+
+    from interbrain.agents import ARCHITECTURES
+
+    merged = yaml.safe_load((REPO / "config.yaml").read_text())
+    update_config(merged, yaml.safe_load(CONFIGS["all_architectures"].read_text()))
+    assert sorted(merged["archs"]) == sorted(ARCHITECTURES)
+    stats, jobs = dry("all_architectures")
+    assert {r: n for r, n in stats.items() if r != "total"} == expected_counts(merged)
+    assert stats["train"] == 40 and stats["arch_report"] == 10 and stats["cross_report"] == 1
