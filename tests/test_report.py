@@ -359,3 +359,27 @@ def test_write_manifest_hashes_and_protocols(tmp_path, study):
     assert {"git_sha", "git_dirty", "packages", "created_at"} <= set(m["provenance"])
     with pytest.raises(InterbrainError, match="does not exist"):
         write_manifest(inputs=[tmp_path / "nope.csv"], outputs=[], config={}, out_json=tmp_path / "m2.json")
+
+
+def test_disrnn_bottleneck_section_names_the_open_latents(tmp_path):
+    """A planted closure: latents 2 and 7 of the chaser get σ = 1.5 (closed); the report must list the other 8 as
+    open, and the explorer's 10 (all open at init)."""
+    import torch
+
+    from interbrain.checkpoint import save_checkpoint
+    from interbrain.config import make_train_config
+    from interbrain.report import _bottleneck_section
+    from interbrain.train import Trainer
+
+    trainer = Trainer(make_train_config("disrnn", "social", 0, "fast", 1, size="std", overrides={"num_envs": 2}),
+                      torch.device("cpu"))
+    with torch.no_grad():
+        trainer.agents["chaser"].latent_sigma_param[[2, 7]] = 1.5
+    path = save_checkpoint(trainer.to_checkpoint(), tmp_path / "ckpt.safetensors")
+    behavior = pd.DataFrame([{"unit_id": "disrnn/social/seed_0000", "update": 0, "checkpoint_path": str(path)}])
+    section = _bottleneck_section({"behavior": behavior}, "disrnn", tmp_path, tmp_path)
+    rows = {r[1]: r for r in section["tables"][0]["rows"]}
+    assert rows["chaser"][2] == "0, 1, 3, 4, 5, 6, 8, 9" and rows["chaser"][3] == "8 / 10"
+    assert rows["explorer"][3] == "10 / 10"
+    assert (tmp_path / "bottlenecks.png").stat().st_size > 0
+    assert _bottleneck_section({"behavior": behavior}, "rnn", tmp_path, tmp_path) is None

@@ -848,6 +848,42 @@ def _load_cka(path) -> pd.DataFrame | None:
 # public API
 # ----------------------------------------------------------------------------------------------------------------
 
+def _bottleneck_section(frames: dict, arch: str, figdir: Path, base: Path) -> dict | None:
+    """disRNN only (SPEC §3.4): which latent bottlenecks stay open in each unit's final networks."""
+    beh = frames["behavior"]
+    if arch != "disrnn" or beh is None or not len(beh) or "checkpoint_path" not in beh.columns:
+        return None
+    from interbrain.agents.disrnn import bottleneck_summary
+    from interbrain.checkpoint import load_agents
+
+    finals = beh.sort_values("update").groupby("unit_id")["checkpoint_path"].last()
+    rows, table = [], []
+    thresholds = None
+    for unit, path in finals.items():
+        try:
+            _, agents = load_agents(path, device="cpu")
+        except InterbrainError as exc:
+            return _not_run(f"cannot read {path}: {exc}")
+        for agent in ("chaser", "explorer"):
+            summary = bottleneck_summary(agents[agent])
+            thresholds = summary["thresholds"]
+            rows += [{"unit_id": unit, "agent": agent, "latent": i, "sigma": sd}
+                     for i, sd in enumerate(summary["latent_sigma"])]
+            c = summary["counts"]
+            table.append([unit, agent, ", ".join(map(str, summary["open_latents"])) or "none",
+                          f"{c['latent']['open']} / {len(summary['latent_sigma'])}",
+                          f"{c['update_obs']['open']}", f"{c['update_latent']['open']}"])
+    fig = F.bottleneck_panel(pd.DataFrame(rows), figdir / "bottlenecks.png", open_below=thresholds["open"],
+                                   closed_above=thresholds["closed"])
+    return _section(
+        tables=[_table("Open bottlenecks at the final checkpoint",
+                       ["unit", "agent", "open latents", "open latents / all", "open observation inputs",
+                        "open latent inputs"], table,
+                       note=f"open: σ < {thresholds['open']}; a closed latent (σ > {thresholds['closed']}) carries "
+                            "only noise, so the number of open latents is the model's effective dimensionality")],
+        figures=[_figure(fig, base, "disRNN latent bottlenecks (σ per latent; points = units)")])
+
+
 def arch_report(*, arch, tables_dir, metrics: list, out_md, figures_dir) -> Path:
     """One architecture's report (markdown + PNG figures) from its tables and its units' metrics.jsonl."""
     out_md, figdir = Path(out_md), Path(figures_dir)
@@ -876,6 +912,7 @@ def arch_report(*, arch, tables_dir, metrics: list, out_md, figures_dir) -> Path
         "partner": _partner_section(frames, [arch], figdir, base, DEFAULT_EARLY_UPDATE),
         "perturbation": _perturbation_section(frames, [arch], figdir, base),
         "dynamics": _dynamics_section(frames, [arch], figdir, base, per_arch_figures=False, detail=True),
+        "bottlenecks": _bottleneck_section(frames, arch, figdir, base),
         "claims": _claims_section(per_arch),
         "protocols": _references_legend(),
         "regularisation": regs.get(arch, "unknown"),

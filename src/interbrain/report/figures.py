@@ -289,5 +289,30 @@ def dynamics_panel(bins: pd.DataFrame, fixed: pd.DataFrame, path, *, title: str 
     return _save(fig, path)
 
 
-__all__ = ["training_curves", "behavior_panel", "decoding_panel", "plsc_panel", "cka_heatmap", "partner_panel",
+def bottleneck_panel(sigmas: pd.DataFrame, path, *, open_below: float, closed_above: float) -> Path | None:
+    """disRNN latent bottlenecks: σ of each latent per unit (points) and their mean (bars), one panel per agent; σ below
+    ``open_below`` = the latent carries information, above ``closed_above`` = closed (noise only). ``sigmas``: rows
+    (unit_id, agent, latent, sigma)."""
+    if sigmas is None or not len(sigmas):
+        return None
+    _theme()
+    agents = [a for a in ("chaser", "explorer") if a in set(sigmas["agent"])]
+    fig, axes = plt.subplots(1, len(agents), figsize=(5.2 * len(agents), 3.6), squeeze=False, sharey=True)
+    for ax, agent in zip(axes[0], agents):
+        d = sigmas[sigmas["agent"] == agent]
+        sns.barplot(data=d, x="latent", y="sigma", color="#9ecae1", errorbar=None, ax=ax)
+        sns.stripplot(data=d, x="latent", y="sigma", hue="unit_id", dodge=False, size=5, ax=ax, legend=agent == agents[-1])
+        ax.axhline(open_below, color="#2ca02c", ls="--", lw=1)
+        ax.axhline(closed_above, color="#d62728", ls=":", lw=1)
+        ax.set_yscale("log")
+        ax.set_title(f"{agent}: latent bottleneck σ (open < {open_below}, closed > {closed_above})", fontsize=10)
+        ax.set_xlabel("latent")
+        ax.set_ylabel("σ")
+    if len(agents) and axes[0][-1].get_legend() is not None:
+        sns.move_legend(axes[0][-1], "upper left", bbox_to_anchor=(1.0, 1.0), frameon=False, fontsize=8)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+__all__ = ["bottleneck_panel", "training_curves", "behavior_panel", "decoding_panel", "plsc_panel", "cka_heatmap", "partner_panel",
            "perturbation_panel", "dynamics_panel"]
