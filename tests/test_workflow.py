@@ -361,7 +361,8 @@ def test_train_resumes_after_the_job_is_killed(tmp_path):
     update 0) and ends with exactly the weights of an uninterrupted run (CPU, fixed seed)."""
     cfg = tmp_path / "c.yaml"
     cfg.write_text("archs: [rnn]\ntasks: [social]\nseeds: [0]\n"
-                   "train: {updates: 400, checkpoint_every: 5, log_every: 5, overrides: {num_envs: 8}, device: cpu}\n")
+                   "train: {preset: fast, updates: 400, checkpoint_every: 5, log_every: 5, overrides: {num_envs: 8}, "
+                   "device: cpu}\n")
     unit = tmp_path / "results/rnn/social/seed_0000"
     target = "results/rnn/social/seed_0000/metrics.jsonl"
     cmd = [SNAKEMAKE, "-s", str(SNAKEFILE), "--directory", str(tmp_path), "--configfile", str(cfg), "--cores", "1",
