@@ -203,7 +203,7 @@ def test_cross_report_tables_and_plsc_matrix(study):
     setup = _section(md, "1 Study setup")
     assert "| rnn | 118,533 (builder, `matched`) | recurrent L2 λ = 0.3 on ‖W_hh‖_F" in setup
     assert "| mlp | 120,389 (builder, `matched`) | none (no recurrent weight" in setup
-    assert "the RNN only" in setup
+    assert "recurrent weight matrix — in this study: rnn. mlp\ntrains without any weight penalty" in setup
     cka = _section(md, "6 CKA")
     assert "| **rnn** | 0.800 ± 0.050 (n = 3 pairs) | 0.600 ± 0.030 (n = 9 pairs) |" in cka
     assert "| **mlp** | 0.600 ± 0.030 (n = 9 pairs) | 0.700 ± 0.040 (n = 3 pairs) |" in cka

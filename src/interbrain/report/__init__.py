@@ -949,9 +949,12 @@ def cross_report(*, arch_tables: dict[str, str], metrics: dict[str, list], cka_m
                                        regularisation=regs)
     partner_cfg = config.get("partner") if isinstance(config.get("partner"), dict) else {}
     early = int(partner_cfg.get("early_update", DEFAULT_EARLY_UPDATE))
+    penalised = [a for a in archs if regs.get(a, "").startswith("recurrent L2")]
     context = {
         "archs": archs,
         "setup": setup,
+        "penalised": penalised,
+        "unpenalised": [a for a in archs if a not in penalised],
         "eligibility": _eligibility_section(frames, archs),
         "training": _training_section(training, figdir, base, per_seed=False, archs=archs),
         "behavior": _behavior_section(frames, archs, figdir, base),
