@@ -45,7 +45,8 @@ from torch import nn
 from torch.nn import functional as F
 
 from interbrain.agents.base import HIDDEN, N_CELLS, OBS_DIM, Agent, check_size, init_heads, register
-from interbrain.agents.transformer import CHUNK_ELEMENTS, HEADS, LAYERS, SIZES, CausalBlock, append_along
+from interbrain.agents.transformer import (CHUNK_ELEMENTS, HEADS, LAYERS, SIZES, CausalBlock, WindowedContext,
+                                          append_along)
 from interbrain.config import AgentConfig
 from interbrain.errors import InterbrainError
 
@@ -74,7 +75,7 @@ def cached_block(block: CausalBlock, x: torch.Tensor, k_cache: torch.Tensor, v_c
 
 
 @register("tok_transformer")
-class TokTransformerAgent(Agent):
+class TokTransformerAgent(WindowedContext, Agent):
     carries_hidden = False
     memory_type = "causal attention over per-step token blocks in a bounded window (learned step positions)"
 
@@ -125,24 +126,6 @@ class TokTransformerAgent(Agent):
         token = "last compute token" if self.n_compute else ("partner token" if self.mode == "concat" else "obs token")
         site = f"final-LayerNorm residual of step t's {token}"
         return site if self.hidden_proj is None else f"ReLU(Linear({self.d_model}->256)({site}))"
-
-    def context_limit(self) -> int:
-        return self.window
-
-    # --- positions and contexts (SPEC §3.2 context rule, in steps) ---------------------------------
-    def position_embedding(self, start: int, stop: int) -> torch.Tensor:
-        """Rows ``start .. stop-1`` of the step-position table; anything outside 0..W-1 raises."""
-        if start < 0 or stop > self.window or start >= stop:
-            raise InterbrainError(
-                f"tok_transformer position range {start}..{stop - 1} is outside the learned table 0..{self.window - 1} "
-                f"(window={self.window}); SPEC §3.2 context rule")
-        self.max_position_used = max(self.max_position_used, stop - 1)
-        return self.pos_table[start:stop]
-
-    def _note_context(self, steps: int) -> None:
-        if steps > self.window:
-            raise InterbrainError(f"tok_transformer context of {steps} steps exceeds window={self.window}")
-        self.max_context_used = max(self.max_context_used, steps)
 
     # --- forward pieces -------------------------------------------------------------------------
     def tokens(self, ids: torch.Tensor) -> torch.Tensor:

@@ -102,8 +102,31 @@ class CausalBlock(nn.Module):
         return self._finish(x, F.scaled_dot_product_attention(q, k, v)), k, v
 
 
+class WindowedContext:
+    """The SPEC §3.2 context rule's bookkeeping, shared by the attention agents (`transformer`, `tok_transformer`):
+    a learned position table ``pos_table`` with exactly ``window`` rows, and the largest position and context ever
+    used (``max_position_used``, ``max_context_used``). Positions and contexts count steps."""
+
+    def context_limit(self) -> int:
+        return self.window
+
+    def position_embedding(self, start: int, stop: int) -> torch.Tensor:
+        """Rows ``start .. stop-1`` of the position table; anything outside 0..W-1 raises."""
+        if start < 0 or stop > self.window or start >= stop:
+            raise InterbrainError(
+                f"{self.arch} position range {start}..{stop - 1} is outside the learned table 0..{self.window - 1} "
+                f"(window={self.window}); SPEC §3.2 context rule")
+        self.max_position_used = max(self.max_position_used, stop - 1)
+        return self.pos_table[start:stop]
+
+    def _note_context(self, steps: int) -> None:
+        if steps > self.window:
+            raise InterbrainError(f"{self.arch} context of {steps} steps exceeds window={self.window}")
+        self.max_context_used = max(self.max_context_used, steps)
+
+
 @register("transformer")
-class TransformerAgent(Agent):
+class TransformerAgent(WindowedContext, Agent):
     carries_hidden = False
     memory_type = "causal attention over a bounded window (learned positions)"
 
@@ -139,24 +162,6 @@ class TransformerAgent(Agent):
         if self.hidden_proj is None:
             return "final-LayerNorm residual at step t"
         return "ReLU(Linear(64->256)(final-LayerNorm residual at step t))"
-
-    def context_limit(self) -> int:
-        return self.window
-
-    # --- positions and contexts (SPEC §3.2 context rule) -----------------------------------------
-    def position_embedding(self, start: int, stop: int) -> torch.Tensor:
-        """Rows ``start .. stop-1`` of the position table; anything outside 0..W-1 raises."""
-        if start < 0 or stop > self.window or start >= stop:
-            raise InterbrainError(
-                f"transformer position range {start}..{stop - 1} is outside the learned table 0..{self.window - 1} "
-                f"(window={self.window}); SPEC §3.2 context rule")
-        self.max_position_used = max(self.max_position_used, stop - 1)
-        return self.pos_table[start:stop]
-
-    def _note_context(self, length: int) -> None:
-        if length > self.window:
-            raise InterbrainError(f"transformer context of {length} steps exceeds window={self.window}")
-        self.max_context_used = max(self.max_context_used, length)
 
     # --- forward pieces -------------------------------------------------------------------------
     def _emit(self, x: torch.Tensor) -> torch.Tensor:
