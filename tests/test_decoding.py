@@ -51,6 +51,49 @@ def test_batched_solver_matches_sklearn_linearsvc_per_column():
         assert np.mean(ours != ytest) < 1e-3
 
 
+def _rare_event_batch(n=2000, d=20, n_perm=12, seed=3):
+    """A rare event (~3 % positives) with a partly linear code plus within-data label permutations."""
+    rng = np.random.default_rng(seed)
+    X = rng.standard_normal((n, d))
+    y = X[:, 0] + X[:, 1] + 1.2 * rng.standard_normal(n) > 2.6
+    Y = np.stack([y] + [rng.permutation(y) for _ in range(n_perm)], axis=1)
+    return StandardScaler().fit_transform(X), Y
+
+
+def test_per_problem_preconditioner_is_the_exact_hessian_for_permuted_labels_at_zero():
+    """At w = 0 every margin is violated; permutations share class counts, so every row's majority
+    curvature is the same in every problem and M_p must equal H_p = I + 2 Xa^T diag(S_p) Xa exactly."""
+    Xs, Y = _rare_event_batch()
+    n, d = Xs.shape
+    Xa = torch.from_numpy(np.concatenate([Xs, np.ones((n, 1))], axis=1))
+    Yt = torch.from_numpy(np.ascontiguousarray(Y.T))
+    n_pos = Yt.sum(1, dtype=torch.float64)
+    S = torch.where(Yt, (n / (2 * n_pos))[:, None], (n / (2 * (n - n_pos)))[:, None])   # C * class weight
+    minority = Yt.clone()
+    apply, per_problem = decoding._preconditioner(S, Xa, Xa.T.contiguous(), Xa.float(), minority)
+    assert per_problem
+    v = torch.randn(Y.shape[1], d + 1, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    Hv = v + 2.0 * ((S * (v @ Xa.T)) @ Xa)                                   # exact Hessian products
+    rows = torch.arange(Y.shape[1])
+    np.testing.assert_allclose(apply(Hv, rows).numpy(), v.numpy(), rtol=0, atol=2e-3 * float(v.abs().max()))
+    sub = rows[[5, 1]]                                                        # a compacted CG batch
+    np.testing.assert_allclose(apply(Hv[sub], sub).numpy(), v[sub].numpy(), rtol=0, atol=2e-3 * float(v.abs().max()))
+    # a balanced batch takes the shared preconditioner instead
+    _, per_problem = decoding._preconditioner(S, Xa, Xa.T.contiguous(), Xa.float(), torch.rand(Yt.shape) < 0.5)
+    assert not per_problem
+
+
+def test_rare_event_batch_uses_per_problem_preconditioner_and_matches_sklearn():
+    Xs, Y = _rare_event_batch()
+    coef, intercept, info = fit_linear_svm_batch(Xs, Y, tol=1e-8)
+    assert info["per_problem_preconditioner_steps"] == info["newton_steps"] > 0
+    for j in (0, 1, 7):
+        sk = _sk_svc().fit(Xs, Y[:, j])
+        scale = np.abs(sk.coef_).max()
+        np.testing.assert_allclose(coef[j], sk.coef_[0], atol=1e-5 * scale)
+        assert intercept[j] == pytest.approx(sk.intercept_[0], abs=1e-5 * max(scale, 1))
+
+
 def test_decode_fold_scores_match_sklearn_pipeline():
     """decode = standardise with training-fold stats + LinearSVC + balanced accuracy, fold by fold."""
     rng = np.random.default_rng(1)

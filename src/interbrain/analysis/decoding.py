@@ -13,9 +13,11 @@ feature of value 1, so it is regularised with the rest (the ``0.5 b^2`` term abo
 quadratic; its generalised Hessian is ``I + 2 X_a^T diag(C c_i [margin violated]) X_a``). Each Newton
 system is solved by preconditioned conjugate gradients, all label vectors together: the training
 features of a fold are shared, so every Hessian-vector product is one [P, D] x [D, n] and one
-[P, n] x [n, D] matmul for all P label vectors. The preconditioner is the Hessian with the per-sample
-curvature averaged over the label vectors at the first Newton step (one Cholesky factor for the whole
-batch and fit). Steps use an Armijo backtracking line search; a label vector leaves the batch once its
+[P, n] x [n, D] matmul for all P label vectors. The preconditioner (``_preconditioner``) is built per
+problem at every Newton step when each label vector's minority class is small (rare events such as
+collisions: the exact minority-class curvature plus a shared majority-class part), otherwise it is one
+shared matrix, the Hessian with the curvature averaged over the label vectors at the first Newton step.
+Steps use an Armijo backtracking line search; a label vector leaves the batch once its
 float64 gradient norm falls below ``tol`` (default 1e-6) times its gradient norm at w = 0. Not reaching
 that within ``max_iter`` Newton steps raises. Fold k+1 starts from fold k's solutions, mapped through
 the two folds' standardisations (a warm start only: the optimum does not depend on it).
@@ -85,7 +87,7 @@ class DecodeResult:
 # ----------------------------------------------------------------------------------------------
 
 
-def _pcg(S, Xa, XaT, b, Minv, stop, max_cg):
+def _pcg(S, Xa, XaT, b, precond, stop, max_cg):
     """Solve (I + 2 Xa^T diag(S_p) Xa) x_p = b_p for every row p by preconditioned CG.
 
     Row p stops once its residual norm is <= stop_p. Finished rows are frozen (zero step) and dropped
@@ -97,7 +99,7 @@ def _pcg(S, Xa, XaT, b, Minv, stop, max_cg):
     Sc, st = S, stop
     x = torch.zeros_like(b)
     r = b.clone()
-    z = r @ Minv
+    z = precond(r, cur)
     p = z.clone()
     rz = torch.linalg.vecdot(r, z)
     live = r.norm(dim=1) > st
@@ -115,7 +117,7 @@ def _pcg(S, Xa, XaT, b, Minv, stop, max_cg):
         alpha = torch.where(live, rz / torch.linalg.vecdot(p, hp), 0.0)
         x += alpha[:, None] * p
         r -= alpha[:, None] * hp
-        z = r @ Minv
+        z = precond(r, cur)
         rz_new = torch.linalg.vecdot(r, z)
         beta = torch.where(live, rz_new / rz, 0.0)
         p = z + beta[:, None] * p
@@ -123,6 +125,50 @@ def _pcg(S, Xa, XaT, b, Minv, stop, max_cg):
         live &= r.norm(dim=1) > st
     x_out[cur] = x
     return x_out, work
+
+
+def _preconditioner(S, Xa, XaT, Xh, minority):
+    """CG preconditioner for the Newton systems (I + 2 Xa^T diag(S_p) Xa) of the problems in the batch.
+
+    When every problem's minority class is small (max count x (D+1) <= 4 n: the correction then costs
+    about as much as two CG iterations), M_p = A + 2 X_m^T S_m X_m: A carries each row's majority-class
+    curvature averaged over the problems in which that row is a majority row, and every problem adds its
+    own minority-class curvature exactly (so M_p = H_p when the majority curvatures agree, e.g. at w = 0
+    for label permutations). Otherwise one shared M: the Hessian with the batch-mean curvature.
+    Rare, heavily weighted events (collisions: ~1 % positives, class weight ~40) sit in different rows
+    of every shuffled label vector, which a shared matrix cannot represent; with the exact minority term
+    CG needs ~3x fewer iterations. The per-problem factors are built and applied in float32 (a
+    preconditioner only shapes the CG path; float64 if the float32 Cholesky fails).
+    Returns ``(apply, per_problem)`` with ``apply(r, rows) -> M_rows^-1 r``.
+    """
+    k, n = S.shape
+    d1 = Xa.shape[1]
+    m_max = int(minority.sum(1).max())
+    if m_max * d1 > 4 * n:                                    # shared: the batch-mean curvature
+        A = torch.eye(d1, dtype=S.dtype) + 2.0 * (XaT * S.mean(0)) @ Xa
+        Minv = torch.cholesky_inverse(torch.linalg.cholesky(A))
+        return (lambda r, rows: r @ Minv), False
+    # each row's mean curvature over the problems in which it is a majority-class row
+    maj = ~minority
+    s_maj = torch.where(maj, S, 0.0).sum(0) / maj.sum(0).clamp(min=1)
+    A = torch.eye(d1, dtype=S.dtype) + 2.0 * (XaT * s_maj) @ Xa
+    order = torch.argsort(minority.to(torch.int8), dim=1, descending=True, stable=True)[:, :m_max]
+    # a minority row's weight replaces the shared majority-class weight that A gives it (0 on padding rows)
+    w = torch.where(minority.gather(1, order), S.gather(1, order) - s_maj[order], 0.0).to(_HV_DTYPE)
+    Xm = Xh[order]                                                              # [k, m_max, D+1]
+    M = torch.baddbmm(A.to(_HV_DTYPE).expand(k, d1, d1), Xm.transpose(1, 2) * w[:, None, :], Xm, alpha=2.0)
+    L, info = torch.linalg.cholesky_ex(M)
+    if bool(info.any()):
+        L = torch.linalg.cholesky(M.to(S.dtype))
+    Minv = torch.cholesky_inverse(L).to(_HV_DTYPE)                             # [k, D+1, D+1]
+    cache = {}
+
+    def apply(r, rows):
+        if cache.get("rows") is not rows:                 # CG compacts its batch rarely: index once
+            cache["rows"], cache["Minv"] = rows, Minv[rows]
+        # M^-1 is symmetric: r^T M^-1 as a row-vector bmm (several times faster than M^-1 r on CPU)
+        return torch.bmm(r.to(_HV_DTYPE)[:, None, :], cache["Minv"]).squeeze(1).to(r.dtype)
+    return apply, True
 
 
 def fit_linear_svm_batch(X, Y, *, C: float = 1.0, tol: float = 1e-6, max_iter: int = 100,
@@ -134,7 +180,8 @@ def fit_linear_svm_batch(X, Y, *, C: float = 1.0, tol: float = 1e-6, max_iter: i
     own counts. ``init``: optional [P, D+1] starting weights (bias last). Column p is done when
     ||grad_p|| <= tol * ||grad_p(w=0)|| (float64 gradient); more than ``max_iter`` Newton steps raise.
     Returns ``(coef [P, D], intercept [P], info)``: float64 arrays and work counts (Newton steps;
-    Hessian-vector and Newton-step products, each summed over the columns still in the batch).
+    Hessian-vector and Newton-step products, each summed over the columns still in the batch; Newton steps
+    that used per-problem preconditioners).
     """
     X = np.asarray(X, dtype=np.float64)
     Y = np.asarray(Y, dtype=bool)
@@ -154,6 +201,7 @@ def fit_linear_svm_batch(X, Y, *, C: float = 1.0, tol: float = 1e-6, max_iter: i
     c_neg = C * n / (2.0 * (n - n_pos).clamp(min=1.0))
     Cw = torch.where(Yt, c_pos[:, None], c_neg[:, None])                       # C * class weight [P, n]
     Ys = Yt.to(f64).mul_(2.0).sub_(1.0)                                        # labels as +-1
+    minority = Yt == (2.0 * n_pos <= n)[:, None]                               # each column's smaller class
     g0n = 2.0 * ((Cw * Ys) @ Xa).norm(dim=1)    # gradient norm at w = 0 (every margin violated)
 
     W = torch.zeros(P, d + 1, dtype=f64) if init is None else torch.as_tensor(init, dtype=f64).clone()
@@ -163,7 +211,8 @@ def fit_linear_svm_batch(X, Y, *, C: float = 1.0, tol: float = 1e-6, max_iter: i
     pos = viol.clamp(min=0.0)
     rc = Cw * pos
     f0 = 0.5 * torch.linalg.vecdot(W, W) + torch.linalg.vecdot(rc, pos)         # objective per column
-    steps = hess_products = newton_products = 0
+    steps = hess_products = newton_products = n_per_problem = 0
+    shared = None
     while True:
         g = W - 2.0 * (rc * Ys) @ Xa
         gn = g.norm(dim=1)
@@ -177,16 +226,17 @@ def fit_linear_svm_batch(X, Y, *, C: float = 1.0, tol: float = 1e-6, max_iter: i
         if n_todo < 0.5 * idx.numel():                 # drop finished columns from the batch
             W_out[idx] = W
             keep = torch.nonzero(todo).flatten()
-            idx, W, viol, pos, rc, Cw, Ys, f0, g, gn, todo = (
-                t[keep] for t in (idx, W, viol, pos, rc, Cw, Ys, f0, g, gn, todo))
+            idx, W, viol, pos, rc, Cw, Ys, minority, f0, g, gn, todo = (
+                t[keep] for t in (idx, W, viol, pos, rc, Cw, Ys, minority, f0, g, gn, todo))
         steps += 1
         S = torch.where(pos > 0, Cw, 0.0)                                      # curvature weights [k, n]
-        if steps == 1:        # preconditioner: the Hessian with the batch-mean curvature, fixed per fit
-            M = torch.eye(d + 1, dtype=f64) + 2.0 * (XaT * S.mean(0)) @ Xa
-            Minv = torch.cholesky_inverse(torch.linalg.cholesky(M))
+        if shared is None:    # per-problem factors follow the curvature every step; a shared M is kept
+            precond, per_problem = _preconditioner(S, Xa, XaT, Xh, minority)
+            shared = None if per_problem else precond
+            n_per_problem += per_problem
         forcing = torch.clamp(gn / g0n[idx], min=_CG_FORCING[0], max=_CG_FORCING[1])
         stop = torch.where(todo, forcing * gn, 0.0)
-        direction, work = _pcg(S.to(_HV_DTYPE), Xh, XhT, torch.where(todo[:, None], -g, 0.0), Minv, stop,
+        direction, work = _pcg(S.to(_HV_DTYPE), Xh, XhT, torch.where(todo[:, None], -g, 0.0), precond, stop,
                                max_cg=max(50, d))
         del S
         hess_products += work
@@ -208,7 +258,8 @@ def fit_linear_svm_batch(X, Y, *, C: float = 1.0, tol: float = 1e-6, max_iter: i
         viol, pos, rc, f0 = v, vp, cvp, f1
     W_out[idx] = W
     W_out = W_out.numpy()
-    info = {"newton_steps": steps, "hessian_products": hess_products, "newton_products": newton_products}
+    info = {"newton_steps": steps, "hessian_products": hess_products, "newton_products": newton_products,
+            "per_problem_preconditioner_steps": n_per_problem}
     return W_out[:, :d], W_out[:, d], info
 
 
