@@ -75,11 +75,24 @@ def test_chain_outputs_follow_their_schemas(unit, tmp_path):
     assert not (tmp_path / "m.csv").exists()
 
 
+def test_train_agent_options_reach_the_checkpoint(tmp_path):
+    from interbrain.checkpoint import load_checkpoint
+
+    run("train", "--arch", "disrnn", "--preset", "fast", "--updates", "1", "--checkpoint-every", "1", "--out", tmp_path,
+        "--device", "cpu", "--set", "num_envs=2", "--agent-set", "bottleneck_beta=0.003", "--agent-set",
+        "bottleneck_warmup=7", "--quiet")
+    agent = load_checkpoint(tmp_path / "checkpoints" / "latest.safetensors").config.agent
+    assert (agent.arch, agent.bottleneck_beta, agent.bottleneck_warmup) == ("disrnn", 0.003, 7)
+
+
 @pytest.mark.parametrize("args,needle", [
     (["train", "--arch", "lstm9", "--out", "{tmp}/u"], "unknown arch 'lstm9'"),
     (["train", "--task", "party", "--out", "{tmp}/u"], "unknown task 'party'"),
     (["train", "--updates", "0", "--out", "{tmp}/u"], "updates must be a positive integer"),
     (["train", "--set", "lrr=1", "--out", "{tmp}/u"], "unknown learner setting 'lrr'"),
+    (["train", "--arch", "disrnn", "--agent-set", "beta=1", "--out", "{tmp}/u"], "unknown agent option 'beta'"),
+    (["train", "--arch", "disrnn", "--agent-set", "bottleneck_beta=-1", "--out", "{tmp}/u"],
+     "bottleneck_beta must be a finite non-negative number, got -1"),
     (["evaluate", "{tmp}/missing.safetensors", "--out", "{tmp}/ev.jsonl"], "missing checkpoint"),
     (["rollout", "{tmp}/missing.safetensors", "--out", "{tmp}/r.safetensors"], "missing checkpoint"),
     (["decode", "{tmp}/missing.safetensors", "--out", "{tmp}/d.csv"], "missing rollout"),

@@ -78,9 +78,12 @@ def test_per_problem_preconditioner_is_the_exact_hessian_for_permuted_labels_at_
     np.testing.assert_allclose(apply(Hv, rows).numpy(), v.numpy(), rtol=0, atol=2e-3 * float(v.abs().max()))
     sub = rows[[5, 1]]                                                        # a compacted CG batch
     np.testing.assert_allclose(apply(Hv[sub], sub).numpy(), v[sub].numpy(), rtol=0, atol=2e-3 * float(v.abs().max()))
-    # a balanced batch takes the shared preconditioner instead
-    _, per_problem = decoding._preconditioner(S, Xa, Xa.T.contiguous(), Xa.float(), torch.rand(Yt.shape) < 0.5)
-    assert not per_problem
+    # the per-problem correction is used only while it is cheap: minority count x (D + 1) <= 16 n
+    wide = torch.randn(n, 40, dtype=torch.float64)
+    for frac, expected in ((0.45, False), (0.3, True)):
+        minority = torch.rand(Yt.shape, generator=torch.Generator().manual_seed(1)) < frac
+        _, per_problem = decoding._preconditioner(S, wide, wide.T.contiguous(), wide.float(), minority)
+        assert per_problem is expected, frac
 
 
 def test_rare_event_batch_uses_per_problem_preconditioner_and_matches_sklearn():

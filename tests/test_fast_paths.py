@@ -77,6 +77,27 @@ def test_index_forms_equal_the_float_observation_contract(arch):
             s1, s2 = a[3], b[3]
 
 
+@pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
+def test_index_forms_have_the_float_forms_gradients(arch):
+    """Training runs on observation indices (the input-weight gathers): every parameter gets the gradient it gets
+    from the two-hot float observations."""
+    torch.manual_seed(1)
+    agent = build_agent(AgentConfig(arch=arch, size="matched", window=20))
+    index = random_index(25, 3, seed=2)
+    grads = []
+    for forward, x in ((agent.sequence_index, index), (agent.sequence, obs_from_index(index))):
+        agent.zero_grad(set_to_none=True)
+        logits, value, hidden = forward(x)
+        (logits.square().sum() + value.sum() + hidden.square().mean()).backward()
+        grads.append({n: p.grad for n, p in agent.named_parameters()})
+    assert grads[0].keys() == grads[1].keys()
+    for name, got in grads[0].items():
+        want = grads[1][name]
+        assert (got is None) == (want is None), name
+        if got is not None:
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5, msg=name)
+
+
 def test_joint_readout_equals_the_two_heads():
     agent = build_agent(AgentConfig(arch="rnn", init="modern"))
     h = torch.randn(7, 256)

@@ -210,6 +210,10 @@ def test_cross_report_tables_and_plsc_matrix(study):
     assert "Pitfall 9" in cka and "| **rnn** | 1.00 | 0.68 | 0.64 | 0.67 |" in cka
     train = _section(md, "2 Training")
     assert "| rnn | social | 3 | 200 | 11.00 ± 2.00 (n = 3) |" in train
+    # the measured learning budgets of this study's architectures only, labelled as separate runs
+    assert "Learning budget: separate calibration runs (not this study)" in train
+    assert "| rnn | social | paper | 100: 1.71; 200: 4.95; 300: 6.38; 400: 6.59 |" in train
+    assert "| mlp | social | fast |" in train and "| ssm |" not in train and "| gru |" not in train
     m = pd.read_csv(study["cross"] / "plsc_matrix.csv")
     r = m[(m["arch"] == "rnn") & (m["task"] == "social") & (m["variant"] == "per_episode") & (m["scope"] == "final")]
     assert r["n"].item() == 3

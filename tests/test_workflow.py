@@ -284,9 +284,22 @@ def test_schema_archs_match_the_package_registry():
     assert overrides == {f for f in PPOConfig.__dataclass_fields__} - {"learner"}
 
 
+def test_schema_agent_options_are_architecture_settings_of_registered_architectures():
+    sys.path.insert(0, str(REPO / "src"))
+    from interbrain.agents import ARCHITECTURES
+    from interbrain.config import AGENT_OPTIONS, AgentConfig
+
+    schema = yaml.safe_load((REPO / "workflow" / "schemas" / "config.schema.yaml").read_text())
+    per_arch = schema["properties"]["train"]["properties"]["agent_options"]["properties"]
+    assert set(per_arch) <= set(ARCHITECTURES)
+    for arch, spec in per_arch.items():
+        assert set(spec["properties"]) <= set(AGENT_OPTIONS) <= set(AgentConfig.__dataclass_fields__), arch
+
+
 @pytest.mark.parametrize("bad, message", [
     ("foo: 1", "config error: unknown key 'foo'"),
     ("train: {overrides: {lrr: 0.1}}", "config error: unknown key 'train.overrides.lrr'"),
+    ("train: {agent_options: {rnn: {bottleneck_beta: 0.1}}}", "config error: unknown key 'train.agent_options.rnn'"),
     ("archs: [rnn, lstm9]", "config error: archs[1]: 'lstm9' is not one of"),
     ("train: {updates: ten}", "config error: train.updates: 'ten' is not of type 'integer'"),
     ("late_updates: [150]", "config error: late_updates: 150 is not a saved checkpoint"),

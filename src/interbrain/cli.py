@@ -27,10 +27,12 @@ def _cmd_train(args) -> int:
     from interbrain.train import train
 
     overrides = dict(_parse_override(o) for o in args.set or [])
+    agent_options = dict(_parse_override(o) for o in args.agent_set or [])
     latest = train(args.arch, args.task, args.seed, args.preset, args.updates, device=args.device, out=args.out,
                    overrides=overrides, size=args.size, init=args.init, spawn=args.spawn, window=args.window,
                    pos=args.pos, checkpoint_every=args.checkpoint_every, log_every=args.log_every,
-                   latest_every_s=args.latest_every_s, progress=not args.quiet, threads=args.threads)
+                   latest_every_s=args.latest_every_s, progress=not args.quiet, threads=args.threads,
+                   agent_options=agent_options)
     print(latest)
     return 0
 
@@ -89,6 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--latest-every-s", type=float, default=1_800.0)
     t.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     t.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a learner setting, e.g. lr=1e-3")
+    t.add_argument("--agent-set", action="append", metavar="KEY=VALUE",
+                   help="an architecture setting (disrnn: bottleneck_beta, bottleneck_warmup; tok_transformer: "
+                        "tok_compute, tok_mode, tok_type_embedding), e.g. bottleneck_beta=1e-3")
     t.add_argument("--quiet", action="store_true", help="no progress output")
     t.set_defaults(func=_cmd_train)
 

@@ -207,16 +207,24 @@ def make_train_config(arch: str = "rnn", task: str = "social", seed: int = 0, pr
                       updates: int = 20_000, *, size: str = "std", init: str = "pytorch_default",
                       spawn: str = "full", window: int = 100, pos: str = "learned",
                       checkpoint_every: int = 1_000, log_every: int = 500, latest_every_s: float = 1_800.0,
-                      overrides: dict | None = None) -> TrainConfig:
-    """Build a validated config from flat arguments; ``overrides`` are :class:`PPOConfig` fields."""
+                      overrides: dict | None = None, agent_options: dict | None = None) -> TrainConfig:
+    """Build a validated config from flat arguments; ``overrides`` are :class:`PPOConfig` fields and
+    ``agent_options`` the architecture-specific :class:`AgentConfig` fields (:data:`AGENT_OPTIONS`)."""
+    options = dict(agent_options or {})
+    for key in options:
+        check_choice("agent option", key, AGENT_OPTIONS)
     return TrainConfig(
         env=EnvConfig(task=task, spawn=spawn),
-        agent=AgentConfig(arch=arch, size=size, init=init, window=window, pos=pos),
+        agent=AgentConfig(arch=arch, size=size, init=init, window=window, pos=pos, **options),
         ppo=ppo_preset(preset, **(overrides or {})),
         preset=preset, seed=seed, updates=updates, checkpoint_every=checkpoint_every, log_every=log_every,
         latest_every_s=latest_every_s,
     )
 
 
-__all__ = ["EnvConfig", "AgentConfig", "PPOConfig", "TrainConfig", "ppo_preset", "make_train_config", "replace",
+#: AgentConfig fields that only some architectures read (SPEC §3.4); the rest are flat arguments of make_train_config.
+AGENT_OPTIONS = ("bottleneck_beta", "bottleneck_warmup", "tok_compute", "tok_mode", "tok_type_embedding",
+                 "tok_prev_action", "tok_prev_reward")
+
+__all__ = ["EnvConfig", "AgentConfig", "AGENT_OPTIONS", "PPOConfig", "TrainConfig", "ppo_preset", "make_train_config", "replace",
            "TASKS", "VISIBILITIES", "TASK_VISIBILITY", "PRESETS", "SIZES", "INITS"]

@@ -72,9 +72,11 @@ class Trainer:
     def check_health(self) -> None:
         named = {}
         for a in AGENTS:
-            named.update({f"{a}.{n}": p for n, p in self.agents[a].named_parameters()})
-            for i, st in self.optimizers[a].state.items():
-                named.update({f"optimizer.{a}.{i}.{k}": v for k, v in st.items() if torch.is_tensor(v)})
+            params = dict(self.agents[a].named_parameters())
+            named.update({f"{a}.{n}": p for n, p in params.items()})
+            state = self.optimizers[a].state  # keyed by the parameter tensors themselves (never format them: slow)
+            for n, p in params.items():
+                named.update({f"optimizer.{a}.{n}.{k}": v for k, v in state.get(p, {}).items() if torch.is_tensor(v)})
         check_finite(named, self.update)
 
     def agent_stats(self) -> dict:
@@ -257,7 +259,7 @@ def train(arch: str = "rnn", task: str = "social", seed: int = 0, preset: str = 
           *, device: str = "auto", out: str | Path = "results/unit", overrides: dict | None = None, size: str = "std",
           init: str = "pytorch_default", spawn: str = "full", window: int = 100, pos: str = "learned",
           checkpoint_every: int = 1_000, log_every: int = 500, latest_every_s: float = 1_800.0,
-          progress: bool = True, threads: int | None = None) -> Path:
+          progress: bool = True, threads: int | None = None, agent_options: dict | None = None) -> Path:
     """Train one unit; resume from ``{out}/checkpoints`` when it holds a compatible checkpoint. Returns latest's path.
 
     A non-finite value fails the attempt with a recorded reason; a genuine failure retries from scratch, at most
@@ -265,7 +267,7 @@ def train(arch: str = "rnn", task: str = "social", seed: int = 0, preset: str = 
     """
     config = make_train_config(arch, task, seed, preset, updates, size=size, init=init, spawn=spawn, window=window,
                                pos=pos, checkpoint_every=checkpoint_every, log_every=log_every,
-                               latest_every_s=latest_every_s, overrides=overrides)
+                               latest_every_s=latest_every_s, overrides=overrides, agent_options=agent_options)
     return train_config(config, device=device, out=out, progress=progress, threads=threads)
 
 

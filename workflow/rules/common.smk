@@ -154,8 +154,9 @@ def arch_config(wildcards):
     import json
 
     resolved = json.loads(json.dumps(config))
-    own = resolved["train"].get("arch_overrides", {}).get(wildcards.arch)
-    resolved["train"]["arch_overrides"] = {wildcards.arch: own} if own else {}
+    for key in ("arch_overrides", "agent_options"):
+        own = resolved["train"].get(key, {}).get(wildcards.arch)
+        resolved["train"][key] = {wildcards.arch: own} if own else {}
     resolved["arch"] = wildcards.arch
     return json.loads(json.dumps(resolved, sort_keys=True))  # canonical key order: params are compared serialised
 

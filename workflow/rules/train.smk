@@ -25,7 +25,9 @@ rule train_request:
 rule train:
     """Train one unit. The learner works in {unit}/train_work (not a Snakemake output, so a killed or failed job
     leaves it in place and the rerun resumes from its newest healthy checkpoint); only a completed run publishes
-    the declared outputs (hard links to the checkpoints, copies of the JSONL logs)."""
+    the declared outputs (hard links to the checkpoints, copies of the JSONL logs). Training jobs go first
+    (priority): they are the longest, and a unit trained last would leave the other cores idle at the end."""
+    priority: 10
     input:
         request="results/{arch}/{task}/seed_{seed}/train_request.json",
     output:
@@ -54,6 +56,7 @@ rule train:
         window=TRAIN["window"],
         pos=TRAIN["pos"],
         overrides=lambda wc: {**TRAIN["overrides"], **TRAIN["arch_overrides"].get(wc.arch, {})},
+        agent_options=lambda wc: TRAIN["agent_options"].get(wc.arch, {}),
         checkpoint_every=EVERY,
         log_every=TRAIN["log_every"],
         device=TRAIN["device"],

@@ -46,7 +46,8 @@ with job(snakemake) as sm:
     work = Path(p.work)
     wanted = make_train_config(p.arch, p.task, p.seed, p.preset, p.updates, size=p.size, init=p.init, spawn=p.spawn,
                                window=p.window, pos=p.pos, checkpoint_every=p.checkpoint_every,
-                               log_every=p.log_every, overrides=dict(p.overrides))
+                               log_every=p.log_every, overrides=dict(p.overrides),
+                               agent_options=dict(p.agent_options))
     # The working copy is reused only if every checkpoint in it is healthy and was trained with these settings;
     # otherwise the unit is retrained from scratch (training is deterministic, so nothing else changes).
     stale = None
@@ -63,7 +64,7 @@ with job(snakemake) as sm:
         shutil.rmtree(work)
     train(p.arch, p.task, p.seed, p.preset, p.updates, device=p.device, out=work, overrides=dict(p.overrides),
           size=p.size, init=p.init, spawn=p.spawn, window=p.window, pos=p.pos, checkpoint_every=p.checkpoint_every,
-          log_every=p.log_every, progress=True, threads=sm.threads)
+          log_every=p.log_every, progress=True, threads=sm.threads, agent_options=dict(p.agent_options))
 
     ckpt_dir = work / "checkpoints"
     latest = ckpt_dir / "latest.safetensors"

@@ -167,6 +167,51 @@ def init_heads(agent: Agent) -> None:
     nn.init.zeros_(agent.value_head.bias)
 
 
+_INDEX_OFFSETS = torch.tensor([0, N_CELLS])  # own cell -> table row r, partner cell (or 100 = not shown) -> row 100 + r
+
+
+def index_table(weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """The rows of a Linear(200 -> out) (``weight`` [out, 200]) for observation indices: [201, out], rows 0..99 the own
+    cell (plus ``bias``), 100..199 the partner cell, 200 "partner not shown" (zeros)."""
+    w = weight.t()
+    own = w[:N_CELLS] if bias is None else w[:N_CELLS] + bias
+    return torch.cat([own, w[N_CELLS:], w.new_zeros(1, w.shape[1])])
+
+
+def gather_index(index: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """``Linear(two_hot(index))`` for observation indices [..., 2] as one summed gather of two rows of
+    :func:`index_table` (exact up to float summation order: x_t is at most two-hot). Returns [..., out]."""
+    rows = index + _INDEX_OFFSETS.to(index.device)
+    pre = torch.nn.functional.embedding_bag(rows.reshape(-1, 2), table, mode="sum")
+    return pre.view(*index.shape[:-1], table.shape[1])
+
+
+class TorchRNNAgent(Agent):
+    """Shared by agents built around one ``torch.nn`` recurrent layer ``self.rnn`` of state width ``self.width``
+    (gru, lstm). At width 256 ``hidden`` is the state output h_t itself (carried); at a parameter-matched width w it
+    is ReLU(Linear(w→256)(h_t)) (``self.proj``: Kaiming-uniform for ReLU, zero bias) and not carried. Call
+    :meth:`_build_projection` after creating ``self.rnn`` (parameter creation order fixes the seeded init)."""
+
+    rnn: nn.RNNBase
+    width: int
+
+    def _build_projection(self) -> None:
+        self.carries_hidden = self.width == HIDDEN
+        if not self.carries_hidden:
+            self.proj = nn.Linear(self.width, HIDDEN)
+            nn.init.kaiming_uniform_(self.proj.weight, nonlinearity="relu")
+            nn.init.zeros_(self.proj.bias)
+
+    def _hidden(self, h: torch.Tensor) -> torch.Tensor:
+        return h if self.carries_hidden else torch.relu(self.proj(h))
+
+    def recurrent_weight_norm(self):
+        return torch.linalg.matrix_norm(self.rnn.weight_hh_l0)
+
+    def input_weight_norm(self):
+        return torch.linalg.matrix_norm(self.rnn.weight_ih_l0)
+
+
 def check_size(config: AgentConfig, widths: dict) -> None:
     if config.size not in widths:
         raise InterbrainError(f"unknown size {config.size!r} for arch {config.arch!r}; expected one of {', '.join(widths)}")

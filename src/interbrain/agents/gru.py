@@ -23,14 +23,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from interbrain.agents.base import HIDDEN, OBS_DIM, Agent, check_size, init_heads, register
+from interbrain.agents.base import HIDDEN, OBS_DIM, TorchRNNAgent, check_size, init_heads, register
 from interbrain.config import AgentConfig
 
 WIDTHS = {"std": HIDDEN, "matched": 101}  # GRU state width
 
 
 @register("gru")
-class GRUAgent(Agent):
+class GRUAgent(TorchRNNAgent):
     memory_type = "gated nonlinear recurrence (GRU, state-dependent gates)"
 
     def __init__(self, config: AgentConfig):
@@ -38,19 +38,13 @@ class GRUAgent(Agent):
         check_size(config, WIDTHS)
         self.width = WIDTHS[config.size]
         self.rnn = nn.GRU(input_size=OBS_DIM, hidden_size=self.width, num_layers=1)
-        self.carries_hidden = self.width == HIDDEN
+        self._build_projection()
         if self.carries_hidden:
             self.hidden_definition = "GRU state h_t (tanh-bounded, carried)"
         else:
-            self.proj = nn.Linear(self.width, HIDDEN)
-            nn.init.kaiming_uniform_(self.proj.weight, nonlinearity="relu")
-            nn.init.zeros_(self.proj.bias)
             self.hidden_definition = (f"ReLU(Linear({self.width}→256)(h_t)), h_t the {self.width}-d GRU state "
                                       "(not carried)")
         init_heads(self)
-
-    def _hidden(self, h: torch.Tensor) -> torch.Tensor:
-        return h if self.carries_hidden else torch.relu(self.proj(h))
 
     def initial_state(self, batch, device="cpu"):
         return (torch.zeros(batch, self.width, device=device, dtype=self.rnn.weight_ih_l0.dtype),)
@@ -79,9 +73,3 @@ class GRUAgent(Agent):
         if not self.carries_hidden:
             return super().with_hidden(state, hidden)
         return (hidden,)
-
-    def recurrent_weight_norm(self):
-        return torch.linalg.matrix_norm(self.rnn.weight_hh_l0)
-
-    def input_weight_norm(self):
-        return torch.linalg.matrix_norm(self.rnn.weight_ih_l0)

@@ -22,14 +22,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from interbrain.agents.base import HIDDEN, OBS_DIM, Agent, check_size, init_heads, register
+from interbrain.agents.base import HIDDEN, OBS_DIM, TorchRNNAgent, check_size, init_heads, register
 from interbrain.config import AgentConfig
 
 WIDTHS = {"std": HIDDEN, "matched": 84}  # LSTM state width
 
 
 @register("lstm")
-class LSTMAgent(Agent):
+class LSTMAgent(TorchRNNAgent):
     memory_type = "gated nonlinear recurrence with a cell state (LSTM)"
 
     def __init__(self, config: AgentConfig):
@@ -37,19 +37,13 @@ class LSTMAgent(Agent):
         check_size(config, WIDTHS)
         self.width = WIDTHS[config.size]
         self.rnn = nn.LSTM(input_size=OBS_DIM, hidden_size=self.width, num_layers=1)
-        self.carries_hidden = self.width == HIDDEN
+        self._build_projection()
         if self.carries_hidden:
             self.hidden_definition = "LSTM output h_t = o_t ⊙ tanh(c_t) (carried; c_t is the `cell` site)"
         else:
-            self.proj = nn.Linear(self.width, HIDDEN)
-            nn.init.kaiming_uniform_(self.proj.weight, nonlinearity="relu")
-            nn.init.zeros_(self.proj.bias)
             self.hidden_definition = (f"ReLU(Linear({self.width}→256)(h_t)), h_t the {self.width}-d LSTM output "
                                       "(not carried; c_t is the `cell` site)")
         init_heads(self)
-
-    def _hidden(self, h: torch.Tensor) -> torch.Tensor:
-        return h if self.carries_hidden else torch.relu(self.proj(h))
 
     def initial_state(self, batch, device="cpu"):
         dtype = self.rnn.weight_ih_l0.dtype
@@ -80,9 +74,3 @@ class LSTMAgent(Agent):
 
     def extra_sites(self, state):
         return {"cell": state[1]}
-
-    def recurrent_weight_norm(self):
-        return torch.linalg.matrix_norm(self.rnn.weight_hh_l0)
-
-    def input_weight_norm(self):
-        return torch.linalg.matrix_norm(self.rnn.weight_ih_l0)

@@ -16,11 +16,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from interbrain.agents.base import HIDDEN, OBS_DIM, Agent, check_size, init_heads, register
+from interbrain.agents.base import HIDDEN, N_CELLS, OBS_DIM, Agent, check_size, index_table, init_heads, register
 from interbrain.config import AgentConfig
 
 FRAMES = 8
 WIDTHS = {"std": 256, "matched": 64}  # width of the first hidden layer
+_LOCAL = torch.tensor([0, N_CELLS])  # observation index -> row of a slot table (see MLPAgent._frame_tables)
+_EMPTY = 2 * N_CELLS + 1  # the zero row standing for a padded frame
+_SLOT = (torch.arange(FRAMES) * (2 * N_CELLS + 2))[:, None]  # first row of each slot's table
 
 
 @register("mlp")
@@ -60,6 +63,32 @@ class MLPAgent(Agent):
         windows = padded.unfold(0, FRAMES, 1)  # [T, B, 200, 8]: window t covers padded[t .. t+7]
         stacked = windows.transpose(-1, -2).reshape(T, B, FRAMES * OBS_DIM)
         hidden = self._hidden(stacked)
+        logits, value = self.readout(hidden)
+        return logits, value, hidden
+
+    # --- observation indices: fc1 over the 8-frame window as one summed gather of 16 rows --------------------------
+    def _frame_tables(self) -> torch.Tensor:
+        """[8 * 202, w]: per window slot k (oldest first) the :func:`index_table` rows of fc1's slot-k columns plus a
+        zero row 201 for the zero-padded frames before the episode start; fc1's bias sits on the newest slot's own-cell
+        rows (the newest frame is always a real observation)."""
+        w = self.fc1.weight
+        tables = []
+        for k in range(FRAMES):
+            rows = index_table(w[:, k * OBS_DIM:(k + 1) * OBS_DIM], self.fc1.bias if k == FRAMES - 1 else None)
+            tables += [rows, rows.new_zeros(1, rows.shape[1])]
+        return torch.cat(tables)
+
+    def sequence_index(self, index, state0=None):
+        if state0 is not None:  # a carried float frame window: the two-hot path
+            return super().sequence_index(index, state0)
+        T, B, _ = index.shape
+        local = index + _LOCAL.to(index.device)                                   # rows within one slot's table
+        padded = torch.cat([local.new_full((FRAMES - 1, B, 2), _EMPTY), local])  # [T+7, B, 2]
+        windows = padded.unfold(0, FRAMES, 1).transpose(-1, -2)                  # [T, B, 8, 2], oldest first
+        rows = windows + _SLOT.to(index.device)
+        table = self.cached("frame_tables", (self.fc1.weight, self.fc1.bias), self._frame_tables)
+        pre = torch.nn.functional.embedding_bag(rows.reshape(-1, 2 * FRAMES), table, mode="sum")
+        hidden = torch.relu(self.fc2(torch.relu(pre.view(T, B, -1))))
         logits, value = self.readout(hidden)
         return logits, value, hidden
 

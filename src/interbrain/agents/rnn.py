@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from interbrain.agents.base import HIDDEN, N_CELLS, OBS_DIM, Agent, register
+from interbrain.agents.base import HIDDEN, OBS_DIM, Agent, gather_index, index_table, register
 from interbrain.config import AgentConfig
 
 
@@ -63,7 +63,6 @@ class RNNAgent(Agent):
         if config.size not in ("std", "matched"):  # the RNN is the reference size of both presets
             raise ValueError(config.size)
         self.rnn = nn.RNN(input_size=OBS_DIM, hidden_size=HIDDEN, num_layers=1, nonlinearity="relu")
-        self._offsets = torch.tensor([0, N_CELLS])  # own cell -> table row r, partner cell (or 100) -> row 100 + r
         if config.init == "modern":
             nn.init.kaiming_uniform_(self.rnn.weight_ih_l0, nonlinearity="relu")
             nn.init.orthogonal_(self.rnn.weight_hh_l0, gain=0.8)
@@ -93,16 +92,13 @@ class RNNAgent(Agent):
     def input_table(self) -> torch.Tensor:
         """[201, 256]: rows 0..99 own cell (+ both biases), 100..199 partner cell, 200 partner not shown (zeros)."""
         r = self.rnn
-        w = r.weight_ih_l0.t()
-        return torch.cat([w[:N_CELLS] + (r.bias_ih_l0 + r.bias_hh_l0), w[N_CELLS:], w.new_zeros(1, HIDDEN)])
+        return index_table(r.weight_ih_l0, r.bias_ih_l0 + r.bias_hh_l0)
 
     def _gather(self, index: torch.Tensor) -> torch.Tensor:
         """W_ih x + b_ih + b_hh for observation indices [..., 2], as one summed gather of two table rows."""
-        rows = index + self._offsets.to(index.device)
         r = self.rnn
-        table = self.cached("input_table", (r.weight_ih_l0, r.bias_ih_l0, r.bias_hh_l0), self.input_table)
-        pre = torch.nn.functional.embedding_bag(rows.reshape(-1, 2), table, mode="sum")
-        return pre.view(*index.shape[:-1], HIDDEN)
+        return gather_index(index, self.cached("input_table", (r.weight_ih_l0, r.bias_ih_l0, r.bias_hh_l0),
+                                               self.input_table))
 
     def step_index(self, index, state):
         (h,) = state

@@ -21,7 +21,8 @@ import math
 import torch
 from torch import nn
 
-from interbrain.agents.base import HIDDEN, OBS_DIM, Agent, check_size, init_heads, register
+from interbrain.agents.base import (HIDDEN, OBS_DIM, Agent, check_size, gather_index, index_table, init_heads,
+                                    register)
 from interbrain.config import AgentConfig
 
 WIDTHS = {"std": 256, "matched": 128}  # internal width of both layers
@@ -73,18 +74,18 @@ class GatedDiagonalLayer(nn.Module):
         nn.init.xavier_uniform_(self.decay.weight, gain=0.5)
         nn.init.ones_(self.decay.bias)
 
-    def _gates(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        u = self.inp(x)
+    def _gates(self, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         a = torch.sigmoid(self.decay(u))
         return a, (1.0 - a) * u
 
-    def step(self, x: torch.Tensor, s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        a, b = self._gates(x)
+    def step(self, x: torch.Tensor, s: torch.Tensor, *, u: torch.Tensor | None = None):
+        """One step from input ``x``, or from its projection ``u = inp(x)`` when given (the index-gather path)."""
+        a, b = self._gates(self.inp(x) if u is None else u)
         s = a * s + b
         return torch.relu(self.mix(s)), s
 
-    def sequence(self, x: torch.Tensor, s0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        a, b = self._gates(x)
+    def sequence(self, x: torch.Tensor, s0: torch.Tensor, *, u: torch.Tensor | None = None):
+        a, b = self._gates(self.inp(x) if u is None else u)
         s = chunked_linear_scan(a, b, s0)
         return torch.relu(self.mix(s)), s[-1]
 
@@ -107,19 +108,33 @@ class SSMAgent(Agent):
         dtype = self.layer1.inp.weight.dtype
         return tuple(torch.zeros(batch, self.width, device=device, dtype=dtype) for _ in range(2))
 
-    def step(self, obs, state):
+    def step(self, obs, state, *, u1: torch.Tensor | None = None):
         s1, s2 = state
-        y1, s1 = self.layer1.step(obs, s1)
+        y1, s1 = self.layer1.step(obs, s1, u=u1)
         hidden, s2 = self.layer2.step(y1, s2)
         logits, value = self.readout(hidden)
         return logits, value, hidden, (s1, s2)
 
-    def sequence(self, obs, state0=None):
-        s1, s2 = self.initial_state(obs.shape[1], obs.device) if state0 is None else state0
-        y1, _ = self.layer1.sequence(obs, s1)
+    def sequence(self, obs, state0=None, *, u1: torch.Tensor | None = None):
+        B = (obs if u1 is None else u1).shape[1]
+        device = (obs if u1 is None else u1).device
+        s1, s2 = self.initial_state(B, device) if state0 is None else state0
+        y1, _ = self.layer1.sequence(obs, s1, u=u1)
         hidden, _ = self.layer2.sequence(y1, s2)
         logits, value = self.readout(hidden)
         return logits, value, hidden
+
+    # --- observation indices: layer 1's input projection as a gather of two rows -----------------------
+    def _u1(self, index: torch.Tensor) -> torch.Tensor:
+        inp = self.layer1.inp
+        return gather_index(index, self.cached("input_table", (inp.weight, inp.bias),
+                                               lambda: index_table(inp.weight, inp.bias)))
+
+    def step_index(self, index, state):
+        return self.step(None, state, u1=self._u1(index))
+
+    def sequence_index(self, index, state0=None):
+        return self.sequence(None, state0, u1=self._u1(index))
 
     def input_weight_norm(self):
         return torch.linalg.matrix_norm(self.layer1.inp.weight)

@@ -28,7 +28,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from interbrain.agents.base import HIDDEN, OBS_DIM, Agent, check_size, init_heads, register
+from interbrain.agents.base import (HIDDEN, OBS_DIM, Agent, check_size, gather_index, index_table, init_heads,
+                                    register)
 from interbrain.config import AgentConfig
 from interbrain.errors import InterbrainError
 
@@ -200,10 +201,11 @@ class TransformerAgent(WindowedContext, Agent):
         cache = torch.zeros(batch, HEADS, 0, self.d_model // HEADS, device=device, dtype=dtype)
         return (0, emb) + (cache,) * (2 * LAYERS)
 
-    def step(self, obs, state):
+    def step(self, obs, state, *, e: torch.Tensor | None = None):
+        """One step from ``obs``, or from its input embedding ``e = inp(obs)`` [B, d] when given (index path)."""
         t, emb, *cache = state
         self._check_history(t, emb)
-        e = self.inp(obs).unsqueeze(1)  # [B, 1, d]
+        e = (self.inp(obs) if e is None else e).unsqueeze(1)  # [B, 1, d]
         history = append_along(emb, e, 1, self.window - 1)
         if t < self.window:
             x = e + self.position_embedding(t, t + 1)
@@ -223,12 +225,13 @@ class TransformerAgent(WindowedContext, Agent):
         logits, value = self.readout(hidden)
         return logits, value, hidden, (t + 1, emb, *new_cache)
 
-    def sequence(self, obs, state0=None):
-        T, B, _ = obs.shape
+    def sequence(self, obs, state0=None, *, e: torch.Tensor | None = None):
+        e = self.inp(obs) if e is None else e  # [T, B, d] input embeddings
+        T, B, _ = e.shape
         W = self.window
-        t0, hist = (state0 if state0 is not None else self.initial_state(B, obs.device))[:2]
+        t0, hist = (state0 if state0 is not None else self.initial_state(B, e.device))[:2]
         self._check_history(t0, hist)
-        stream = torch.cat([hist, self.inp(obs).transpose(0, 1)], dim=1)  # [B, L, d], global steps g0..t0+T-1
+        stream = torch.cat([hist, e.transpose(0, 1)], dim=1)  # [B, L, d], global steps g0..t0+T-1
         n0 = hist.shape[1]
         L = n0 + T
         outs = []
@@ -247,6 +250,18 @@ class TransformerAgent(WindowedContext, Agent):
         hidden = self._emit(torch.cat(outs, dim=1)).transpose(0, 1)  # [T, B, 256]
         logits, value = self.readout(hidden)
         return logits, value, hidden
+
+    # --- observation indices: the input embedding as a gather of two rows ------------------------------
+    def _embed(self, index: torch.Tensor) -> torch.Tensor:
+        inp = self.inp
+        return gather_index(index, self.cached("input_table", (inp.weight, inp.bias),
+                                               lambda: index_table(inp.weight, inp.bias)))
+
+    def step_index(self, index, state):
+        return self.step(None, state, e=self._embed(index))
+
+    def sequence_index(self, index, state0=None):
+        return self.sequence(None, state0, e=self._embed(index))
 
     def input_weight_norm(self):
         return torch.linalg.matrix_norm(self.inp.weight)

@@ -38,7 +38,7 @@ hidden states span several decades (S_1/S_256 ≈ 10⁵ on AR(1) toy data), so a
 
 **Threads.** Decompositions and FFT blocks run on ``torch.get_num_threads()`` Python threads with one torch thread
 each (batched LAPACK barely uses intra-op threads and thrashes on shared cores). Memory: per-episode mode holds one
-[T, a, b] lag table per thread (0.26 GB in float64 for T = 500, 256 units); pooled mode holds all n_null cross
+[a, b, T] lag table per thread (0.26 GB in float64 for T = 500, 256 units); pooled mode holds all n_null cross
 matrices (1.05 GB for 2,000 draws) plus one table.
 
 **Residualized data.** Subtracting the across-episode mean makes the episodes' residuals sum to zero at each t. The
@@ -306,10 +306,11 @@ _ROWS = 32  # chaser axes per FFT block (bounds the complex work buffer to ~33 M
 
 
 class _LagTable:
-    """All circular lags of one episode: ``table[l] = Σ_t xp[t] ⊗ yp[(t − l) mod T]`` (``np.roll(yp, l)``).
+    """All circular lags of one episode: ``table[i, j, l] = Σ_t xp[t, i] yp[(t − l) mod T, j]`` (``np.roll(yp, l)``).
 
     Computed from one FFT cross-correlation, in blocks of ``_ROWS`` chaser axes that can run on separate threads
-    (each with its own work buffers) and write disjoint columns of the reused ``[T, a, b]`` table.
+    (each with its own work buffers) and write disjoint rows of the reused ``[a, b, T]`` table (the inverse FFT's own
+    layout, so nothing is transposed); :meth:`lags` gathers the lags a null actually uses as contiguous matrices.
     """
 
     def __init__(self, xp: np.ndarray, yp: np.ndarray, dtype, store: dict):
@@ -318,21 +319,23 @@ class _LagTable:
         self.dtype = dtype
         self.fx = torch.fft.rfft(torch.from_numpy(xp.T).to(dtype), dim=1)  # [a, F]
         self.fy = torch.fft.rfft(torch.from_numpy(yp.T).to(dtype), dim=1).conj()  # [b, F]
-        self.table = _buffer(store, "table", (self.T, self.a, self.b), dtype)
+        self.table = _buffer(store, "table", (self.a, self.b, self.T), dtype)
         self.blocks = [range(i0, min(self.a, i0 + _ROWS)) for i0 in range(0, self.a, _ROWS)]
 
     def fill(self, rows: range, work: dict) -> None:
-        T, b, n = self.T, self.b, len(rows)
-        prod = _buffer(work, "prod", (n, b, self.fx.shape[1]), self.fx.dtype)
+        n = len(rows)
+        prod = _buffer(work, "prod", (n, self.b, self.fx.shape[1]), self.fx.dtype)
         torch.mul(self.fx[rows.start : rows.stop, None, :], self.fy[None, :, :], out=prod)
-        corr = _buffer(work, "corr", (n, b, T), self.dtype)
-        torch.fft.irfft(prod, n=T, dim=2, out=corr)
-        self.table.view(T, self.a * b)[:, rows.start * b : rows.stop * b].copy_(corr.view(n * b, T).T)
+        torch.fft.irfft(prod, n=self.T, dim=2, out=self.table[rows.start : rows.stop])
 
-    def compute(self, work: dict) -> torch.Tensor:
+    def compute(self, work: dict) -> "_LagTable":
         for rows in self.blocks:
             self.fill(rows, work)
-        return self.table
+        return self
+
+    def lags(self, idx) -> torch.Tensor:
+        """[len(idx), a, b]: the cross-products at lags ``idx`` (a 1-D integer tensor), contiguous."""
+        return self.table.index_select(2, idx).permute(2, 0, 1).contiguous()
 
 
 def _spectra(C: torch.Tensor, lam_x: torch.Tensor, lam_y: torch.Tensor, K: int) -> tuple[np.ndarray, np.ndarray]:
@@ -371,14 +374,15 @@ def _null_episode_fast(sx: _Side, sy: _Side, shifts: np.ndarray, K: int, dtype, 
     ``bufs`` is reused between calls on the same thread (the table is consumed before it returns).
     """
     n = sx.z.shape[0]
-    table = _LagTable(sx.pcs, sy.pcs, dtype, bufs).compute(bufs).div_(n - 1)
+    table = _LagTable(sx.pcs, sy.pcs, dtype, bufs).compute(bufs)
     lags, inverse = np.unique(shifts, return_inverse=True)
     lags = torch.from_numpy(lags)
     lam_x, lam_y = _lams(sx, sy, dtype)
     S = np.zeros((lags.numel(), K))
     r = np.zeros((lags.numel(), K))
     for i0 in range(0, lags.numel(), _BATCH):
-        S[i0 : i0 + _BATCH], r[i0 : i0 + _BATCH] = _spectra(table[lags[i0 : i0 + _BATCH]], lam_x, lam_y, K)
+        C = table.lags(lags[i0 : i0 + _BATCH]).div_(n - 1)
+        S[i0 : i0 + _BATCH], r[i0 : i0 + _BATCH] = _spectra(C, lam_x, lam_y, K)
     return S[inverse], r[inverse]
 
 
@@ -394,7 +398,8 @@ def _null_pooled_fast(sx: _Side, sy: _Side, lengths, shifts: np.ndarray, K: int,
     for e in range(len(lengths)):
         lag = _LagTable(xs[e], ys[e], dtype, store)
         _parallel_map(lambda rows: lag.fill(rows, local.__dict__), lag.blocks)
-        table, col = lag.table, shifts[:, e].tolist()
+        used, where = np.unique(shifts[:, e], return_inverse=True)     # the lags this episode's draws use
+        table, col = lag.lags(torch.from_numpy(used)), where.tolist()
 
         def add(span, table=table, col=col):
             for b in span:

@@ -24,6 +24,7 @@ import pandas as pd
 from interbrain.analysis.stats import mean_sd, pearson, permutation_test
 from interbrain.errors import InterbrainError
 from interbrain.io import atomic_path, sha256_json, write_text_atomic
+from interbrain.report import calibration as CAL
 from interbrain.report import claims as C
 from interbrain.report import figures as F
 from interbrain.report import references as R
@@ -297,7 +298,25 @@ def _training_section(training: pd.DataFrame, figdir: Path, base: Path, *, per_s
     t = _table("Last logged training values", head, rows,
                note="Training values average the updates of one logging interval (self-play, not the random-opponent "
                     "evaluation).")
-    return _section(tables=[t], figures=[_figure(fig, base, "Collisions per episode during training")])
+    tables = [t]
+    if not per_seed:
+        tables.append(_calibration_table(archs))
+    return _section(tables=[t for t in tables if t], figures=[_figure(fig, base, "Collisions per episode during training")])
+
+
+def _calibration_table(archs: list[str]) -> dict | None:
+    """The measured learning budgets of this study's architectures (separate calibration runs, not this study)."""
+    runs = CAL.runs_for(archs)
+    if not runs:
+        return None
+    rows = [[r.arch, r.task, r.learner, "; ".join(f"{u}: {c:.2f}" for u, c in r.collisions), r.note or "—"]
+            for r in runs]
+    return _table("Learning budget: separate calibration runs (not this study)",
+                  ["arch", "task", "learner", "update: chaser collisions vs the random explorer", "note"], rows,
+                  note=f"One unit each (seed 0, `matched`, {CAL.MACHINE}), trained outside this workflow and evaluated "
+                       "with the study's random-opponent protocol at several checkpoints; a uniform-random chaser "
+                       "makes ≈ 1.5. They show how many updates an architecture needs before its social chaser "
+                       "chases, which one shared budget cannot (interbrain.report.calibration).")
 
 
 def _behavior_section(frames: dict, archs: list[str], figdir: Path, base: Path) -> dict:
