@@ -7,7 +7,9 @@ localrules:
 
 rule train_request:
     """The unit's training request (the `train` rule's input). Rewritten before scheduling when a published
-    checkpoint of the unit is found corrupt, which reruns the unit's training and everything downstream."""
+    checkpoint of the unit is found corrupt, which reruns the unit's training and everything downstream.
+    Same priority as `train` (a priority does not pass to a job's inputs)."""
+    priority: 10
     output:
         "results/{arch}/{task}/seed_{seed}/train_request.json",
     log:

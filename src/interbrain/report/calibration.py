@@ -40,7 +40,11 @@ RUNS: tuple[Run, ...] = (
     Run("mingru", "social", "paper", ((200, 3.28), (400, 3.40))),
     Run("minlstm", "social", "paper", ((200, 2.84), (400, 3.33))),
     Run("disrnn", "social", "paper, β 1e-2", ((200, 1.91), (400, 1.54)),
-        note="the summed bottleneck KL (≈ 66 at the start) dominates the PPO gradient after the warm-up"),
+        note="β·KL summed over the 2,110 bottlenecks (≈ 66 at the start) dominates the PPO loss after the warm-up"),
+    Run("disrnn", "social", "paper, β 1e-4", ((100, 3.47), (200, 1.81), (300, 2.82), (400, 2.29)),
+        note="chases best at the end of the noiseless warm-up (update 100); bottleneck noise and KL then undo it"),
+    Run("tok_transformer", "social", "paper", ((200, 2.70), (400, 3.38)),
+        note="about 2.1 s per update on one loaded core (≈ 3 × the transformer)"),
 )
 
 
