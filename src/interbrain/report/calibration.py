@@ -40,6 +40,7 @@ RUNS: tuple[Run, ...] = (
     Run("mingru", "social", "paper", ((200, 3.28), (400, 3.40))),
     Run("mingru", "social", "paper", ((400, 3.40), (800, 5.63), (1200, 7.70)),
         note="run on to 1,200 updates (same seed: identical up to 400)"),
+    Run("mingru", "non_social", "paper", ((400, 2.71), (800, 3.28), (1200, 3.34))),
     Run("minlstm", "social", "paper", ((200, 2.84), (400, 3.33))),
     Run("minlstm", "social", "paper", ((400, 3.33), (800, 4.17), (1200, 5.72)),
         note="run on to 1,200 updates (same seed: identical up to 400)"),
