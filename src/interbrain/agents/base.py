@@ -115,6 +115,12 @@ class Agent(nn.Module):
             hit = self._derived[name] = (key, build())
         return hit[1]
 
+    def gather_linear(self, index: torch.Tensor, layer: nn.Linear, name: str = "input_table") -> torch.Tensor:
+        """``layer(two_hot(index))`` for a Linear(200 -> out) first layer, as a gather of two rows of its
+        :func:`index_table` (cached under ``name`` while acting, rebuilt under autograd)."""
+        table = self.cached(name, (layer.weight, layer.bias), lambda: index_table(layer.weight, layer.bias))
+        return gather_index(index, table)
+
     def recurrent_weight_norm(self) -> torch.Tensor:
         return torch.zeros((), device=self.action_head.weight.device)
 

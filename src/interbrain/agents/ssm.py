@@ -21,8 +21,7 @@ import math
 import torch
 from torch import nn
 
-from interbrain.agents.base import (HIDDEN, OBS_DIM, Agent, check_size, gather_index, index_table, init_heads,
-                                    register)
+from interbrain.agents.base import HIDDEN, OBS_DIM, Agent, check_size, init_heads, register
 from interbrain.config import AgentConfig
 
 WIDTHS = {"std": 256, "matched": 128}  # internal width of both layers
@@ -125,16 +124,11 @@ class SSMAgent(Agent):
         return logits, value, hidden
 
     # --- observation indices: layer 1's input projection as a gather of two rows -----------------------
-    def _u1(self, index: torch.Tensor) -> torch.Tensor:
-        inp = self.layer1.inp
-        return gather_index(index, self.cached("input_table", (inp.weight, inp.bias),
-                                               lambda: index_table(inp.weight, inp.bias)))
-
     def step_index(self, index, state):
-        return self.step(None, state, u1=self._u1(index))
+        return self.step(None, state, u1=self.gather_linear(index, self.layer1.inp))
 
     def sequence_index(self, index, state0=None):
-        return self.sequence(None, state0, u1=self._u1(index))
+        return self.sequence(None, state0, u1=self.gather_linear(index, self.layer1.inp))
 
     def input_weight_norm(self):
         return torch.linalg.matrix_norm(self.layer1.inp.weight)

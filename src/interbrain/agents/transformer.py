@@ -28,8 +28,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from interbrain.agents.base import (HIDDEN, OBS_DIM, Agent, check_size, gather_index, index_table, init_heads,
-                                    register)
+from interbrain.agents.base import HIDDEN, OBS_DIM, Agent, check_size, init_heads, register
 from interbrain.config import AgentConfig
 from interbrain.errors import InterbrainError
 
@@ -252,16 +251,11 @@ class TransformerAgent(WindowedContext, Agent):
         return logits, value, hidden
 
     # --- observation indices: the input embedding as a gather of two rows ------------------------------
-    def _embed(self, index: torch.Tensor) -> torch.Tensor:
-        inp = self.inp
-        return gather_index(index, self.cached("input_table", (inp.weight, inp.bias),
-                                               lambda: index_table(inp.weight, inp.bias)))
-
     def step_index(self, index, state):
-        return self.step(None, state, e=self._embed(index))
+        return self.step(None, state, e=self.gather_linear(index, self.inp))
 
     def sequence_index(self, index, state0=None):
-        return self.sequence(None, state0, e=self._embed(index))
+        return self.sequence(None, state0, e=self.gather_linear(index, self.inp))
 
     def input_weight_norm(self):
         return torch.linalg.matrix_norm(self.inp.weight)
