@@ -48,6 +48,8 @@ RUNS: tuple[Run, ...] = (
         note="β·KL summed over the 2,110 bottlenecks (≈ 66 at the start) dominates the PPO loss after the warm-up"),
     Run("disrnn", "social", "paper, β 1e-4", ((100, 3.47), (200, 1.81), (300, 2.82), (400, 2.29)),
         note="chases best at the end of the noiseless warm-up (update 100); bottleneck noise and KL then undo it"),
+    Run("disrnn", "social", "paper, β 1e-4, warm-up 300", ((200, 3.84), (400, 3.38), (600, 3.29)),
+        note="a longer warm-up: the policy again stops improving once the bottlenecks turn on"),
     Run("tok_transformer", "social", "paper", ((200, 2.70), (400, 3.38)),
         note="about 2.1 s per update on one loaded core (≈ 3 × the transformer)"),
 )
