@@ -226,5 +226,5 @@ def make_train_config(arch: str = "rnn", task: str = "social", seed: int = 0, pr
 AGENT_OPTIONS = ("bottleneck_beta", "bottleneck_warmup", "tok_compute", "tok_mode", "tok_type_embedding",
                  "tok_prev_action", "tok_prev_reward")
 
-__all__ = ["EnvConfig", "AgentConfig", "AGENT_OPTIONS", "PPOConfig", "TrainConfig", "ppo_preset", "make_train_config", "replace",
-           "TASKS", "VISIBILITIES", "TASK_VISIBILITY", "PRESETS", "SIZES", "INITS"]
+__all__ = ["EnvConfig", "AgentConfig", "AGENT_OPTIONS", "PPOConfig", "TrainConfig", "ppo_preset", "make_train_config",
+           "replace", "TASKS", "VISIBILITIES", "TASK_VISIBILITY", "PRESETS", "SIZES", "INITS"]

@@ -35,12 +35,10 @@ def publish(src: Path, dst: Path, *, link: bool) -> None:
 
 
 with job(snakemake) as sm:
-    from interbrain.checkpoint import read_metadata
-    from interbrain.errors import InterbrainError
-    from interbrain.train import train
-
-    from interbrain.checkpoint import health, load_checkpoint
+    from interbrain.checkpoint import health, load_checkpoint, read_metadata
     from interbrain.config import make_train_config
+    from interbrain.errors import InterbrainError
+    from interbrain.train import train_config
 
     p = sm.params
     work = Path(p.work)
@@ -62,9 +60,7 @@ with job(snakemake) as sm:
     if stale:
         print(f"retraining {p.arch}/{p.task}/seed_{p.seed:04d} from scratch: {stale}", file=sys.stderr)
         shutil.rmtree(work)
-    train(p.arch, p.task, p.seed, p.preset, p.updates, device=p.device, out=work, overrides=dict(p.overrides),
-          size=p.size, init=p.init, spawn=p.spawn, window=p.window, pos=p.pos, checkpoint_every=p.checkpoint_every,
-          log_every=p.log_every, progress=True, threads=sm.threads, agent_options=dict(p.agent_options))
+    train_config(wanted, device=p.device, out=work, progress=True, threads=sm.threads)
 
     ckpt_dir = work / "checkpoints"
     latest = ckpt_dir / "latest.safetensors"

@@ -173,7 +173,7 @@ def init_heads(agent: Agent) -> None:
     nn.init.zeros_(agent.value_head.bias)
 
 
-_INDEX_OFFSETS = torch.tensor([0, N_CELLS])  # own cell -> table row r, partner cell (or 100 = not shown) -> row 100 + r
+INDEX_OFFSETS = torch.tensor([0, N_CELLS])  # own cell -> table row r, partner cell (or 100 = not shown) -> row 100 + r
 
 
 def index_table(weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -187,7 +187,7 @@ def index_table(weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor
 def gather_index(index: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
     """``Linear(two_hot(index))`` for observation indices [..., 2] as one summed gather of two rows of
     :func:`index_table` (exact up to float summation order: x_t is at most two-hot). Returns [..., out]."""
-    rows = index + _INDEX_OFFSETS.to(index.device)
+    rows = index + INDEX_OFFSETS.to(index.device)
     pre = torch.nn.functional.embedding_bag(rows.reshape(-1, 2), table, mode="sum")
     return pre.view(*index.shape[:-1], table.shape[1])
 

@@ -171,13 +171,12 @@ def _preconditioner(S, Xa, XaT, Xh, minority):
     return apply, True
 
 
-def fit_linear_svm_batch(X, Y, *, C: float = 1.0, tol: float = 1e-6, max_iter: int = 100,
-                         init: np.ndarray | None = None):
+def fit_linear_svm_batch(X, Y, *, C: float = 1.0, tol: float = 1e-6, max_iter: int = 100):
     """Fit the balanced squared-hinge L2 linear SVM for every label column of ``Y`` at once.
 
     X: [n, D] features (standardise beforehand; the solver adds the regularised unit bias feature).
     Y: [n, P] bool labels, one problem per column; class weights n / (2 n_class) from each column's
-    own counts. ``init``: optional [P, D+1] starting weights (bias last). Column p is done when
+    own counts; every column starts from w = 0. Column p is done when
     ||grad_p|| <= tol * ||grad_p(w=0)|| (float64 gradient); more than ``max_iter`` Newton steps raise.
     Returns ``(coef [P, D], intercept [P], info)``: float64 arrays and work counts (Newton steps;
     Hessian-vector and Newton-step products, each summed over the columns still in the batch; Newton steps
@@ -204,7 +203,7 @@ def fit_linear_svm_batch(X, Y, *, C: float = 1.0, tol: float = 1e-6, max_iter: i
     minority = Yt == (2.0 * n_pos <= n)[:, None]                               # each column's smaller class
     g0n = 2.0 * ((Cw * Ys) @ Xa).norm(dim=1)    # gradient norm at w = 0 (every margin violated)
 
-    W = torch.zeros(P, d + 1, dtype=f64) if init is None else torch.as_tensor(init, dtype=f64).clone()
+    W = torch.zeros(P, d + 1, dtype=f64)
     viol = 1.0 - Ys * (W @ XaT)                                                # 1 - y * margin
     W_out = W.clone()
     idx = torch.arange(P)                                                      # columns in the batch

@@ -298,10 +298,9 @@ def _training_section(training: pd.DataFrame, figdir: Path, base: Path, *, per_s
     t = _table("Last logged training values", head, rows,
                note="Training values average the updates of one logging interval (self-play, not the random-opponent "
                     "evaluation).")
-    tables = [t]
-    if not per_seed:
-        tables.append(_calibration_table(archs))
-    return _section(tables=[t for t in tables if t], figures=[_figure(fig, base, "Collisions per episode during training")])
+    calibration = None if per_seed else _calibration_table(archs)
+    return _section(tables=[t] + ([calibration] if calibration else []),
+                    figures=[_figure(fig, base, "Collisions per episode during training")])
 
 
 def _calibration_table(archs: list[str]) -> dict | None:
