@@ -85,7 +85,26 @@ def test_train_agent_options_reach_the_checkpoint(tmp_path):
     assert (agent.arch, agent.bottleneck_beta, agent.bottleneck_warmup) == ("disrnn", 0.003, 7)
 
 
+def test_train_ensemble_writes_one_unit_folder_per_task_and_seed(tmp_path):
+    from interbrain.checkpoint import load_checkpoint
+
+    proc = run("train-ensemble", "--preset", "fast", "--updates", "1", "--checkpoint-every", "1", "--seeds", "3", "4",
+               "--out", f"{tmp_path}/{{arch}}/{{task}}/seed_{{seed:04d}}", "--device", "cpu", "--set", "num_envs=2",
+               "--quiet")
+    printed = proc.stdout.split()
+    assert len(printed) == 4
+    for task in ("social", "non_social"):
+        for seed in (3, 4):
+            path = tmp_path / "rnn" / task / f"seed_{seed:04d}" / "checkpoints" / "latest.safetensors"
+            assert str(path) in printed
+            ck = load_checkpoint(path)
+            assert (ck.config.env.task, ck.config.seed, ck.update) == (task, seed, 1)
+
+
 @pytest.mark.parametrize("args,needle", [
+    (["train-ensemble", "--arch", "mlp", "--seeds", "0", "--out", "{tmp}/u/{{task}}/{{seed}}"],
+     "arch 'mlp' cannot train as an ensemble"),
+    (["train-ensemble", "--seeds", "0", "1", "--out", "{tmp}/u/{{task}}"], "gives several units the same folder"),
     (["train", "--arch", "lstm9", "--out", "{tmp}/u"], "unknown arch 'lstm9'"),
     (["train", "--task", "party", "--out", "{tmp}/u"], "unknown task 'party'"),
     (["train", "--updates", "0", "--out", "{tmp}/u"], "updates must be a positive integer"),

@@ -531,3 +531,45 @@ def test_long_random_run_invariants():
                            info.explorer_escape)
         prev_c, prev_e = c.clone(), e.clone()
     assert env.done
+
+
+def test_per_episode_configs_match_the_scalar_reference():
+    """A batch whose episodes have their own task and visibility (the ensemble's environment) follows, episode by
+    episode, the scalar reference of that episode's config: rewards, observations, events."""
+    combos = [("social", "partial"), ("non_social", "none"), ("mutual", "full"), ("social_alt", "partial")]
+    B, H = 32, 40
+    episodes = [EnvConfig(task=combos[i % 4][0], visibility=combos[i % 4][1], horizon=H) for i in range(B)]
+    env = ChaseEnv(EnvConfig(horizon=H), batch=B, episodes=episodes)
+    rng = random.Random(7)
+    gen = torch.Generator().manual_seed(7)
+    env.reset(gen)
+    cpos, epos = env.chaser_pos.clone(), env.explorer_pos.clone()
+    for i in range(0, B, 2):  # half the episodes start adjacent, so collisions are frequent
+        cpos[i] = torch.tensor([rng.randrange(1, 9), rng.randrange(1, 9)])
+        epos[i] = cpos[i] + torch.tensor(DELTA[rng.randrange(4)])
+    env.reset(gen, chaser_pos=cpos, explorer_pos=epos)
+    C, E = [tuple(p) for p in cpos.tolist()], [tuple(p) for p in epos.tolist()]
+    VC, VE = [{p} for p in C], [{p} for p in E]
+    seen = set()
+    for t in range(H):
+        c_obs, e_obs = env.observations()
+        for i in range(B):
+            ref_c, ref_e = reference_obs(C[i], E[i], episodes[i].visibility)
+            assert c_obs[i].tolist() == ref_c and e_obs[i].tolist() == ref_e, (t, i)
+        ac, ae = [rng.randrange(4) for _ in range(B)], [rng.randrange(4) for _ in range(B)]
+        info = env.step(torch.tensor(ac), torch.tensor(ae))
+        for i in range(B):
+            C[i], E[i], ev, (rc, re) = reference_step(episodes[i].task, C[i], E[i], VC[i], VE[i], ac[i], ae[i])
+            assert float(info.chaser_reward[i]) == pytest.approx(rc, abs=1e-6), (t, i)
+            assert float(info.explorer_reward[i]) == pytest.approx(re, abs=1e-6), (t, i)
+            assert bool(info.collision[i]) == ev["collision"]
+            if ev["collision"]:
+                seen.add(episodes[i].task)
+    assert seen == {c[0] for c in combos}  # every task's collision reward was exercised
+
+
+def test_per_episode_configs_are_validated():
+    with pytest.raises(InterbrainError, match="one env config per episode"):
+        ChaseEnv(EnvConfig(), batch=2, episodes=[EnvConfig()])
+    with pytest.raises(InterbrainError, match="episode 1's env config differs"):
+        ChaseEnv(EnvConfig(), batch=2, episodes=[EnvConfig(), EnvConfig(horizon=50)])

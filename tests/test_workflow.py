@@ -342,7 +342,9 @@ def test_dag_is_dot(tmp_path):
 def test_slurm_profile_names_existing_rules():
     profile = yaml.safe_load((REPO / "profiles" / "slurm" / "config.yaml").read_text())
     named = set(profile.get("set-resources", {})) | set(profile.get("groups", {}))
-    assert named <= set(RULES)
+    defined = {m for f in (REPO / "workflow" / "rules").glob("*.smk")
+               for m in re.findall(r"^\s*rule (\w+):", f.read_text(), re.M)}
+    assert named <= defined and set(RULES) <= defined and "train_ensemble" in named
 
 
 # ------------------------------------------------------------------------------------------------ real runs
@@ -530,3 +532,46 @@ def test_all_architectures_study_dry_runs_every_registered_architecture(dry):
     stats, jobs = dry("all_architectures")
     assert {r: n for r, n in stats.items() if r != "total"} == expected_counts(merged)
     assert stats["train"] == 40 and stats["arch_report"] == 10 and stats["cross_report"] == 1
+
+
+def test_ensemble_architectures_agree_with_the_package():
+    from interbrain.ensemble import ENSEMBLE_ARCHS
+
+    text = (REPO / "workflow" / "rules" / "common.smk").read_text()
+    assert f"ENSEMBLE_ARCHS = {list(ENSEMBLE_ARCHS)!r}".replace("'", '"') in text
+
+
+@pytest.mark.slow
+def test_train_ensemble_rule_publishes_every_units_outputs(tmp_path):
+    """train.ensemble: true: one train_ensemble job trains the rnn units (the transformer's still go through
+    `train`); the published checkpoints are the units' own (compared with a plain run of one unit)."""
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("archs: [rnn, transformer]\ntasks: [social, non_social]\nseeds: [0, 1]\n"
+                   "train: {preset: fast, updates: 4, checkpoint_every: 2, log_every: 2, overrides: {num_envs: 8}, "
+                   "device: cpu, ensemble: true}\n")
+    latest = [f"results/rnn/{t}/seed_{s:04d}/checkpoints/latest.safetensors" for t in ("social", "non_social")
+              for s in (0, 1)]
+    jobs = parse_dry_run(snakemake(tmp_path, "-n", "results/cross_architecture_study/report.md",
+                                   configfile=cfg).stdout)
+    assert len(jobs["train_ensemble"]) == 1 and len(jobs["train"]) == 4
+    assert sorted(o for o in jobs["train_ensemble"][0] if o.endswith("latest.safetensors")) == sorted(latest)
+    assert all("/transformer/" in o for outs in jobs["train"] for o in outs)
+    snakemake(tmp_path, "--cores", "2", *latest, configfile=cfg, timeout=600)
+    again = snakemake(tmp_path, "-n", *latest, configfile=cfg)
+    assert "Nothing to be done" in again.stdout + again.stderr
+
+    from interbrain.checkpoint import load_checkpoint
+    from interbrain.config import make_train_config
+    from interbrain.train import train_config
+
+    unit = make_train_config("rnn", "non_social", 1, "fast", 4, size="matched", checkpoint_every=2, log_every=2,
+                             overrides={"num_envs": 8})
+    alone = load_checkpoint(train_config(unit, device="cpu", out=tmp_path / "alone", progress=False))
+    published = tmp_path / "results/rnn/non_social/seed_0001/checkpoints"
+    got, start = load_checkpoint(published / "latest.safetensors"), load_checkpoint(published / "update_000000.safetensors")
+    assert got.config.to_dict() == alone.config.to_dict() and got.update == 4
+    for role in ("chaser", "explorer"):
+        a, b, s0 = alone.state_dict(role), got.state_dict(role), start.state_dict(role)
+        for k in a:
+            assert float((a[k] - b[k]).norm()) <= 1e-3 * float((a[k] - s0[k]).norm()) + 1e-7, (role, k)
+    assert (tmp_path / "logs/train_ensemble/rnn.log").read_text().count("published") == 4

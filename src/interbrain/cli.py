@@ -37,6 +37,55 @@ def _cmd_train(args) -> int:
     return 0
 
 
+def _cmd_train_ensemble(args) -> int:
+    from interbrain.config import make_train_config
+    from interbrain.ensemble import check_ensemble, train_ensemble
+
+    overrides = dict(_parse_override(o) for o in args.set or [])
+    agent_options = dict(_parse_override(o) for o in args.agent_set or [])
+    configs, outs = [], []
+    for task in args.tasks:
+        for seed in args.seeds:
+            configs.append(make_train_config(args.arch, task, seed, args.preset, args.updates, size=args.size,
+                                             init=args.init, spawn=args.spawn, window=args.window, pos=args.pos,
+                                             checkpoint_every=args.checkpoint_every, log_every=args.log_every,
+                                             latest_every_s=args.latest_every_s, overrides=overrides,
+                                             agent_options=agent_options))
+            try:
+                outs.append(args.out.format(arch=args.arch, task=task, seed=seed))
+            except (KeyError, IndexError, ValueError) as exc:
+                raise InterbrainError(f"--out {args.out!r} is not a valid pattern ({exc!r}); use {{arch}}, {{task}}, "
+                                      "{seed}") from None
+    check_ensemble(configs)
+    if len(set(outs)) != len(outs):
+        raise InterbrainError(f"--out {args.out!r} gives several units the same folder; use {{task}} and {{seed}}")
+    for latest in train_ensemble(configs, outs, device=args.device, progress=not args.quiet, threads=args.threads):
+        print(latest)
+    return 0
+
+
+def _add_unit_arguments(t: argparse.ArgumentParser) -> None:
+    """The settings of a training unit, shared by ``train`` and ``train-ensemble``."""
+    t.add_argument("--arch", default="rnn")
+    t.add_argument("--preset", default="paper", help="paper (default) | fast | rllib")
+    t.add_argument("--updates", type=int, default=20_000)
+    t.add_argument("--device", default="auto", help="auto (CUDA when present) | cpu | cuda[:N]")
+    t.add_argument("--size", default="std")
+    t.add_argument("--init", default="pytorch_default")
+    t.add_argument("--spawn", default="full")
+    t.add_argument("--window", type=int, default=100, help="attention window = training horizon (transformer)")
+    t.add_argument("--pos", default="learned")
+    t.add_argument("--checkpoint-every", type=int, default=1_000)
+    t.add_argument("--log-every", type=int, default=500)
+    t.add_argument("--latest-every-s", type=float, default=1_800.0)
+    t.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    t.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a learner setting, e.g. lr=1e-3")
+    t.add_argument("--agent-set", action="append", metavar="KEY=VALUE",
+                   help="an architecture setting (disrnn: bottleneck_beta, bottleneck_warmup; tok_transformer: "
+                        "tok_compute, tok_mode, tok_type_embedding), e.g. bottleneck_beta=1e-3")
+    t.add_argument("--quiet", action="store_true", help="no progress output")
+
+
 def _cmd_health(args) -> int:
     from interbrain.checkpoint import health
 
@@ -74,28 +123,20 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="train one chaser/explorer pair with independent PPO")
-    t.add_argument("--arch", default="rnn")
+    _add_unit_arguments(t)
     t.add_argument("--task", default="social")
     t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--preset", default="paper", help="paper (default) | fast | rllib")
-    t.add_argument("--updates", type=int, default=20_000)
-    t.add_argument("--device", default="auto", help="auto (CUDA when present) | cpu | cuda[:N]")
     t.add_argument("--out", required=True, help="unit directory (checkpoints/, metrics.jsonl, events.jsonl)")
-    t.add_argument("--size", default="std")
-    t.add_argument("--init", default="pytorch_default")
-    t.add_argument("--spawn", default="full")
-    t.add_argument("--window", type=int, default=100, help="attention window = training horizon (transformer)")
-    t.add_argument("--pos", default="learned")
-    t.add_argument("--checkpoint-every", type=int, default=1_000)
-    t.add_argument("--log-every", type=int, default=500)
-    t.add_argument("--latest-every-s", type=float, default=1_800.0)
-    t.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    t.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a learner setting, e.g. lr=1e-3")
-    t.add_argument("--agent-set", action="append", metavar="KEY=VALUE",
-                   help="an architecture setting (disrnn: bottleneck_beta, bottleneck_warmup; tok_transformer: "
-                        "tok_compute, tok_mode, tok_type_embedding), e.g. bottleneck_beta=1e-3")
-    t.add_argument("--quiet", action="store_true", help="no progress output")
     t.set_defaults(func=_cmd_train)
+
+    en = sub.add_parser("train-ensemble", help="train several units of one architecture (tasks x seeds) as one "
+                                               "batched ensemble; rnn, presets paper/fast")
+    _add_unit_arguments(en)
+    en.add_argument("--tasks", nargs="+", default=["social", "non_social"])
+    en.add_argument("--seeds", nargs="+", type=int, required=True)
+    en.add_argument("--out", required=True, metavar="PATTERN",
+                    help="each unit's directory, e.g. 'results/{arch}/{task}/seed_{seed:04d}'")
+    en.set_defaults(func=_cmd_train_ensemble)
 
     h = sub.add_parser("health", help="check checkpoints load and hold only finite tensors")
     h.add_argument("checkpoints", nargs="+")

@@ -73,6 +73,15 @@ class StepInfo:
 EVENT_NAMES = tuple(f.name for f in fields(StepInfo) if f.name not in ("chaser_reward", "explorer_reward", "done"))
 
 
+def _reward_rows(task: str) -> Tensor:
+    """[2, 4]: row agent (chaser, explorer), column ``new_field + 2 * collision`` -> reward (SPEC §2)."""
+    rows = []
+    for role in ("chaser", "explorer"):
+        collide, new, base = REWARD_TABLE[task][role]
+        rows.append([base, new, collide, collide])
+    return torch.tensor(rows)
+
+
 NOT_VISIBLE = N_CELLS  # partner index of an observation index when the partner is not shown
 
 
@@ -112,7 +121,11 @@ class ChaseEnv:
     of view are table lookups (:func:`_tables`).
     """
 
-    def __init__(self, config: EnvConfig, batch: int, device: torch.device | str = "cpu"):
+    def __init__(self, config: EnvConfig, batch: int, device: torch.device | str = "cpu",
+                 episodes: list[EnvConfig] | None = None):
+        """``episodes`` (optional, one :class:`EnvConfig` per episode, equal to ``config`` but for ``task`` and
+        ``visibility``) gives each episode its own rewards (SPEC §2) and visibility (SPEC §1.3), as a batched ensemble
+        of social and non-social units needs; by default every episode follows ``config``."""
         if not isinstance(config, EnvConfig):
             raise InterbrainError(f"env config must be an EnvConfig, got {type(config).__name__}")
         if isinstance(batch, bool) or not isinstance(batch, int) or batch <= 0:
@@ -122,17 +135,30 @@ class ChaseEnv:
         self.device = torch.empty(0, device=device).device  # canonical form, e.g. "cuda" -> "cuda:0"
         self.horizon = config.horizon
         self.visibility = config.visibility
-        collide_c, new_c, base_c = REWARD_TABLE[config.task]["chaser"]
-        collide_e, new_e, base_e = REWARD_TABLE[config.task]["explorer"]
-        # reward[agent, new_field + 2 * collision]: baseline < own new field < shared collision (SPEC §2)
-        self._reward_table = torch.tensor([[base_c, new_c, collide_c, collide_c],
-                                           [base_e, new_e, collide_e, collide_e]], device=self.device)
+        # reward[agent, new_field + 2 * collision]: baseline < own new field < shared collision (SPEC §2);
+        # [2, 4] for one task, [2, B, 4] with per-episode configs
+        self._reward_table = _reward_rows(config.task).to(self.device)
+        if episodes is not None:
+            self._set_episodes(config, episodes)
         tables = _tables()
         self._move, self._sq_dist, self._in_fov, self._row_col = (tables[k].to(self.device) for k in
                                                                   ("move", "sq_dist", "in_fov", "row_col"))
         self.cells: Tensor | None = None
         self.visited: Tensor | None = None
         self.t = 0
+
+    def _set_episodes(self, config: EnvConfig, episodes: list[EnvConfig]) -> None:
+        if len(episodes) != self.batch:
+            raise InterbrainError(f"episodes must give one env config per episode ({self.batch}), got {len(episodes)}")
+        shared = lambda c: {f.name: getattr(c, f.name) for f in fields(c) if f.name not in ("task", "visibility")}  # noqa: E731
+        for i, c in enumerate(episodes):
+            if not isinstance(c, EnvConfig) or shared(c) != shared(config):
+                raise InterbrainError(f"episode {i}'s env config differs from the batch's in more than task and "
+                                      f"visibility: {c!r}")
+        self._reward_table = torch.stack([_reward_rows(c.task) for c in episodes], 1).to(self.device)
+        self.visibility = "per_episode"
+        self._always_shown = torch.tensor([c.visibility == "full" for c in episodes], device=self.device)
+        self._shown_in_fov = torch.tensor([c.visibility == "partial" for c in episodes], device=self.device)
 
     @property
     def chaser_pos(self) -> Tensor | None:
@@ -237,6 +263,8 @@ class ChaseEnv:
             partner = torch.where(self.fov(), partner, NOT_VISIBLE)
         elif self.visibility == "none":
             partner = torch.full_like(partner, NOT_VISIBLE)
+        elif self.visibility == "per_episode":
+            partner = torch.where(self._always_shown | (self._shown_in_fov & self.fov()), partner, NOT_VISIBLE)
         return torch.stack([self.cells, partner], -1)
 
     # --- step ------------------------------------------------------------------------------------
@@ -328,7 +356,11 @@ class ChaseEnv:
         self.visited.scatter_(2, landing, True)
 
         # Rewards (SPEC §2): baseline < own new field < shared collision.
-        rewards = self._reward_table.gather(1, new_field.long() + 2 * collision.long())
+        code = new_field.long() + 2 * collision.long()
+        if self._reward_table.dim() == 2:
+            rewards = self._reward_table.gather(1, code)
+        else:
+            rewards = self._reward_table.gather(2, code.unsqueeze(2)).squeeze(2)
 
         # 7. step count.
         self.cells = cells

@@ -205,54 +205,84 @@ class _Stop:
     requested = False
 
 
+class UnitOutput:
+    """One unit's output directory while it trains: resume or start, metrics lines, periodic and rolling checkpoints.
+    Shared by the plain loop and the ensemble loop (:mod:`interbrain.ensemble`)."""
+
+    def __init__(self, config: TrainConfig, out: Path):
+        self.config = config
+        self.ckpt_dir = ensure_dir(out / "checkpoints")
+        self.metrics_path, self.events = out / "metrics.jsonl", out / "events.jsonl"
+        self.steps_per_update = config.ppo.num_envs * config.env.horizon
+        self.acc: list[dict] = []
+        self.last_latest, self.t_interval = time.monotonic(), time.perf_counter()
+
+    def start(self, device: torch.device) -> Trainer:
+        """The unit's trainer: resumed from its newest usable checkpoint, else fresh (writing update 0)."""
+        resume_from = _newest_resumable(self.ckpt_dir)
+        if resume_from is not None:
+            trainer = Trainer.from_checkpoint(resume_from, device, self.config)
+            _truncate_metrics(self.metrics_path, trainer.update)
+            append_jsonl(self.events, {"event": "resumed", "update": trainer.update, "from": str(resume_from.path),
+                                       "time": now()})
+        else:
+            trainer = Trainer(self.config, device)
+            self.metrics_path.unlink(missing_ok=True)
+            save_checkpoint(trainer.to_checkpoint(), self.ckpt_dir / _checkpoint_name(0))
+        self.last_latest, self.t_interval = time.monotonic(), time.perf_counter()
+        return trainer
+
+    def record(self, update: int, stats: dict, trainer: Trainer, prepare=None, stop: bool = False) -> dict | None:
+        """After update ``update`` with ``stats`` (``Trainer.step``'s): the metrics line when one is due, the periodic
+        and rolling checkpoints of ``trainer``. ``prepare()``, when given, runs once before the trainer is read (the
+        ensemble writes its stacked weights back then). Returns the line written, if any."""
+        config = self.config
+        self.acc.append(stats["rollout"])
+        is_ckpt = update % config.checkpoint_every == 0 or update == config.updates
+        is_log = update % config.log_every == 0 or is_ckpt
+        is_latest = not is_ckpt and (time.monotonic() - self.last_latest >= config.latest_every_s or stop)
+        if prepare is not None and (is_log or is_latest):
+            prepare()
+        line = None
+        if is_log:
+            elapsed, acc = time.perf_counter() - self.t_interval, self.acc
+            mean = {k: sum(m[k] for m in acc) / len(acc) for k in acc[0]}
+            line = {"update": update, "env_steps": update * self.steps_per_update, "updates_averaged": len(acc),
+                    "seconds_per_update": elapsed / len(acc), "env_steps_per_s": len(acc) * self.steps_per_update / elapsed,
+                    **mean, "learner": stats["learner"], "agents": trainer.agent_stats(), "time": now()}
+            append_jsonl(self.metrics_path, line)
+            self.acc, self.t_interval = [], time.perf_counter()
+        if is_ckpt:
+            ckpt = trainer.to_checkpoint(line)
+            save_checkpoint(ckpt, self.ckpt_dir / _checkpoint_name(update))
+            save_checkpoint(ckpt, self.ckpt_dir / "latest.safetensors")
+            self.last_latest = time.monotonic()
+        elif is_latest:
+            save_checkpoint(trainer.to_checkpoint(line or {}), self.ckpt_dir / "latest.safetensors")
+            self.last_latest = time.monotonic()
+        return line
+
+    def finish(self, trainer: Trainer) -> Path:
+        latest = self.ckpt_dir / "latest.safetensors"
+        if not latest.exists():  # resumed at the end with only periodic checkpoints left
+            save_checkpoint(trainer.to_checkpoint(), latest)
+        return latest
+
+
 def _run_attempt(config: TrainConfig, device: torch.device, out: Path, progress: bool) -> Path:
-    ckpt_dir = ensure_dir(out / "checkpoints")
-    metrics_path, events = out / "metrics.jsonl", out / "events.jsonl"
-    resume_from = _newest_resumable(ckpt_dir)
-    if resume_from is not None:
-        trainer = Trainer.from_checkpoint(resume_from, device, config)
-        _truncate_metrics(metrics_path, trainer.update)
-        append_jsonl(events, {"event": "resumed", "update": trainer.update, "from": str(resume_from.path), "time": now()})
-    else:
-        trainer = Trainer(config, device)
-        for stale in (metrics_path,):
-            stale.unlink(missing_ok=True)
-        save_checkpoint(trainer.to_checkpoint(), ckpt_dir / _checkpoint_name(0))
-    steps_per_update = config.ppo.num_envs * config.env.horizon
-    bar = Progress(config.updates, trainer.update, steps_per_update, config.unit_id, progress)
-    last_latest, t_interval, acc = time.monotonic(), time.perf_counter(), []
+    unit = UnitOutput(config, out)
+    trainer = unit.start(device)
+    bar = Progress(config.updates, trainer.update, unit.steps_per_update, config.unit_id, progress)
     try:
         while trainer.update < config.updates:
             stats = trainer.step()
-            acc.append(stats["rollout"])
-            u = trainer.update
-            is_ckpt = u % config.checkpoint_every == 0 or u == config.updates
-            line = None
-            if u % config.log_every == 0 or is_ckpt:
-                elapsed = time.perf_counter() - t_interval
-                line = {k: sum(m[k] for m in acc) / len(acc) for k in acc[0]}
-                line = {"update": u, "env_steps": u * steps_per_update, "updates_averaged": len(acc),
-                        "seconds_per_update": elapsed / len(acc), "env_steps_per_s": len(acc) * steps_per_update / elapsed,
-                        **line, "learner": stats["learner"], "agents": trainer.agent_stats(), "time": now()}
-                append_jsonl(metrics_path, line)
-                acc, t_interval = [], time.perf_counter()
-            if is_ckpt:
-                ckpt = trainer.to_checkpoint(line)
-                save_checkpoint(ckpt, ckpt_dir / _checkpoint_name(u))
-                save_checkpoint(ckpt, ckpt_dir / "latest.safetensors")
-                last_latest = time.monotonic()
-            elif time.monotonic() - last_latest >= config.latest_every_s or _Stop.requested:
-                save_checkpoint(trainer.to_checkpoint(line or {}), ckpt_dir / "latest.safetensors")
-                last_latest = time.monotonic()
-            bar.advance(u, line)
+            line = unit.record(trainer.update, stats, trainer, stop=_Stop.requested)
+            bar.advance(trainer.update, line)
             if _Stop.requested:
                 raise KeyboardInterrupt
     finally:
         bar.close()
-    latest = ckpt_dir / "latest.safetensors"
-    if not latest.exists():  # resumed at the end with only periodic checkpoints left
-        save_checkpoint(trainer.to_checkpoint(), latest)
-    return latest
+    return unit.finish(trainer)
 
 
 def train(arch: str = "rnn", task: str = "social", seed: int = 0, preset: str = "paper", updates: int = 20_000,
@@ -308,4 +338,4 @@ def train_config(config: TrainConfig, *, device: str = "auto", out: str | Path =
     raise AssertionError("unreachable")
 
 
-__all__ = ["train", "train_config", "Trainer", "derive_seed", "MAX_ATTEMPTS"]
+__all__ = ["train", "train_config", "Trainer", "UnitOutput", "derive_seed", "MAX_ATTEMPTS"]

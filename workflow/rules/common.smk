@@ -52,6 +52,10 @@ SAVED_UPDATES = sorted(set(range(0, FINAL, EVERY)) | {FINAL})
 ANALYSIS_UPDATES = sorted(set(config["late_updates"]) | {FINAL})
 PARTNER_UPDATES = SAVED_UPDATES if config["partner"]["scope"] == "all" else ANALYSIS_UPDATES
 CROSS = "results/cross_architecture_study"
+# Architectures that can train as a batched ensemble: interbrain.ensemble.ENSEMBLE_ARCHS (a test keeps them equal;
+# the Snakefile does not import the package). With train.ensemble, those of this study use rule train_ensemble.
+ENSEMBLE_ARCHS = ["rnn"]
+ENSEMBLE_STUDY_ARCHS = [a for a in ARCHS if a in ENSEMBLE_ARCHS] if TRAIN["ensemble"] else []
 
 for _u in config["late_updates"]:
     if _u not in SAVED_UPDATES:

@@ -77,6 +77,74 @@ rule train:
         "../scripts/train.py"
 
 
+# The batched ensemble (train.ensemble: true; interbrain.ensemble): every unit of an architecture that can train as
+# an ensemble (ENSEMBLE_ARCHS) in one job, e.g. one GPU job for all 20 paper-scale RNN units. It publishes the same
+# per-unit outputs as `train`, which it replaces for those architectures (ruleorder).
+if ENSEMBLE_STUDY_ARCHS:
+
+    ruleorder: train_ensemble > train
+
+    rule train_ensemble:
+        """Train all units (task x seed) of {arch} as one batched ensemble, each in its own train_work (resumable
+        as in `train`), then publish every unit's outputs."""
+        priority: 10
+        wildcard_constraints:
+            arch="|".join(ENSEMBLE_STUDY_ARCHS),
+        input:
+            requests=lambda wc: [f"{unit_dir(a, t, s)}/train_request.json" for a, t, s in units(wc.arch)],
+        output:
+            checkpoints=[
+                f"results/{{arch}}/{t}/seed_{seed_tag(s)}/checkpoints/update_{u:06d}.safetensors"
+                for t in TASKS
+                for s in SEEDS
+                for u in SAVED_UPDATES
+            ],
+            latest=[
+                f"results/{{arch}}/{t}/seed_{seed_tag(s)}/checkpoints/latest.safetensors" for t in TASKS for s in SEEDS
+            ],
+            metrics=[
+                report(
+                    f"results/{{arch}}/{t}/seed_{seed_tag(s)}/metrics.jsonl",
+                    caption="../report/metrics.rst",
+                    category="Training",
+                    subcategory="{arch}",
+                    labels={"arch": "{arch}", "task": t, "seed": seed_tag(s)},
+                )
+                for t in TASKS
+                for s in SEEDS
+            ],
+            events=[f"results/{{arch}}/{t}/seed_{seed_tag(s)}/events.jsonl" for t in TASKS for s in SEEDS],
+        params:
+            units=[(t, s) for t in TASKS for s in SEEDS],
+            works=lambda wc: [f"{unit_dir(a, t, s)}/train_work" for a, t, s in units(wc.arch)],
+            arch=lambda wc: wc.arch,
+            preset=TRAIN["preset"],
+            updates=FINAL,
+            size=TRAIN["size"],
+            init=TRAIN["init"],
+            spawn=TRAIN["spawn"],
+            window=TRAIN["window"],
+            pos=TRAIN["pos"],
+            overrides=lambda wc: {**TRAIN["overrides"], **TRAIN["arch_overrides"].get(wc.arch, {})},
+            agent_options=lambda wc: TRAIN["agent_options"].get(wc.arch, {}),
+            checkpoint_every=EVERY,
+            log_every=TRAIN["log_every"],
+            device=TRAIN["device"],
+        log:
+            "logs/train_ensemble/{arch}.log",
+        benchmark:
+            "logs/benchmarks/train_ensemble/{arch}.tsv"
+        threads: TRAIN["threads"]
+        resources:
+            mem_mb=lambda wc, attempt: TRAIN["mem_mb"] * attempt * len(TASKS) * len(SEEDS),
+            runtime=lambda wc, attempt: TRAIN["runtime"] * attempt * len(TASKS) * len(SEEDS),
+            gpu=TRAIN["gpus"],
+        conda:
+            "../envs/train.yaml"
+        script:
+            "../scripts/train_ensemble.py"
+
+
 rule health:
     """Health-check every checkpoint of a unit; the job fails (and writes nothing) if any is unhealthy."""
     input:

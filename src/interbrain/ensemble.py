@@ -1,0 +1,479 @@
+"""Batched ensembles: several training units of one architecture in one process (issue 6, the GPU path).
+
+A GPU runs one unit's small matrices far below its capacity; an ensemble stacks E units' parameters ([E, ...]) and
+runs their rollouts and losses as batched matrix products, so one job carries many units (seeds, social and
+non-social). It is an execution strategy only: every unit keeps its own initial weights, environment spawns, action
+stream, Adam state, advantage normalisation and gradient clipping, and the result is each unit's ordinary checkpoint
+directory, the same (to float tolerance) as training the unit alone (``tests/test_ensemble.py``).
+
+How the plain path maps onto the batch (E units, B episodes each; the unit index is the outer batch index):
+
+- the units' own :class:`~interbrain.train.Trainer` objects are built first (same ``build_pair`` initial weights and
+  generators as a plain run) and then stacked; :meth:`EnsembleTrainer.sync` writes the stacked weights and Adam
+  moments back into them, so checkpoints and resume use the plain code unchanged;
+- one :class:`~interbrain.env.ChaseEnv` of E·B episodes with per-episode rewards and visibility (``episodes``); spawns are drawn
+  per unit from that unit's environment generator, exactly as its plain environment would draw them;
+- Gumbel noise per unit and agent from the unit's action generators (the same stream as the plain rollout);
+- GAE over all columns at once; advantages normalised per unit and agent;
+- the PPO loss is the sum over units of each unit's loss (disjoint parameters, so each unit's gradient is its own);
+  gradients are clipped per unit (the unit's global norm over its parameters, as ``clip_grad_norm_``); one Adam over
+  the stacked tensors is elementwise, so it equals E separate Adams with the same settings.
+
+Scope: ``rnn`` (the architecture of the GPU target), the clipped learner (presets ``paper`` and ``fast``); the units
+must share every setting but seed and task (with the task's visibility). Anything else is refused with a one-line error. A non-finite value stops
+the whole ensemble with the offending tensor and unit named (the plain trainer's retry-from-scratch is per unit; rerun
+that unit alone). ``torch``'s global RNG is not used by an RNN's training, so its state in the units' checkpoints is
+that of the ensemble process.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from interbrain.agents.base import HIDDEN, INDEX_OFFSETS, N_ACTIONS, N_CELLS
+from interbrain.config import TrainConfig
+from interbrain.env import ChaseEnv
+from interbrain.errors import InterbrainError, NonFiniteError
+from interbrain.io import append_jsonl, ensure_dir
+from interbrain.provenance import now, resolve_device
+from interbrain.ppo import AGENTS, Z_SAMPLE_EVERY, Rollout, check_finite, gae, gumbel_noise, rollout_metrics
+
+ENSEMBLE_ARCHS = ("rnn",)
+TABLE_ROWS = 2 * N_CELLS + 1  # own cell, partner cell, "partner not shown"
+
+
+# ------------------------------------------------------------------------------------------------ validation
+def check_ensemble(configs: list[TrainConfig]) -> None:
+    """One-line errors unless the units can share an ensemble: same architecture (one of :data:`ENSEMBLE_ARCHS`),
+    clipped learner, every setting equal but seed and task (and its visibility), no unit twice."""
+    if not configs:
+        raise InterbrainError("an ensemble needs at least one unit")
+    first = configs[0]
+    if first.agent.arch not in ENSEMBLE_ARCHS:
+        raise InterbrainError(f"arch {first.agent.arch!r} cannot train as an ensemble; supported: {list(ENSEMBLE_ARCHS)}")
+    if first.ppo.learner == "rllib":
+        raise InterbrainError(f"preset {first.preset!r} (the rllib learner) cannot train as an ensemble; "
+                              "use paper or fast")
+    if first.ppo.bootstrap_time_limit:
+        raise InterbrainError("ppo.bootstrap_time_limit=true cannot train as an ensemble")
+
+    def shared(c: TrainConfig) -> dict:
+        d = c.to_dict()
+        d.pop("seed")
+        d["env"] = {k: v for k, v in d["env"].items() if k not in ("task", "visibility")}
+        return d
+
+    ids = set()
+    for c in configs:
+        if c.unit_id in ids:
+            raise InterbrainError(f"unit {c.unit_id} appears twice in the ensemble")
+        ids.add(c.unit_id)
+        if shared(c) != shared(first):
+            from interbrain.train import _first_difference
+
+            raise InterbrainError(f"unit {c.unit_id} cannot share an ensemble with {first.unit_id}: setting "
+                                  f"{_first_difference(shared(c), shared(first))}")
+
+
+# ------------------------------------------------------------------------------------------------ the stacked RNN
+class BatchedReluRecurrence(torch.autograd.Function):
+    """:class:`interbrain.agents.rnn.ReluRecurrence` for E units at once: H[t] = ReLU(pre[t] + H[t-1] W_e^T);
+    pre [T,E,B,H], h0 [E,B,H], w [E,H,H] -> H [T,E,B,H]. Same arithmetic, ``baddbmm`` in place of ``addmm``."""
+
+    @staticmethod
+    def forward(ctx, pre: torch.Tensor, h0: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        out = torch.empty_like(pre)
+        wt, h = w.transpose(1, 2), h0
+        for t in range(pre.shape[0]):
+            h = torch.baddbmm(pre[t], h, wt, out=out[t]).relu_()
+        ctx.save_for_backward(out, h0, w)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        out, h0, w = ctx.saved_tensors
+        T, E, B, H = out.shape
+        alive = (out > 0).to(out.dtype)
+        g = torch.empty_like(out)
+        torch.mul(grad_out[T - 1], alive[T - 1], out=g[T - 1])
+        for t in range(T - 1, 0, -1):
+            torch.baddbmm(grad_out[t - 1], g[t], w, out=g[t - 1]).mul_(alive[t - 1])
+        grad_h0 = torch.bmm(g[0], w) if ctx.needs_input_grad[1] else None
+        grad_w = None
+        if ctx.needs_input_grad[2]:
+            grad_w = torch.bmm(g[0].transpose(1, 2), h0)
+            if T > 1:  # sum_t g_t^T h_{t-1} per unit, as one batched product over all steps
+                gs = g[1:].permute(1, 3, 0, 2).reshape(E, H, (T - 1) * B)
+                hs = out[:-1].permute(1, 0, 2, 3).reshape(E, (T - 1) * B, H)
+                grad_w = grad_w.baddbmm_(gs, hs)
+        return g, grad_h0, grad_w
+
+
+class StackedRNN(nn.Module):
+    """E :class:`~interbrain.agents.rnn.RNNAgent` s of one role as stacked parameters (unit e = index e)."""
+
+    #: stacked parameter -> the RNNAgent parameter it stacks
+    SOURCES = {"weight_ih": "rnn.weight_ih_l0", "weight_hh": "rnn.weight_hh_l0", "bias_ih": "rnn.bias_ih_l0",
+               "bias_hh": "rnn.bias_hh_l0", "action_weight": "action_head.weight", "action_bias": "action_head.bias",
+               "value_weight": "value_head.weight", "value_bias": "value_head.bias"}
+
+    def __init__(self, agents: list[nn.Module]):
+        super().__init__()
+        self.units = len(agents)
+        for name, source in self.SOURCES.items():
+            params = [dict(a.named_parameters())[source].detach() for a in agents]
+            self.register_parameter(name, nn.Parameter(torch.stack(params).clone()))
+
+    def write_to(self, agents: list[nn.Module]) -> None:
+        """Copy unit e's slice of every stacked parameter into ``agents[e]``."""
+        with torch.no_grad():
+            for name, source in self.SOURCES.items():
+                stacked = getattr(self, name)
+                for e, agent in enumerate(agents):
+                    dict(agent.named_parameters())[source].copy_(stacked[e])
+
+    def input_table(self) -> torch.Tensor:
+        """[E·201, 256]: unit e's :meth:`RNNAgent.input_table` in rows 201 e .. 201 e + 200."""
+        w = self.weight_ih.transpose(1, 2)  # [E, 200, H]
+        own = w[:, :N_CELLS] + (self.bias_ih + self.bias_hh).unsqueeze(1)
+        return torch.cat([own, w[:, N_CELLS:], w.new_zeros(self.units, 1, HIDDEN)], 1).reshape(-1, HIDDEN)
+
+    def gather(self, index: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+        """W_ih x + b_ih + b_hh per unit for observation indices [..., E, B, 2] -> [..., E, B, 256]."""
+        E = self.units
+        unit_rows = (torch.arange(E, device=index.device) * TABLE_ROWS).view(E, 1, 1)
+        rows = index + INDEX_OFFSETS.to(index.device) + unit_rows
+        pre = torch.nn.functional.embedding_bag(rows.reshape(-1, 2), table, mode="sum")
+        return pre.view(*index.shape[:-1], HIDDEN)
+
+    def heads(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Joint heads per unit: weight^T [E, 256, 5] (4 logits, then the value) and bias [E, 1, 5]."""
+        weight = torch.cat([self.action_weight, self.value_weight], 1).transpose(1, 2)
+        bias = torch.cat([self.action_bias, self.value_bias], 1).unsqueeze(1)
+        return weight, bias
+
+    def readout(self, hidden: torch.Tensor, heads) -> tuple[torch.Tensor, torch.Tensor]:
+        """hidden [..., E, B, 256] -> logits [..., E, B, 4], value [..., E, B]."""
+        weight, bias = heads
+        out = torch.matmul(hidden, weight) + bias
+        return out[..., :N_ACTIONS], out[..., N_ACTIONS]
+
+    def step_index(self, index: torch.Tensor, h: torch.Tensor, table, heads):
+        """One step of every unit: index [E, B, 2], h [E, B, 256] -> logits, value, h."""
+        h = torch.baddbmm(self.gather(index, table), h, self.weight_hh.transpose(1, 2)).relu_()
+        logits, value = self.readout(h, heads)
+        return logits, value, h
+
+    def sequence_index(self, index: torch.Tensor):
+        """Whole episodes from zero state: index [T, E, B, 2] -> logits [T,E,B,4], value [T,E,B], hidden."""
+        pre = self.gather(index, self.input_table())
+        h0 = pre.new_zeros(pre.shape[1:])
+        hidden = BatchedReluRecurrence.apply(pre, h0, self.weight_hh)
+        logits, value = self.readout(hidden, self.heads())
+        return logits, value, hidden
+
+    def recurrent_weight_norm(self) -> torch.Tensor:
+        return torch.linalg.matrix_norm(self.weight_hh)  # [E]
+
+    def input_weight_norm(self) -> torch.Tensor:
+        return torch.linalg.matrix_norm(self.weight_ih)  # [E]
+
+
+# ------------------------------------------------------------------------------------------------ rollout
+@torch.no_grad()
+def collect_ensemble_rollout(env: ChaseEnv, spawn_envs: list[ChaseEnv], stacks: dict[str, StackedRNN],
+                             env_gens: list[torch.Generator], action_gens: list[dict[str, torch.Generator]]) -> Rollout:
+    """:func:`interbrain.ppo.collect_rollout` for E units in one environment of E·B episodes (unit-major columns).
+    Returns one :class:`Rollout` over all E·B columns; ``z_norm`` is [T/10, E·B]."""
+    E, B = len(spawn_envs), spawn_envs[0].batch
+    for spawn_env, gen in zip(spawn_envs, env_gens):  # each unit's spawns, drawn as its own environment draws them
+        spawn_env.reset(gen)
+    env.reset(None, chaser_pos=torch.cat([s.chaser_pos.cpu() for s in spawn_envs]),
+              explorer_pos=torch.cat([s.explorer_pos.cpu() for s in spawn_envs]))
+    T, dev = env.config.horizon, env.device
+    noise = torch.stack([torch.stack([gumbel_noise((T, B, 4), action_gens[e][a], dev) for e in range(E)], 1)
+                         for a in AGENTS], 1).view(T, 2, E * B, 4)
+    obs_index = torch.empty(T, 2, E * B, 2, dtype=torch.long, device=dev)
+    logits = torch.empty(T, 2, E * B, 4, device=dev)
+    values = torch.empty(T, 2, E * B, device=dev)
+    actions = torch.empty(T, 2, E * B, dtype=torch.long, device=dev)
+    rewards = torch.empty(T, 2, E * B, device=dev)
+    event_keys = ("collision", "chaser_new_field", "explorer_new_field", "fov_post")
+    events = torch.empty(len(event_keys), T, E * B, dtype=torch.bool, device=dev)
+    tables = {a: stacks[a].input_table() for a in AGENTS}
+    heads = {a: stacks[a].heads() for a in AGENTS}
+    h = {a: torch.zeros(E, B, HIDDEN, device=dev) for a in AGENTS}
+    z_hidden = {a: [] for a in AGENTS}
+    for t in range(T):
+        index = env.observation_index()
+        obs_index[t] = index
+        for i, a in enumerate(AGENTS):
+            lg, v, h[a] = stacks[a].step_index(index[i].view(E, B, 2), h[a], tables[a], heads[a])
+            logits[t, i], values[t, i] = lg.view(E * B, 4), v.view(E * B)
+            if t % Z_SAMPLE_EVERY == 0:
+                z_hidden[a].append(h[a])
+        torch.argmax(logits[t] + noise[t], dim=-1, out=actions[t])
+        core = env.step_core(actions[t, 0], actions[t, 1])
+        rewards[t] = core["rewards"]
+        events[0, t] = core["collision"]
+        events[1:3, t] = core["new_field"]
+        events[3, t] = env.fov()
+    logp = torch.log_softmax(logits, -1).gather(-1, actions[..., None]).squeeze(-1)
+    z_norm = {}
+    for a in AGENTS:
+        w = stacks[a].action_weight  # [E, 4, H]
+        hs = torch.stack(z_hidden[a])  # [S, E, B, H]
+        z_norm[a] = torch.matmul(torch.matmul(hs, w.transpose(1, 2)), w).norm(dim=-1).view(-1, E * B)
+    done = (torch.arange(T, device=dev) + 1 >= T)[:, None].expand(T, E * B)
+    per_agent = lambda joint: {a: joint[:, i] for i, a in enumerate(AGENTS)}  # noqa: E731
+    return Rollout(per_agent(obs_index), per_agent(actions), per_agent(logp), per_agent(logits), per_agent(values),
+                   per_agent(rewards), done, dict(zip(event_keys, events)), env.distance(), z_norm)
+
+
+def unit_rollout(batch: Rollout, e: int, B: int) -> Rollout:
+    """Unit e's columns of an ensemble rollout (views), as the unit's own rollout would hold them."""
+    cols = slice(e * B, (e + 1) * B)
+    pick = lambda d: {a: v[:, cols] for a, v in d.items()}  # noqa: E731
+    return Rollout(pick(batch.obs_index), pick(batch.actions), pick(batch.logp), pick(batch.logits),
+                   pick(batch.values), pick(batch.rewards), batch.done[:, cols], pick(batch.events),
+                   batch.final_distance[cols], {a: v[:, cols] for a, v in batch.z_norm.items()})
+
+
+# ------------------------------------------------------------------------------------------------ update
+def _unit_mean(x: torch.Tensor) -> torch.Tensor:
+    """[T, E, B] -> [E]: the mean over each unit's T·B entries."""
+    return x.mean((0, 2))
+
+
+def ensemble_loss(stack: StackedRNN, obs_index, actions, old_logp, adv, returns, cfg) -> tuple[torch.Tensor, dict]:
+    """Σ_e of unit e's :func:`interbrain.ppo.policy_loss` (clipped learner); inputs [T, E, B(, 2)]. Stats are [E]."""
+    logits, value, _ = stack.sequence_index(obs_index)
+    logp_all = torch.log_softmax(logits, -1)
+    logp = logp_all.gather(-1, actions[..., None]).squeeze(-1)
+    log_ratio = logp - old_logp
+    ratio = log_ratio.exp()
+    surrogate = torch.minimum(ratio * adv, ratio.clamp(1 - cfg.clip_eps, 1 + cfg.clip_eps) * adv)
+    pg_loss = -_unit_mean(surrogate)
+    v_loss = _unit_mean(torch.clamp((value - returns) ** 2, max=cfg.value_cap))
+    entropy = _unit_mean(-(logp_all.exp() * logp_all).sum(-1))
+    rec = stack.recurrent_weight_norm()
+    loss = pg_loss + cfg.value_coef * v_loss - cfg.entropy_coef * entropy + cfg.recurrent_l2 * rec
+    if cfg.input_l2:
+        loss = loss + cfg.input_l2 * stack.input_weight_norm()
+    kl = _unit_mean((ratio - 1) - log_ratio)
+    stats = {"loss": loss, "policy_loss": pg_loss, "value_loss": v_loss, "entropy": entropy, "approx_kl": kl,
+             "clip_fraction": _unit_mean(((ratio - 1).abs() > cfg.clip_eps).float()), "recurrent_norm": rec,
+             "aux_loss": torch.zeros_like(rec)}
+    return loss.sum(), stats
+
+
+def clip_per_unit(stack: StackedRNN, max_norm: float | None) -> torch.Tensor:
+    """Each unit's global gradient norm over its parameters [E]; with ``max_norm``, scale unit e's gradients by
+    min(1, max_norm / (norm_e + 1e-6)) (``torch.nn.utils.clip_grad_norm_`` per unit)."""
+    grads = [p.grad for p in stack.parameters() if p.grad is not None]
+    norms = torch.stack([g.reshape(g.shape[0], -1).square().sum(1) for g in grads]).sum(0).sqrt()
+    if max_norm is not None:
+        coef = (max_norm / (norms + 1e-6)).clamp(max=1.0)
+        for g in grads:
+            g.mul_(coef.view(-1, *([1] * (g.dim() - 1))))
+    return norms
+
+
+def update_ensemble(stacks: dict[str, StackedRNN], optimizers: dict[str, torch.optim.Optimizer], batch: Rollout,
+                    cfg, update: int, E: int, unit_ids: list[str]) -> list[dict]:
+    """:func:`interbrain.ppo.update_clipped` for E units: returns each unit's learner stats."""
+    T, EB = batch.done.shape
+    B = EB // E
+    joint = lambda d: torch.stack([d[a] for a in AGENTS], 1).reshape(T, len(AGENTS) * EB)  # noqa: E731
+    raw, ret_all = gae(joint(batch.rewards), joint(batch.values), batch.done.repeat(1, len(AGENTS)), cfg.gamma,
+                       cfg.gae_lambda)
+    adv, ret, per_unit = {}, {}, lambda x: x.view(T, E, B)  # noqa: E731
+    for i, a in enumerate(AGENTS):
+        r = per_unit(raw[:, i * EB:(i + 1) * EB])
+        std = r.std((0, 2), unbiased=False, keepdim=True)
+        adv[a] = (r - r.mean((0, 2), keepdim=True)) / (std + 1e-8)
+        ret[a] = per_unit(ret_all[:, i * EB:(i + 1) * EB])
+    to_check = {f"{a}.{k}": getattr(batch, k)[a].reshape(T, E, B, -1) for a in AGENTS
+                for k in ("logits", "logp", "values", "rewards")}
+    to_check.update({f"{a}.advantages": adv[a] for a in AGENTS} | {f"{a}.returns": ret[a] for a in AGENTS})
+    check_units(to_check, update, unit_ids)
+    stats: dict[str, dict] = {}
+    for epoch in range(cfg.epochs):
+        total = 0.0
+        for a in AGENTS:
+            optimizers[a].zero_grad(set_to_none=True)
+            loss, stats[a] = ensemble_loss(stacks[a], batch.obs_index[a].view(T, E, B, 2), per_unit(batch.actions[a]),
+                                           per_unit(batch.logp[a]), adv[a], ret[a], cfg)
+            total = total + loss
+        check_units({f"{a}.{k}[epoch {epoch}]": v.view(1, E) for a in AGENTS for k, v in stats[a].items()},
+                    update, unit_ids)
+        total.backward()
+        for a in AGENTS:
+            stats[a]["grad_norm"] = clip_per_unit(stacks[a], cfg.grad_clip)
+            optimizers[a].step()
+    host = {a: {k: v.detach().cpu().tolist() for k, v in stats[a].items()} for a in AGENTS}
+    return [{a: {k: float(v[e]) for k, v in host[a].items()} for a in AGENTS} for e in range(E)]
+
+
+def check_units(named: dict[str, torch.Tensor], update: int, unit_ids: list[str]) -> None:
+    """:func:`interbrain.ppo.check_finite` for tensors whose dim 1 is the unit: names the first unit at fault."""
+    try:
+        check_finite(named, update)
+    except NonFiniteError:
+        for name, t in named.items():
+            bad = ~torch.isfinite(t).reshape(t.shape[0], t.shape[1], -1).all(-1).all(0)
+            if bad.any():
+                e = int(bad.nonzero()[0, 0])
+                raise NonFiniteError(f"non-finite values in {name} of unit {unit_ids[e]} at update {update} "
+                                     "(the ensemble stops; rerun that unit alone)") from None
+        raise
+
+
+# ------------------------------------------------------------------------------------------------ the trainer
+class EnsembleTrainer:
+    """E units' :class:`~interbrain.train.Trainer` s (fresh or resumed, all at the same update) trained as one batch."""
+
+    def __init__(self, units: list):
+        configs = [u.config for u in units]
+        check_ensemble(configs)
+        updates = {u.update for u in units}
+        if len(updates) != 1:
+            raise InterbrainError("ensemble units must resume from the same update; found "
+                                  + ", ".join(f"{u.config.unit_id} at {u.update}" for u in units))
+        self.units, self.update = units, units[0].update
+        self.cfg = configs[0].ppo
+        self.device = units[0].device
+        self.unit_ids = [c.unit_id for c in configs]
+        E, B = len(units), self.cfg.num_envs
+        self.stacks = {a: StackedRNN([u.agents[a] for u in units]).to(self.device) for a in AGENTS}
+        self.optimizers = {a: torch.optim.Adam(self.stacks[a].parameters(), lr=self.cfg.lr) for a in AGENTS}
+        for a in AGENTS:
+            self._load_adam(a)
+        self.env = ChaseEnv(configs[0].env, E * B, self.device, episodes=[c.env for c in configs for _ in range(B)])
+
+    def _load_adam(self, a: str) -> None:
+        """Stack the units' Adam moments (all units have taken the same number of steps, or none)."""
+        states = [u.optimizers[a].state for u in self.units]
+        params = [dict(u.agents[a].named_parameters()) for u in self.units]
+        if not any(states):
+            return
+        opt = self.optimizers[a]
+        for name, source in StackedRNN.SOURCES.items():
+            per_unit = [st[p[source]] for st, p in zip(states, params)]
+            opt.state[getattr(self.stacks[a], name)] = {
+                "step": per_unit[0]["step"].clone(),
+                "exp_avg": torch.stack([s["exp_avg"] for s in per_unit]).to(self.device),
+                "exp_avg_sq": torch.stack([s["exp_avg_sq"] for s in per_unit]).to(self.device)}
+
+    def step(self) -> list[dict]:
+        """One PPO update of every unit; returns each unit's {"rollout", "learner"} stats (as ``Trainer.step``)."""
+        E, B = len(self.units), self.cfg.num_envs
+        batch = collect_ensemble_rollout(self.env, [u.env for u in self.units], self.stacks,
+                                         [u.env_gen for u in self.units], [u.action_gens for u in self.units])
+        self.update += 1
+        learner = update_ensemble(self.stacks, self.optimizers, batch, self.cfg, self.update, E, self.unit_ids)
+        named = {f"{a}.{n}": p.unsqueeze(0) for a in AGENTS for n, p in self.stacks[a].named_parameters()}
+        check_units(named, self.update, self.unit_ids)
+        return [{"rollout": rollout_metrics(unit_rollout(batch, e, B)), "learner": learner[e]} for e in range(E)]
+
+    def sync(self) -> None:
+        """Write the stacked weights, Adam moments and update count back into the units' trainers."""
+        for a in AGENTS:
+            self.stacks[a].write_to([u.agents[a] for u in self.units])
+            opt = self.optimizers[a]
+            for name, source in StackedRNN.SOURCES.items():
+                st = opt.state.get(getattr(self.stacks[a], name))
+                if not st:
+                    continue
+                for e, u in enumerate(self.units):
+                    p = dict(u.agents[a].named_parameters())[source]
+                    u.optimizers[a].state[p] = {"step": st["step"].clone(), "exp_avg": st["exp_avg"][e].clone(),
+                                                "exp_avg_sq": st["exp_avg_sq"][e].clone()}
+        for u in self.units:
+            u.update = self.update
+
+
+# ------------------------------------------------------------------------------------------------ the loop
+def train_ensemble(configs: list[TrainConfig], outs: list[str | Path], *, device: str = "auto", progress: bool = True,
+                   threads: int | None = None) -> list[Path]:
+    """Train E units as one ensemble, unit e writing to ``outs[e]`` exactly what :func:`interbrain.train.train_config`
+    writes (checkpoints, metrics.jsonl, events.jsonl). Each unit resumes from its newest usable checkpoint; units
+    that resume from different updates train as one ensemble per resume point, earliest first (a unit already at
+    ``updates`` only gets its ``latest``). Returns each unit's ``latest`` path. A non-finite value stops the
+    ensemble (no retry: rerun the named unit alone); SIGINT/SIGTERM saves every unit's ``latest``."""
+    from interbrain.train import UnitOutput, _Stop
+
+    check_ensemble(configs)
+    if len(outs) != len(configs):
+        raise InterbrainError(f"an ensemble of {len(configs)} units needs {len(configs)} output folders, got {len(outs)}")
+    dev = resolve_device(device)
+    if threads is not None:
+        torch.set_num_threads(threads)
+    outputs = [UnitOutput(c, ensure_dir(o)) for c, o in zip(configs, outs)]
+    ids = [c.unit_id for c in configs]
+    for o in outputs:
+        append_jsonl(o.events, {"event": "invoked", "unit": o.config.unit_id, "updates": o.config.updates,
+                                "device": str(dev), "ensemble": ids, "argv": sys.argv, "time": now()})
+
+    def on_term(signum, frame):
+        _Stop.requested = True
+
+    previous = signal.signal(signal.SIGTERM, on_term)
+    try:
+        units = [o.start(dev) for o in outputs]
+        for start in sorted({u.update for u in units}):
+            members = [i for i, u in enumerate(units) if u.update == start]
+            _run_group([outputs[i] for i in members], [units[i] for i in members], progress)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        _Stop.requested = False
+    return [o.finish(u) for o, u in zip(outputs, units)]
+
+
+def _run_group(outputs: list, units: list, progress: bool) -> None:
+    """Train units that stand at the same update to the end, as one :class:`EnsembleTrainer`."""
+    from interbrain.train import Progress, _Stop
+
+    ens = EnsembleTrainer(units)
+    for o in outputs:
+        append_jsonl(o.events, {"event": "attempt_started", "attempt": 1, "ensemble_size": len(units), "time": now()})
+    total = units[0].config.updates
+    bar = Progress(total, ens.update, len(units) * outputs[0].steps_per_update,
+                   f"{units[0].config.agent.arch} ensemble of {len(units)}", progress)
+    synced = [ens.update]
+
+    def prepare():  # write the stacked state back into the units' trainers, once per update
+        if synced[0] != ens.update:
+            ens.sync()
+            synced[0] = ens.update
+
+    try:
+        while ens.update < total:
+            stats = ens.step()
+            lines = [o.record(ens.update, st, u, prepare=prepare, stop=_Stop.requested)
+                     for o, u, st in zip(outputs, units, stats)]
+            bar.advance(ens.update, lines[0])
+            if _Stop.requested:
+                raise KeyboardInterrupt
+        prepare()
+    except NonFiniteError as exc:
+        for o in outputs:
+            append_jsonl(o.events, {"event": "attempt_failed", "attempt": 1, "reason": str(exc), "time": now()})
+        raise InterbrainError(f"ensemble of {len(units)} {units[0].config.agent.arch} units stopped: {exc}") from None
+    except KeyboardInterrupt:
+        for o in outputs:
+            append_jsonl(o.events, {"event": "interrupted", "attempt": 1, "time": now()})
+        raise
+    finally:
+        bar.close()
+    for o in outputs:
+        append_jsonl(o.events, {"event": "attempt_completed", "attempt": 1, "time": now()})
+
+
+__all__ = ["train_ensemble", "ENSEMBLE_ARCHS", "EnsembleTrainer", "StackedRNN", "BatchedReluRecurrence", "check_ensemble",
+           "collect_ensemble_rollout", "unit_rollout", "update_ensemble"]
