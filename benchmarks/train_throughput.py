@@ -1,10 +1,32 @@
-"""Training throughput: seconds per PPO update (40 episodes x 100 steps) for every architecture x preset.
+"""Training throughput on the current device: seconds per PPO update (40 episodes x 100 steps) for every
+architecture x preset, the batched ensemble, the environment alone, the analysis rollout and the paper DAG build.
 
-Prints one JSON document: machine info, this machine's dense matmul throughput (GFLOP/s, one thread and all threads),
-environment-only steps/s, and per (arch, size, preset): seconds per update (median of ``--repeats`` after ``--warmup``),
-env steps/s, and the rollout share of the update time.
+Prints one JSON document with:
 
-    python benchmarks/train_throughput.py [--threads 1] [--archs rnn,mlp] [--presets paper,fast] [--sizes std,matched]
+- ``machine``, ``device`` and this device's dense matmul throughput (``matmul_gflops``: 1024^3 float32 products,
+  at ``--threads`` torch threads on CPU);
+- ``env_only_steps_per_s_batch40``: the vectorised environment alone (full step with every event);
+- ``updates``: per (arch, size, preset): seconds per update (median of ``--repeats`` after ``--warmup``), env steps/s,
+  the rollout's share of the update, the update's floating-point work and that work as a fraction of the device's
+  matmul throughput (``matmul_fraction`` = GFLOP per update / seconds / ``matmul_gflops``: 1.0 would be an update
+  that is nothing but dense matmuls at full speed);
+- ``ensemble`` (``--ensemble E``): E ``rnn`` units of one preset trained as one batch (:mod:`interbrain.ensemble`)
+  against the same E units one after another: aggregate env steps/s of each;
+- ``analysis_rollout``: one 25 x 500 self-play rollout with hidden states (``interbrain.rollout``) per architecture;
+- ``dag_build_paper_s``: ``snakemake -n --configfile configs/paper.yaml`` (DAG of the 80-unit study).
+
+FLOP count. ``gflop_per_update`` is counted, not estimated: one update runs under
+``torch.utils.flop_counter.FlopCounterMode`` (plus the in-place ``addmm_``/``baddbmm_`` it does not know), which adds
+2·m·n·k for every matrix product (mm, addmm, bmm, baddbmm, attention) that the update executes, forward and
+backward, both agents. Gathers, elementwise work and the
+environment count zero, so the fraction measures how close an update comes to pure matrix work. For the RNN the
+count can be checked by hand (``rnn_analytic_gflop``): with N = 40·100 steps, H = 256 and 5 head outputs, one
+agent-step costs 2H² + 2·5H FLOP forward; a rollout is 2 agents x N steps of that; each learning epoch runs the
+forward again and a backward of twice its cost (dh and dW); so ``paper`` (4 epochs) = 2·N·(2H² + 10H)·(1 + 3·4)
+≈ 13.9 GFLOP, the 14 GFLOP of issue 6. (The counted figure is slightly lower: the backward needs no dh for t = 0.)
+
+    python benchmarks/train_throughput.py [--device auto] [--threads 1] [--archs rnn,mlp] [--presets paper,fast]
+                                          [--sizes std,matched] [--ensemble 4] [--no-rollout] [--no-dag]
 """
 
 from __future__ import annotations
@@ -13,86 +35,201 @@ import argparse
 import json
 import platform
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
+from pathlib import Path
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
+from interbrain.checkpoint import save_checkpoint
 from interbrain.config import EnvConfig, make_train_config
+from interbrain.ensemble import EnsembleTrainer
 from interbrain.env import ChaseEnv
 from interbrain.ppo import collect_rollout, update_clipped, update_rllib
-from interbrain.provenance import now, package_versions
+from interbrain.provenance import now, package_versions, resolve_device
+from interbrain.rollout import rollout_checkpoint
 from interbrain.train import Trainer
 
+REPO = Path(__file__).resolve().parents[1]
 
-def matmul_gflops(n: int = 1024, repeats: int = 20) -> float:
-    a, b = torch.randn(n, n), torch.randn(n, n)
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def matmul_gflops(device: torch.device, n: int = 1024, repeats: int = 20) -> float:
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
     a @ b
+    sync(device)
     t = time.perf_counter()
     for _ in range(repeats):
         a @ b
+    sync(device)
     return 2 * n**3 * repeats / (time.perf_counter() - t) / 1e9
 
 
-def env_steps_per_s(batch: int = 40, steps: int = 2000) -> float:
-    env = ChaseEnv(EnvConfig(task="social"), batch)
+def env_steps_per_s(device: torch.device, batch: int = 40, steps: int = 2000) -> float:
+    env = ChaseEnv(EnvConfig(task="social"), batch, device)
     g = torch.Generator().manual_seed(0)
-    acts = torch.randint(0, 4, (steps, 2, batch), generator=g)
+    acts = torch.randint(0, 4, (steps, 2, batch), generator=g).to(device)
     env.reset(g)
+    sync(device)
     t = time.perf_counter()
     for i in range(steps):
         if env.done:
             env.reset(g)
         env.step(acts[i, 0], acts[i, 1])
+    sync(device)
     return steps * batch / (time.perf_counter() - t)
 
 
-def time_update(arch: str, size: str, preset: str, warmup: int, repeats: int) -> dict:
-    cfg = make_train_config(arch, "social", 0, preset, warmup + repeats, size=size)
-    tr = Trainer(cfg, torch.device("cpu"))
+def rnn_analytic_gflop(epochs: int, steps: int = 4000, hidden: int = 256, heads: int = 5) -> float:
+    """The hand count of the module docstring: 2 agents x N steps x (2H^2 + 2·heads·H) x (1 rollout + 3 per epoch)."""
+    return 2 * steps * (2 * hidden**2 + 2 * heads * hidden) * (1 + 3 * epochs) / 1e9
+
+
+def _inplace_addmm_flop(self_shape, a_shape, b_shape, *args, out_shape=None, **kwargs) -> int:
+    return 2 * a_shape[0] * a_shape[1] * b_shape[1]
+
+
+def _inplace_baddbmm_flop(self_shape, a_shape, b_shape, *args, out_shape=None, **kwargs) -> int:
+    return 2 * a_shape[0] * a_shape[1] * a_shape[2] * b_shape[2]
+
+
+def flop_counter() -> FlopCounterMode:
+    """torch's counter, plus the in-place ``addmm_`` / ``baddbmm_`` it leaves out (the recurrences' weight gradients
+    are accumulated in place)."""
+    return FlopCounterMode(display=False, custom_mapping={torch.ops.aten.addmm_: _inplace_addmm_flop,
+                                                          torch.ops.aten.baddbmm_: _inplace_baddbmm_flop})
+
+
+def one_update(tr: Trainer, update: int) -> tuple[float, float]:
+    """Rollout and learning of one update; returns (rollout seconds, total seconds)."""
+    cfg = tr.config.ppo
+    sync(tr.device)
+    t0 = time.perf_counter()
+    batch = collect_rollout(tr.env, tr.agents, tr.env_gen, tr.action_gens,
+                            seq_len=cfg.seq_len if cfg.learner == "rllib" else None)
+    sync(tr.device)
+    t1 = time.perf_counter()
+    if cfg.learner == "rllib":
+        update_rllib(tr.agents, tr.optimizers, batch, cfg, update, tr.kl_coefs, tr.minibatch_gen)
+    else:
+        update_clipped(tr.agents, tr.optimizers, batch, cfg, update)
+    sync(tr.device)
+    return t1 - t0, time.perf_counter() - t0
+
+
+def time_update(arch: str, size: str, preset: str, warmup: int, repeats: int, device: torch.device,
+                peak_gflops: float) -> dict:
+    cfg = make_train_config(arch, "social", 0, preset, warmup + repeats + 1, size=size)
+    tr = Trainer(cfg, device)
     rollout_t, total_t = [], []
     for i in range(warmup + repeats):
-        t0 = time.perf_counter()
-        batch = collect_rollout(tr.env, tr.agents, tr.env_gen, tr.action_gens,
-                                seq_len=cfg.ppo.seq_len if cfg.ppo.learner == "rllib" else None)
-        t1 = time.perf_counter()
-        if cfg.ppo.learner == "rllib":
-            update_rllib(tr.agents, tr.optimizers, batch, cfg.ppo, i + 1, tr.kl_coefs, tr.minibatch_gen)
-        else:
-            update_clipped(tr.agents, tr.optimizers, batch, cfg.ppo, i + 1)
-        t2 = time.perf_counter()
+        r, t = one_update(tr, i + 1)
         if i >= warmup:
-            rollout_t.append(t1 - t0)
-            total_t.append(t2 - t0)
+            rollout_t.append(r)
+            total_t.append(t)
+    with flop_counter() as counter:
+        one_update(tr, warmup + repeats + 1)
+    gflop = counter.get_total_flops() / 1e9
     sec = statistics.median(total_t)
     steps = cfg.ppo.num_envs * cfg.env.horizon
-    return {"arch": arch, "size": size, "preset": preset, "seconds_per_update": sec, "env_steps_per_s": steps / sec,
-            "rollout_seconds": statistics.median(rollout_t), "rollout_share": statistics.median(rollout_t) / sec,
-            "parameters_per_agent": tr.agents["chaser"].num_parameters(), "repeats": repeats}
+    out = {"arch": arch, "size": size, "preset": preset, "seconds_per_update": sec, "env_steps_per_s": steps / sec,
+           "rollout_seconds": statistics.median(rollout_t), "rollout_share": statistics.median(rollout_t) / sec,
+           "gflop_per_update": gflop, "matmul_fraction": gflop / sec / peak_gflops,
+           "parameters_per_agent": tr.agents["chaser"].num_parameters(), "repeats": repeats}
+    if arch == "rnn" and cfg.ppo.learner == "clipped":
+        out["rnn_analytic_gflop"] = rnn_analytic_gflop(cfg.ppo.epochs, steps)
+    return out
+
+
+def time_ensemble(units: int, preset: str, warmup: int, repeats: int, device: torch.device) -> dict:
+    """E rnn units (seeds 0..E-1, social and non-social alternating) as one ensemble vs one after another."""
+    configs = [make_train_config("rnn", ("social", "non_social")[e % 2], e, preset, 10_000) for e in range(units)]
+    alone = [Trainer(c, device) for c in configs]
+    ens = EnsembleTrainer([Trainer(c, device) for c in configs])
+    t_alone, t_ens = [], []
+    for i in range(warmup + repeats):
+        sync(device)
+        t0 = time.perf_counter()
+        for tr in alone:
+            tr.step()
+        sync(device)
+        t1 = time.perf_counter()
+        ens.step()
+        sync(device)
+        t2 = time.perf_counter()
+        if i >= warmup:
+            t_alone.append(t1 - t0)
+            t_ens.append(t2 - t1)
+    steps = units * configs[0].ppo.num_envs * configs[0].env.horizon
+    sa, se = statistics.median(t_alone), statistics.median(t_ens)
+    return {"arch": "rnn", "preset": preset, "units": units, "seconds_per_update_one_after_another": sa,
+            "seconds_per_update_ensemble": se, "env_steps_per_s_one_after_another": steps / sa,
+            "env_steps_per_s_ensemble": steps / se, "speedup": sa / se, "repeats": repeats}
+
+
+def time_analysis_rollout(arch: str, device: torch.device, episodes: int = 25, steps: int = 500) -> dict:
+    tr = Trainer(make_train_config(arch, "social", 0, "paper", 1, size="matched"), device)
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt = save_checkpoint(tr.to_checkpoint(), Path(tmp) / "c.safetensors")
+        rollout_checkpoint(ckpt, Path(tmp) / "warm.safetensors", episodes=2, steps=20, device=str(device))
+        t = time.perf_counter()
+        rollout_checkpoint(ckpt, Path(tmp) / "r.safetensors", episodes=episodes, steps=steps, device=str(device))
+        wall = time.perf_counter() - t
+    return {"arch": arch, "size": "matched", "episodes": episodes, "steps": steps, "wall_s": wall}
+
+
+def time_dag_build() -> float:
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = [sys.executable, "-m", "snakemake", "-n", "-q", "-s", str(REPO / "Snakefile"), "--directory", tmp,
+               "--configfile", str(REPO / "configs" / "paper.yaml")]
+        t = time.perf_counter()
+        subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=tmp)
+        return time.perf_counter() - t
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--threads", type=int, default=1, help="torch threads (1 = one Snakemake training job per core)")
+    p.add_argument("--device", default="auto", help="auto (CUDA when present) | cpu | cuda[:N]")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 = one Snakemake training job per core)")
     p.add_argument("--archs", default="rnn,mlp,ssm,transformer")
     p.add_argument("--sizes", default="std,matched")
     p.add_argument("--presets", default="paper,fast")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--ensemble", type=int, default=4, help="units in the ensemble comparison (0: skip)")
+    p.add_argument("--ensemble-presets", default="fast,paper")
+    p.add_argument("--no-rollout", action="store_true", help="skip the analysis-rollout timing")
+    p.add_argument("--no-dag", action="store_true", help="skip the paper DAG build timing")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    results = []
-    for arch in args.archs.split(","):
-        for size in args.sizes.split(","):
-            for preset in args.presets.split(","):
-                results.append(time_update(arch, size, preset, args.warmup, args.repeats))
+    device = resolve_device(args.device)
+    peak = matmul_gflops(device)
+    results = [time_update(arch, size, preset, args.warmup, args.repeats, device, peak)
+               for arch in args.archs.split(",") for size in args.sizes.split(",") for preset in args.presets.split(",")]
     out = {
         "benchmark": "train_throughput", "date": now(), "torch_threads": args.threads,
         "machine": {"processor": platform.processor() or platform.machine(), "cpu_count": torch.get_num_threads(),
                     "python": platform.python_version(), "packages": package_versions()},
-        "matmul_gflops_1024": matmul_gflops(),
-        "env_only_steps_per_s_batch40": env_steps_per_s(),
+        "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor(),
+        "matmul_gflops": peak,
+        "env_only_steps_per_s_batch40": env_steps_per_s(device),
         "updates": results,
     }
+    if args.ensemble:
+        out["ensemble"] = [time_ensemble(args.ensemble, preset, 1, max(args.repeats // 2, 1), device)
+                           for preset in args.ensemble_presets.split(",")]
+    if not args.no_rollout:
+        out["analysis_rollout"] = [time_analysis_rollout(arch, device) for arch in args.archs.split(",")]
+    if not args.no_dag:
+        out["dag_build_paper_s"] = time_dag_build()
     print(json.dumps(out, indent=2))
 
 
