@@ -491,6 +491,12 @@ def test_smoke_study_runs_end_to_end(tmp_path):
         for job_outputs in outs:
             assert rule in cross or all("results/rnn/" in o or "logs/" in o for o in job_outputs), (rule, job_outputs)
     assert {"unit_tables", "arch_report", "manifest", "cka", "cross_report"} <= set(jobs)
+    # An architecture setting reaches only its own architecture's jobs: one for an architecture outside the study
+    # reruns no training and no analysis, only the cross-architecture report (it records the resolved config's hash).
+    other = tmp_path / "disrnn_beta.yaml"
+    other.write_text("train:\n  agent_options: {disrnn: {bottleneck_beta: 0.001}}\n")
+    jobs = parse_dry_run(snakemake(tmp_path, "-n", "--configfile", str(CONFIGS["smoke"]), str(other)).stdout)
+    assert set(jobs) <= {"cross_report", "all"} and "cross_report" in jobs, sorted(jobs)
 
     # Deleting one rollout rebuilds it and its descendants only.
     rollout = tmp_path / "results/transformer/paper_rollouts/social__seed_0000.safetensors"

@@ -50,6 +50,8 @@ RUNS: tuple[Run, ...] = (
         note="chases best at the end of the noiseless warm-up (update 100); bottleneck noise and KL then undo it"),
     Run("disrnn", "social", "paper, β 1e-4, warm-up 300", ((200, 3.84), (400, 3.38), (600, 3.29)),
         note="a longer warm-up: the policy again stops improving once the bottlenecks turn on"),
+    Run("disrnn", "social", "paper, β 1e-6", ((200, 3.97), (400, 4.16), (600, 6.97), (800, 11.65)),
+        note="learns once the KL is too weak to close any bottleneck: all 2,110 stay open (σ < 0.1) at 400 and 800"),
     Run("tok_transformer", "social", "paper", ((200, 2.70), (400, 3.38)),
         note="about 2.1 s per update on one loaded core (≈ 3 × the transformer)"),
 )
