@@ -128,6 +128,10 @@ class StackedRNN(nn.Module):
         for name, source in self.SOURCES.items():
             params = [dict(a.named_parameters())[source].detach() for a in agents]
             self.register_parameter(name, nn.Parameter(torch.stack(params).clone()))
+        # row of (unit e, own cell r) = 201 e + r, of (unit e, partner cell c or 100) = 201 e + 100 + c; a buffer, so
+        # it lives on the device (no host-to-device copy per step)
+        rows = torch.arange(self.units).view(-1, 1, 1) * TABLE_ROWS + INDEX_OFFSETS.view(1, 1, 2)
+        self.register_buffer("row_offsets", rows, persistent=False)
 
     def write_to(self, agents: list[nn.Module]) -> None:
         """Copy unit e's slice of every stacked parameter into ``agents[e]``."""
@@ -145,9 +149,7 @@ class StackedRNN(nn.Module):
 
     def gather(self, index: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
         """W_ih x + b_ih + b_hh per unit for observation indices [..., E, B, 2] -> [..., E, B, 256]."""
-        E = self.units
-        unit_rows = (torch.arange(E, device=index.device) * TABLE_ROWS).view(E, 1, 1)
-        rows = index + INDEX_OFFSETS.to(index.device) + unit_rows
+        rows = index + self.row_offsets
         pre = torch.nn.functional.embedding_bag(rows.reshape(-1, 2), table, mode="sum")
         return pre.view(*index.shape[:-1], HIDDEN)
 

@@ -176,6 +176,17 @@ def init_heads(agent: Agent) -> None:
 INDEX_OFFSETS = torch.tensor([0, N_CELLS])  # own cell -> table row r, partner cell (or 100 = not shown) -> row 100 + r
 
 
+_OFFSETS_ON: dict[torch.device, torch.Tensor] = {}
+
+
+def index_offsets(device: torch.device) -> torch.Tensor:
+    """:data:`INDEX_OFFSETS` on ``device``, copied there once (no host-to-device copy per rollout step on CUDA)."""
+    hit = _OFFSETS_ON.get(device)
+    if hit is None:
+        hit = _OFFSETS_ON[device] = INDEX_OFFSETS.to(device)
+    return hit
+
+
 def index_table(weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """The rows of a Linear(200 -> out) (``weight`` [out, 200]) for observation indices: [201, out], rows 0..99 the own
     cell (plus ``bias``), 100..199 the partner cell, 200 "partner not shown" (zeros)."""
@@ -187,7 +198,7 @@ def index_table(weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor
 def gather_index(index: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
     """``Linear(two_hot(index))`` for observation indices [..., 2] as one summed gather of two rows of
     :func:`index_table` (exact up to float summation order: x_t is at most two-hot). Returns [..., out]."""
-    rows = index + INDEX_OFFSETS.to(index.device)
+    rows = index + index_offsets(index.device)
     pre = torch.nn.functional.embedding_bag(rows.reshape(-1, 2), table, mode="sum")
     return pre.view(*index.shape[:-1], table.shape[1])
 

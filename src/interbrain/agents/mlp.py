@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from interbrain.agents.base import (HIDDEN, INDEX_OFFSETS, N_CELLS, OBS_DIM, Agent, check_size, index_table, init_heads,
+from interbrain.agents.base import (HIDDEN, N_CELLS, OBS_DIM, Agent, check_size, index_offsets, index_table, init_heads,
                                     register)
 from interbrain.config import AgentConfig
 
@@ -82,7 +82,7 @@ class MLPAgent(Agent):
         if state0 is not None:  # a carried float frame window: the two-hot path
             return super().sequence_index(index, state0)
         T, B, _ = index.shape
-        local = index + INDEX_OFFSETS.to(index.device)                            # rows within one slot's table
+        local = index + index_offsets(index.device)                               # rows within one slot's table
         padded = torch.cat([local.new_full((FRAMES - 1, B, 2), _EMPTY), local])  # [T+7, B, 2]
         windows = padded.unfold(0, FRAMES, 1).transpose(-1, -2)                  # [T, B, 8, 2], oldest first
         rows = windows + _SLOT.to(index.device)
