@@ -148,3 +148,14 @@ def test_units_at_different_updates_train_as_one_ensemble_per_resume_point(tmp_p
             assert all(_near(sb[k], sa[k], sa[k] - s0[k]) for k in sa), role
     sizes = [json.loads(x).get("ensemble_size") for x in (outs[0] / "events.jsonl").read_text().splitlines()]
     assert [s for s in sizes if s] == [1]  # the resumed unit trained alone from update 2 (the fresh one from 0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_ensemble_on_cuda_equals_each_unit_alone_on_cuda():
+    cuda = torch.device("cuda")
+    plain = [Trainer(_config(t, s), cuda) for t, s in UNITS]
+    ens = EnsembleTrainer([Trainer(_config(t, s), cuda) for t, s in UNITS])
+    for _ in range(2):
+        alone = [p.step() for p in plain]
+        for a, b in zip(alone, ens.step()):
+            assert a["rollout"] == pytest.approx(b["rollout"], rel=1e-4, abs=1e-5)
