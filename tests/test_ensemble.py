@@ -8,7 +8,7 @@ import torch
 from interbrain.agents.rnn import ReluRecurrence
 from interbrain.checkpoint import load_checkpoint
 from interbrain.config import make_train_config
-from interbrain.ensemble import BatchedReluRecurrence, EnsembleTrainer, check_ensemble, train_ensemble
+from interbrain.ensemble import EnsembleTrainer, check_ensemble, train_ensemble
 from interbrain.errors import InterbrainError, NonFiniteError
 from interbrain.train import Trainer, train_config
 
@@ -63,14 +63,14 @@ def test_ensemble_equals_each_unit_trained_alone(preset):
 
 
 def test_batched_recurrence_equals_the_per_unit_recurrence():
-    """Forward and all three gradients of BatchedReluRecurrence equal ReluRecurrence run unit by unit."""
+    """Forward and all three gradients of ReluRecurrence on E stacked units equal it run unit by unit."""
     g = torch.Generator().manual_seed(0)
     T, E, B, H = 7, 3, 5, 16
     pre = torch.randn(T, E, B, H, generator=g, requires_grad=True)
     h0 = torch.randn(E, B, H, generator=g, requires_grad=True)
     w = (torch.randn(E, H, H, generator=g) * 0.3).requires_grad_()
     weights = torch.randn(T, E, B, H, generator=g)
-    out = BatchedReluRecurrence.apply(pre, h0, w)
+    out = ReluRecurrence.apply(pre, h0, w)
     (out * weights).sum().backward()
     for e in range(E):
         p, h, ww = (x.detach()[:, e] if x is pre else x.detach()[e] for x in (pre, h0, w))

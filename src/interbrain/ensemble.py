@@ -36,12 +36,14 @@ import torch
 from torch import nn
 
 from interbrain.agents.base import HIDDEN, INDEX_OFFSETS, N_ACTIONS, N_CELLS
+from interbrain.agents.rnn import ReluRecurrence
 from interbrain.config import TrainConfig
 from interbrain.env import ChaseEnv
 from interbrain.errors import InterbrainError, NonFiniteError
 from interbrain.io import append_jsonl, ensure_dir
 from interbrain.provenance import now, resolve_device
-from interbrain.ppo import AGENTS, Z_SAMPLE_EVERY, Rollout, check_finite, gae, gumbel_noise, rollout_metrics
+from interbrain.ppo import (AGENTS, EVENT_KEYS, Z_SAMPLE_EVERY, Rollout, act_and_step, check_finite, gae, gumbel_noise,
+                            rollout_metrics)
 
 ENSEMBLE_ARCHS = ("rnn",)
 TABLE_ROWS = 2 * N_CELLS + 1  # own cell, partner cell, "partner not shown"
@@ -81,39 +83,6 @@ def check_ensemble(configs: list[TrainConfig]) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ the stacked RNN
-class BatchedReluRecurrence(torch.autograd.Function):
-    """:class:`interbrain.agents.rnn.ReluRecurrence` for E units at once: H[t] = ReLU(pre[t] + H[t-1] W_e^T);
-    pre [T,E,B,H], h0 [E,B,H], w [E,H,H] -> H [T,E,B,H]. Same arithmetic, ``baddbmm`` in place of ``addmm``."""
-
-    @staticmethod
-    def forward(ctx, pre: torch.Tensor, h0: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        out = torch.empty_like(pre)
-        wt, h = w.transpose(1, 2), h0
-        for t in range(pre.shape[0]):
-            h = torch.baddbmm(pre[t], h, wt, out=out[t]).relu_()
-        ctx.save_for_backward(out, h0, w)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad_out: torch.Tensor):
-        out, h0, w = ctx.saved_tensors
-        T, E, B, H = out.shape
-        alive = (out > 0).to(out.dtype)
-        g = torch.empty_like(out)
-        torch.mul(grad_out[T - 1], alive[T - 1], out=g[T - 1])
-        for t in range(T - 1, 0, -1):
-            torch.baddbmm(grad_out[t - 1], g[t], w, out=g[t - 1]).mul_(alive[t - 1])
-        grad_h0 = torch.bmm(g[0], w) if ctx.needs_input_grad[1] else None
-        grad_w = None
-        if ctx.needs_input_grad[2]:
-            grad_w = torch.bmm(g[0].transpose(1, 2), h0)
-            if T > 1:  # sum_t g_t^T h_{t-1} per unit, as one batched product over all steps
-                gs = g[1:].permute(1, 3, 0, 2).reshape(E, H, (T - 1) * B)
-                hs = out[:-1].permute(1, 0, 2, 3).reshape(E, (T - 1) * B, H)
-                grad_w = grad_w.baddbmm_(gs, hs)
-        return g, grad_h0, grad_w
-
-
 class StackedRNN(nn.Module):
     """E :class:`~interbrain.agents.rnn.RNNAgent` s of one role as stacked parameters (unit e = index e)."""
 
@@ -175,7 +144,7 @@ class StackedRNN(nn.Module):
         """Whole episodes from zero state: index [T, E, B, 2] -> logits [T,E,B,4], value [T,E,B], hidden."""
         pre = self.gather(index, self.input_table())
         h0 = pre.new_zeros(pre.shape[1:])
-        hidden = BatchedReluRecurrence.apply(pre, h0, self.weight_hh)
+        hidden = ReluRecurrence.apply(pre, h0, self.weight_hh)  # E recurrences at once
         logits, value = self.readout(hidden, self.heads())
         return logits, value, hidden
 
@@ -205,8 +174,7 @@ def collect_ensemble_rollout(env: ChaseEnv, spawn_envs: list[ChaseEnv], stacks: 
     values = torch.empty(T, 2, E * B, device=dev)
     actions = torch.empty(T, 2, E * B, dtype=torch.long, device=dev)
     rewards = torch.empty(T, 2, E * B, device=dev)
-    event_keys = ("collision", "chaser_new_field", "explorer_new_field", "fov_post")
-    events = torch.empty(len(event_keys), T, E * B, dtype=torch.bool, device=dev)
+    events = torch.empty(len(EVENT_KEYS), T, E * B, dtype=torch.bool, device=dev)
     tables = {a: stacks[a].input_table() for a in AGENTS}
     heads = {a: stacks[a].heads() for a in AGENTS}
     h = {a: torch.zeros(E, B, HIDDEN, device=dev) for a in AGENTS}
@@ -219,12 +187,7 @@ def collect_ensemble_rollout(env: ChaseEnv, spawn_envs: list[ChaseEnv], stacks: 
             logits[t, i], values[t, i] = lg.view(E * B, 4), v.view(E * B)
             if t % Z_SAMPLE_EVERY == 0:
                 z_hidden[a].append(h[a])
-        torch.argmax(logits[t] + noise[t], dim=-1, out=actions[t])
-        core = env.step_core(actions[t, 0], actions[t, 1])
-        rewards[t] = core["rewards"]
-        events[0, t] = core["collision"]
-        events[1:3, t] = core["new_field"]
-        events[3, t] = env.fov()
+        act_and_step(env, t, logits, noise, actions, rewards, events)
     logp = torch.log_softmax(logits, -1).gather(-1, actions[..., None]).squeeze(-1)
     z_norm = {}
     for a in AGENTS:
@@ -234,7 +197,7 @@ def collect_ensemble_rollout(env: ChaseEnv, spawn_envs: list[ChaseEnv], stacks: 
     done = (torch.arange(T, device=dev) + 1 >= T)[:, None].expand(T, E * B)
     per_agent = lambda joint: {a: joint[:, i] for i, a in enumerate(AGENTS)}  # noqa: E731
     return Rollout(per_agent(obs_index), per_agent(actions), per_agent(logp), per_agent(logits), per_agent(values),
-                   per_agent(rewards), done, dict(zip(event_keys, events)), env.distance(), z_norm)
+                   per_agent(rewards), done, dict(zip(EVENT_KEYS, events)), env.distance(), z_norm)
 
 
 def unit_rollout(batch: Rollout, e: int, B: int) -> Rollout:
@@ -477,5 +440,5 @@ def _run_group(outputs: list, units: list, progress: bool) -> None:
         append_jsonl(o.events, {"event": "attempt_completed", "attempt": 1, "time": now()})
 
 
-__all__ = ["train_ensemble", "ENSEMBLE_ARCHS", "EnsembleTrainer", "StackedRNN", "BatchedReluRecurrence", "check_ensemble",
+__all__ = ["train_ensemble", "ENSEMBLE_ARCHS", "EnsembleTrainer", "StackedRNN", "check_ensemble",
            "collect_ensemble_rollout", "unit_rollout", "update_ensemble"]

@@ -60,6 +60,20 @@ def sample_actions(logits: torch.Tensor, generator: torch.Generator) -> torch.Te
     return torch.argmax(logits + gumbel_noise(logits.shape, generator, logits.device), dim=-1)
 
 
+EVENT_KEYS = ("collision", "chaser_new_field", "explorer_new_field", "fov_post")  # rows of a rollout's events buffer
+
+
+def act_and_step(env: ChaseEnv, t: int, logits, noise, actions, rewards, events) -> None:
+    """Step t of a rollout, after both agents wrote ``logits[t]`` [2,B,4]: Gumbel-max actions from the pre-drawn
+    ``noise[t]``, the environment's core step, and its rewards and events (:data:`EVENT_KEYS`) into the buffers."""
+    torch.argmax(logits[t] + noise[t], dim=-1, out=actions[t])
+    core = env.step_core(actions[t, 0], actions[t, 1])
+    rewards[t] = core["rewards"]
+    events[0, t] = core["collision"]
+    events[1:3, t] = core["new_field"]
+    events[3, t] = env.fov()
+
+
 def _per_agent(joint: torch.Tensor) -> dict[str, torch.Tensor]:
     return {a: joint[:, i] for i, a in enumerate(AGENTS)}
 
@@ -79,8 +93,7 @@ def collect_rollout(env: ChaseEnv, agents: dict[str, Agent], env_gen: torch.Gene
     values = torch.empty(T, 2, B, device=dev)
     actions = torch.empty(T, 2, B, dtype=torch.long, device=dev)
     rewards = torch.empty(T, 2, B, device=dev)
-    event_keys = ("collision", "chaser_new_field", "explorer_new_field", "fov_post")
-    events = torch.empty(len(event_keys), T, B, dtype=torch.bool, device=dev)
+    events = torch.empty(len(EVENT_KEYS), T, B, dtype=torch.bool, device=dev)
     z_hidden = {a: [] for a in AGENTS}
     states = {a: agents[a].initial_state(B, dev) for a in AGENTS}
     seq_states = {a: [] for a in AGENTS}
@@ -94,12 +107,7 @@ def collect_rollout(env: ChaseEnv, agents: dict[str, Agent], env_gen: torch.Gene
             logits[t, i], values[t, i], h, states[a] = agents[a].step_index(index[i], states[a])
             if t % Z_SAMPLE_EVERY == 0:
                 z_hidden[a].append(h)
-        torch.argmax(logits[t] + noise[t], dim=-1, out=actions[t])
-        core = env.step_core(actions[t, 0], actions[t, 1])
-        rewards[t] = core["rewards"]
-        events[0, t] = core["collision"]
-        events[1:3, t] = core["new_field"]
-        events[3, t] = env.fov()
+        act_and_step(env, t, logits, noise, actions, rewards, events)
     boot = {}
     if bootstrap:
         index = env.observation_index()
@@ -112,7 +120,7 @@ def collect_rollout(env: ChaseEnv, agents: dict[str, Agent], env_gen: torch.Gene
         z_norm[a] = ((torch.cat(z_hidden[a]) @ w.t()) @ w).norm(dim=-1)
     done = (torch.arange(T, device=dev) + 1 >= T)[:, None].expand(T, B)  # the shared time limit ends every episode
     return Rollout(_per_agent(obs_index), _per_agent(actions), _per_agent(logp), _per_agent(logits), _per_agent(values),
-                   _per_agent(rewards), done, dict(zip(event_keys, events)), env.distance(), z_norm, seq_states, boot)
+                   _per_agent(rewards), done, dict(zip(EVENT_KEYS, events)), env.distance(), z_norm, seq_states, boot)
 
 
 # ------------------------------------------------------------------------------------------------ GAE

@@ -22,33 +22,42 @@ from interbrain.config import AgentConfig
 
 
 class ReluRecurrence(torch.autograd.Function):
-    """H[t] = ReLU(pre[t] + H[t-1] W^T) for t = 0..T-1 from H[-1] = h0; pre [T,B,H], h0 [B,H], w [H,H] -> H [T,B,H]."""
+    """H[t] = ReLU(pre[t] + H[t-1] W^T) for t = 0..T-1 from H[-1] = h0; pre [T,B,H], h0 [B,H], w [H,H] -> H [T,B,H].
+    Also E independent recurrences at once (:mod:`interbrain.ensemble`): pre [T,E,B,H], h0 [E,B,H], w [E,H,H], the
+    same arithmetic with ``baddbmm`` in place of ``addmm``."""
 
     @staticmethod
     def forward(ctx, pre: torch.Tensor, h0: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         out = torch.empty_like(pre)
-        wt, h = w.t(), h0
+        mm = torch.baddbmm if w.dim() == 3 else torch.addmm
+        wt, h = w.transpose(-1, -2), h0
         for t in range(pre.shape[0]):
-            h = torch.addmm(pre[t], h, wt, out=out[t]).relu_()
+            h = mm(pre[t], h, wt, out=out[t]).relu_()
         ctx.save_for_backward(out, h0, w)
         return out
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
         out, h0, w = ctx.saved_tensors
-        T, B, H = out.shape
+        T, H = out.shape[0], out.shape[-1]
+        mm = torch.baddbmm if w.dim() == 3 else torch.addmm
         alive = (out > 0).to(out.dtype)  # ReLU'(pre): 0 exactly where the output is 0
         # g[t] = dL/dpre[t] = (grad_out[t] + g[t+1] W) * alive[t]; the add is fused into the addmm
         g = torch.empty_like(out)
         torch.mul(grad_out[T - 1], alive[T - 1], out=g[T - 1])
         for t in range(T - 1, 0, -1):
-            torch.addmm(grad_out[t - 1], g[t], w, out=g[t - 1]).mul_(alive[t - 1])
+            mm(grad_out[t - 1], g[t], w, out=g[t - 1]).mul_(alive[t - 1])
         grad_h0 = g[0] @ w if ctx.needs_input_grad[1] else None
         grad_w = None
         if ctx.needs_input_grad[2]:
-            grad_w = g[0].t() @ h0
-            if T > 1:
-                grad_w = grad_w.addmm_(g[1:].reshape(-1, H).t(), out[:-1].reshape(-1, H))
+            grad_w = g[0].transpose(-1, -2) @ h0
+            if T > 1:  # sum_t g_t^T h_{t-1} as one large product over all steps (per unit)
+                if w.dim() == 3:
+                    E = w.shape[0]
+                    grad_w = grad_w.baddbmm_(g[1:].permute(1, 3, 0, 2).reshape(E, H, -1),
+                                             out[:-1].permute(1, 0, 2, 3).reshape(E, -1, H))
+                else:
+                    grad_w = grad_w.addmm_(g[1:].reshape(-1, H).t(), out[:-1].reshape(-1, H))
         return g, grad_h0, grad_w
 
 
