@@ -44,6 +44,7 @@ RUNS: tuple[Run, ...] = (
     Run("minlstm", "social", "paper", ((200, 2.84), (400, 3.33))),
     Run("minlstm", "social", "paper", ((400, 3.33), (800, 4.17), (1200, 5.72)),
         note="run on to 1,200 updates (same seed: identical up to 400)"),
+    Run("minlstm", "non_social", "paper", ((400, 2.60), (800, 2.94), (1200, 3.26))),
     Run("disrnn", "social", "paper, β 1e-2", ((200, 1.91), (400, 1.54)),
         note="β·KL summed over the 2,110 bottlenecks (≈ 66 at the start) dominates the PPO loss after the warm-up"),
     Run("disrnn", "social", "paper, β 1e-4", ((100, 3.47), (200, 1.81), (300, 2.82), (400, 2.29)),
