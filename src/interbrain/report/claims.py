@@ -366,7 +366,7 @@ def same_thing_paragraph(e1: Verdict, e2: Verdict, *, archs: list[str], size: st
                          updates: str, regularisation: dict[str, str]) -> str:
     """A plain-language answer to 'do the architectures learn the same thing?' built from e1 and e2."""
     s = []
-    scale = f"At this scale ({n_seeds} seeds per task, {updates} updates per unit)"
+    scale = f"At this scale ({n_seeds} seed{'' if n_seeds == 1 else 's'} per task, {updates} updates per unit)"
     if e1.verdict == HOLDS:
         s.append(f"{scale}, the chasers' hidden states are as similar across architectures as across seeds of one "
                  f"architecture (every cross-architecture CKA is at least {CKA_RATIO:.0%} of the within-architecture "
