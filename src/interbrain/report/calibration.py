@@ -58,6 +58,7 @@ RUNS: tuple[Run, ...] = (
         note="about 2.1 s per update on one loaded core (≈ 3 × the transformer)"),
     Run("tok_transformer", "social", "paper", ((400, 3.38), (800, 5.03), (1200, 6.15)),
         note="run on to 1,200 updates (same seed: identical up to 400); 2,996 s of training under load"),
+    Run("tok_transformer", "non_social", "paper", ((400, 2.99), (800, 3.53))),
 )
 
 
