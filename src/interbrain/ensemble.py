@@ -42,8 +42,8 @@ from interbrain.env import ChaseEnv
 from interbrain.errors import InterbrainError, NonFiniteError
 from interbrain.io import append_jsonl, ensure_dir
 from interbrain.provenance import now, resolve_device
-from interbrain.ppo import (AGENTS, EVENT_KEYS, Z_SAMPLE_EVERY, Rollout, act_and_step, check_finite, gae, gumbel_noise,
-                            rollout_metrics)
+from interbrain.ppo import (AGENTS, EVENT_KEYS, Z_SAMPLE_EVERY, Rollout, act_and_step, advantages_and_returns,
+                            check_finite, gumbel_noise, policy_loss, rollout_metrics)
 
 ENSEMBLE_ARCHS = ("rnn",)
 TABLE_ROWS = 2 * N_CELLS + 1  # own cell, partner cell, "partner not shown"
@@ -140,8 +140,10 @@ class StackedRNN(nn.Module):
         logits, value = self.readout(h, heads)
         return logits, value, h
 
-    def sequence_index(self, index: torch.Tensor):
+    def sequence_index(self, index: torch.Tensor, state0=None):
         """Whole episodes from zero state: index [T, E, B, 2] -> logits [T,E,B,4], value [T,E,B], hidden."""
+        if state0 is not None:
+            raise InterbrainError("an ensemble trains whole episodes from the zero state (no stored sequence states)")
         pre = self.gather(index, self.input_table())
         h0 = pre.new_zeros(pre.shape[1:])
         hidden = ReluRecurrence.apply(pre, h0, self.weight_hh)  # E recurrences at once
@@ -153,6 +155,9 @@ class StackedRNN(nn.Module):
 
     def input_weight_norm(self) -> torch.Tensor:
         return torch.linalg.matrix_norm(self.weight_ih)  # [E]
+
+    def aux_loss(self) -> torch.Tensor:
+        return self.weight_hh.new_zeros(self.units)  # an RNN has no auxiliary loss
 
 
 # ------------------------------------------------------------------------------------------------ rollout
@@ -211,30 +216,8 @@ def unit_rollout(batch: Rollout, e: int, B: int) -> Rollout:
 
 # ------------------------------------------------------------------------------------------------ update
 def _unit_mean(x: torch.Tensor) -> torch.Tensor:
-    """[T, E, B] -> [E]: the mean over each unit's T·B entries."""
+    """[T, E, B] -> [E]: the mean over each unit's T·B entries (the ``mean`` of :func:`interbrain.ppo.policy_loss`)."""
     return x.mean((0, 2))
-
-
-def ensemble_loss(stack: StackedRNN, obs_index, actions, old_logp, adv, returns, cfg) -> tuple[torch.Tensor, dict]:
-    """Σ_e of unit e's :func:`interbrain.ppo.policy_loss` (clipped learner); inputs [T, E, B(, 2)]. Stats are [E]."""
-    logits, value, _ = stack.sequence_index(obs_index)
-    logp_all = torch.log_softmax(logits, -1)
-    logp = logp_all.gather(-1, actions[..., None]).squeeze(-1)
-    log_ratio = logp - old_logp
-    ratio = log_ratio.exp()
-    surrogate = torch.minimum(ratio * adv, ratio.clamp(1 - cfg.clip_eps, 1 + cfg.clip_eps) * adv)
-    pg_loss = -_unit_mean(surrogate)
-    v_loss = _unit_mean(torch.clamp((value - returns) ** 2, max=cfg.value_cap))
-    entropy = _unit_mean(-(logp_all.exp() * logp_all).sum(-1))
-    rec = stack.recurrent_weight_norm()
-    loss = pg_loss + cfg.value_coef * v_loss - cfg.entropy_coef * entropy + cfg.recurrent_l2 * rec
-    if cfg.input_l2:
-        loss = loss + cfg.input_l2 * stack.input_weight_norm()
-    kl = _unit_mean((ratio - 1) - log_ratio)
-    stats = {"loss": loss, "policy_loss": pg_loss, "value_loss": v_loss, "entropy": entropy, "approx_kl": kl,
-             "clip_fraction": _unit_mean(((ratio - 1).abs() > cfg.clip_eps).float()), "recurrent_norm": rec,
-             "aux_loss": torch.zeros_like(rec)}
-    return loss.sum(), stats
 
 
 def clip_per_unit(stack: StackedRNN, max_norm: float | None) -> torch.Tensor:
@@ -254,15 +237,8 @@ def update_ensemble(stacks: dict[str, StackedRNN], optimizers: dict[str, torch.o
     """:func:`interbrain.ppo.update_clipped` for E units: returns each unit's learner stats."""
     T, EB = batch.done.shape
     B = EB // E
-    joint = lambda d: torch.stack([d[a] for a in AGENTS], 1).reshape(T, len(AGENTS) * EB)  # noqa: E731
-    raw, ret_all = gae(joint(batch.rewards), joint(batch.values), batch.done.repeat(1, len(AGENTS)), cfg.gamma,
-                       cfg.gae_lambda)
-    adv, ret, per_unit = {}, {}, lambda x: x.view(T, E, B)  # noqa: E731
-    for i, a in enumerate(AGENTS):
-        r = per_unit(raw[:, i * EB:(i + 1) * EB])
-        std = r.std((0, 2), unbiased=False, keepdim=True)
-        adv[a] = (r - r.mean((0, 2), keepdim=True)) / (std + 1e-8)
-        ret[a] = per_unit(ret_all[:, i * EB:(i + 1) * EB])
+    per_unit = lambda x: x.view(T, E, B)  # noqa: E731
+    adv, ret = advantages_and_returns(batch, cfg, units=E)
     to_check = {f"{a}.{k}": getattr(batch, k)[a].reshape(T, E, B, -1) for a in AGENTS
                 for k in ("logits", "logp", "values", "rewards")}
     to_check.update({f"{a}.advantages": adv[a] for a in AGENTS} | {f"{a}.returns": ret[a] for a in AGENTS})
@@ -272,9 +248,9 @@ def update_ensemble(stacks: dict[str, StackedRNN], optimizers: dict[str, torch.o
         total = 0.0
         for a in AGENTS:
             optimizers[a].zero_grad(set_to_none=True)
-            loss, stats[a] = ensemble_loss(stacks[a], batch.obs_index[a].view(T, E, B, 2), per_unit(batch.actions[a]),
-                                           per_unit(batch.logp[a]), adv[a], ret[a], cfg)
-            total = total + loss
+            loss, stats[a] = policy_loss(stacks[a], batch.obs_index[a].view(T, E, B, 2), per_unit(batch.actions[a]),
+                                         per_unit(batch.logp[a]), adv[a], ret[a], cfg, mean=_unit_mean)
+            total = total + loss.sum()  # Σ_e of unit e's loss: disjoint parameters, so each unit's gradient is its own
         check_units({f"{a}.{k}[epoch {epoch}]": v.view(1, E) for a in AGENTS for k, v in stats[a].items()},
                     update, unit_ids)
         total.backward()

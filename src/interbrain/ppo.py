@@ -149,21 +149,30 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, done: torch.Tensor, gamma: 
     return adv, adv + values
 
 
-def normalize_advantages(adv: torch.Tensor, min_std: float = 0.0, eps: float = 1e-8) -> torch.Tensor:
-    """``paper``/``fast``: (A - mean)/(population std + 1e-8); ``rllib``: (A - mean)/max(std, 1e-4)."""
-    std = adv.std(unbiased=False)
+def normalize_advantages(adv: torch.Tensor, min_std: float = 0.0, eps: float = 1e-8,
+                         dim: tuple[int, ...] | None = None) -> torch.Tensor:
+    """``paper``/``fast``: (A - mean)/(population std + 1e-8); ``rllib``: (A - mean)/max(std, 1e-4). Statistics over
+    the whole tensor, or over ``dim`` (each unit of an ensemble on its own: dims (0, 2) of [T, E, B])."""
+    if dim is None:
+        mean, std = adv.mean(), adv.std(unbiased=False)
+    else:
+        mean, std = adv.mean(dim, keepdim=True), adv.std(dim, unbiased=False, keepdim=True)
     if min_std > 0:
-        return (adv - adv.mean()) / torch.clamp(std, min=min_std)
-    return (adv - adv.mean()) / (std + eps)
+        return (adv - mean) / torch.clamp(std, min=min_std)
+    return (adv - mean) / (std + eps)
 
 
 # ------------------------------------------------------------------------------------------------ loss
 def policy_loss(agent: Agent, obs_index, actions, old_logp, adv, returns, cfg: PPOConfig, *, state0=None,
-                old_logits=None, kl_coef: float = 0.0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                old_logits=None, kl_coef: float = 0.0,
+                mean=torch.mean) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The per-agent PPO loss (SPEC §4.4 step 4; §4.5 adds the KL penalty and drops the entropy term).
 
     L = -mean(min(rho A, clip(rho, 1-eps, 1+eps) A)) + c_v mean(min((V-R)^2, cap)) - c_e H[pi]
         + lambda_rec ||W_hh||_F + lambda_in ||W_ih||_F + agent.aux_loss() (+ beta KL(pi_old || pi_new))
+
+    ``mean`` averages over the steps; an ensemble (:mod:`interbrain.ensemble`) passes a per-unit mean, so the loss and
+    every statistic come out per unit ([E], as its stacked agent's norms and aux loss).
     """
     logits, value, _ = agent.sequence_index(obs_index, state0)
     logp_all = torch.log_softmax(logits, -1)
@@ -171,9 +180,9 @@ def policy_loss(agent: Agent, obs_index, actions, old_logp, adv, returns, cfg: P
     log_ratio = logp - old_logp
     ratio = log_ratio.exp()
     surrogate = torch.minimum(ratio * adv, ratio.clamp(1 - cfg.clip_eps, 1 + cfg.clip_eps) * adv)
-    pg_loss = -surrogate.mean()
-    v_loss = torch.clamp((value - returns) ** 2, max=cfg.value_cap).mean()
-    entropy = -(logp_all.exp() * logp_all).sum(-1).mean()
+    pg_loss = -mean(surrogate)
+    v_loss = mean(torch.clamp((value - returns) ** 2, max=cfg.value_cap))
+    entropy = mean(-(logp_all.exp() * logp_all).sum(-1))
     rec = agent.recurrent_weight_norm()
     aux = agent.aux_loss()
     loss = pg_loss + cfg.value_coef * v_loss - cfg.entropy_coef * entropy + cfg.recurrent_l2 * rec + aux
@@ -181,12 +190,12 @@ def policy_loss(agent: Agent, obs_index, actions, old_logp, adv, returns, cfg: P
         loss = loss + cfg.input_l2 * agent.input_weight_norm()
     if old_logits is not None:
         old_logp_all = torch.log_softmax(old_logits, -1)
-        kl = (old_logp_all.exp() * (old_logp_all - logp_all)).sum(-1).mean()
+        kl = mean((old_logp_all.exp() * (old_logp_all - logp_all)).sum(-1))
         loss = loss + kl_coef * kl
     else:
-        kl = ((ratio - 1) - log_ratio).mean()  # the k3 estimator of KL(pi_old || pi_new)
+        kl = mean((ratio - 1) - log_ratio)  # the k3 estimator of KL(pi_old || pi_new)
     stats = {"loss": loss, "policy_loss": pg_loss, "value_loss": v_loss, "entropy": entropy, "approx_kl": kl,
-             "clip_fraction": ((ratio - 1).abs() > cfg.clip_eps).float().mean(), "recurrent_norm": rec,
+             "clip_fraction": mean(((ratio - 1).abs() > cfg.clip_eps).float()), "recurrent_norm": rec,
              "aux_loss": aux}
     return loss, stats
 
@@ -210,17 +219,24 @@ def check_finite(named: dict[str, torch.Tensor], update: int) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ updates
-def advantages_and_returns(batch: Rollout, cfg: PPOConfig) -> tuple[dict, dict]:
-    """GAE for both agents in one pass over time (the columns are independent), then per-agent normalisation."""
+def advantages_and_returns(batch: Rollout, cfg: PPOConfig, units: int | None = None) -> tuple[dict, dict]:
+    """GAE for both agents in one pass over time (the columns are independent), then per-agent normalisation.
+    With ``units`` = E (an ensemble's rollout, unit-major columns): normalised per unit too, both returned [T, E, B]."""
     T, B = batch.done.shape
     joint = lambda d: torch.stack([d[a] for a in AGENTS], 1).reshape(T, len(AGENTS) * B)  # noqa: E731
     boot = torch.cat([batch.bootstrap[a] for a in AGENTS]) if cfg.bootstrap_time_limit else None
     done = batch.done.repeat(1, len(AGENTS))
     raw, ret = gae(joint(batch.rewards), joint(batch.values), done, cfg.gamma, cfg.gae_lambda, boot)
     adv, rets = {}, {}
+    min_std = 1e-4 if cfg.learner == "rllib" else 0.0
     for i, a in enumerate(AGENTS):
-        adv[a] = normalize_advantages(raw[:, i * B:(i + 1) * B], min_std=1e-4 if cfg.learner == "rllib" else 0.0)
-        rets[a] = ret[:, i * B:(i + 1) * B]
+        cols = slice(i * B, (i + 1) * B)
+        if units is None:
+            adv[a], rets[a] = normalize_advantages(raw[:, cols], min_std=min_std), ret[:, cols]
+        else:
+            per_unit = lambda x: x.reshape(T, units, B // units)  # noqa: E731
+            adv[a] = normalize_advantages(per_unit(raw[:, cols]), min_std=min_std, dim=(0, 2))
+            rets[a] = per_unit(ret[:, cols])
     return adv, rets
 
 
