@@ -23,34 +23,33 @@ def _parse_override(text: str) -> tuple[str, object]:
     return key, parsed
 
 
-def _cmd_train(args) -> int:
-    from interbrain.train import train
+def _unit_config(args, task: str, seed: int):
+    """The TrainConfig of one unit from the arguments shared by ``train`` and ``train-ensemble``."""
+    from interbrain.config import make_train_config
 
-    overrides = dict(_parse_override(o) for o in args.set or [])
-    agent_options = dict(_parse_override(o) for o in args.agent_set or [])
-    latest = train(args.arch, args.task, args.seed, args.preset, args.updates, device=args.device, out=args.out,
-                   overrides=overrides, size=args.size, init=args.init, spawn=args.spawn, window=args.window,
-                   pos=args.pos, checkpoint_every=args.checkpoint_every, log_every=args.log_every,
-                   latest_every_s=args.latest_every_s, progress=not args.quiet, threads=args.threads,
-                   agent_options=agent_options)
-    print(latest)
+    return make_train_config(args.arch, task, seed, args.preset, args.updates, size=args.size, init=args.init,
+                             spawn=args.spawn, window=args.window, pos=args.pos,
+                             checkpoint_every=args.checkpoint_every, log_every=args.log_every,
+                             latest_every_s=args.latest_every_s,
+                             overrides=dict(_parse_override(o) for o in args.set or []),
+                             agent_options=dict(_parse_override(o) for o in args.agent_set or []))
+
+
+def _cmd_train(args) -> int:
+    from interbrain.train import train_config
+
+    print(train_config(_unit_config(args, args.task, args.seed), device=args.device, out=args.out,
+                       progress=not args.quiet, threads=args.threads))
     return 0
 
 
 def _cmd_train_ensemble(args) -> int:
-    from interbrain.config import make_train_config
     from interbrain.ensemble import check_ensemble, train_ensemble
 
-    overrides = dict(_parse_override(o) for o in args.set or [])
-    agent_options = dict(_parse_override(o) for o in args.agent_set or [])
     configs, outs = [], []
     for task in args.tasks:
         for seed in args.seeds:
-            configs.append(make_train_config(args.arch, task, seed, args.preset, args.updates, size=args.size,
-                                             init=args.init, spawn=args.spawn, window=args.window, pos=args.pos,
-                                             checkpoint_every=args.checkpoint_every, log_every=args.log_every,
-                                             latest_every_s=args.latest_every_s, overrides=overrides,
-                                             agent_options=agent_options))
+            configs.append(_unit_config(args, task, seed))
             try:
                 outs.append(args.out.format(arch=args.arch, task=task, seed=seed))
             except (KeyError, IndexError, ValueError) as exc:
