@@ -5,6 +5,23 @@ localrules:
     train_request,
 
 
+# The learning settings of a unit, as params of `train` and `train_ensemble` (read by workflow/scripts/unit_work.py).
+LEARNING_PARAMS = dict(
+    preset=TRAIN["preset"],
+    updates=FINAL,
+    size=TRAIN["size"],
+    init=TRAIN["init"],
+    spawn=TRAIN["spawn"],
+    window=TRAIN["window"],
+    pos=TRAIN["pos"],
+    overrides=lambda wc: {**TRAIN["overrides"], **TRAIN["arch_overrides"].get(wc.arch, {})},
+    agent_options=lambda wc: TRAIN["agent_options"].get(wc.arch, {}),
+    checkpoint_every=EVERY,
+    log_every=TRAIN["log_every"],
+    device=TRAIN["device"],
+)
+
+
 rule train_request:
     """The unit's training request (the `train` rule's input). Rewritten before scheduling when a published
     checkpoint of the unit is found corrupt, which reruns the unit's training and everything downstream.
@@ -50,18 +67,7 @@ rule train:
         arch=lambda wc: wc.arch,
         task=lambda wc: wc.task,
         seed=lambda wc: int(wc.seed),
-        preset=TRAIN["preset"],
-        updates=FINAL,
-        size=TRAIN["size"],
-        init=TRAIN["init"],
-        spawn=TRAIN["spawn"],
-        window=TRAIN["window"],
-        pos=TRAIN["pos"],
-        overrides=lambda wc: {**TRAIN["overrides"], **TRAIN["arch_overrides"].get(wc.arch, {})},
-        agent_options=lambda wc: TRAIN["agent_options"].get(wc.arch, {}),
-        checkpoint_every=EVERY,
-        log_every=TRAIN["log_every"],
-        device=TRAIN["device"],
+        **LEARNING_PARAMS,
     log:
         "logs/train/{arch}/{task}/seed_{seed}.log",
     benchmark:
@@ -118,18 +124,7 @@ if ENSEMBLE_STUDY_ARCHS:
             units=[(t, s) for t in TASKS for s in SEEDS],
             works=lambda wc: [f"{unit_dir(a, t, s)}/train_work" for a, t, s in units(wc.arch)],
             arch=lambda wc: wc.arch,
-            preset=TRAIN["preset"],
-            updates=FINAL,
-            size=TRAIN["size"],
-            init=TRAIN["init"],
-            spawn=TRAIN["spawn"],
-            window=TRAIN["window"],
-            pos=TRAIN["pos"],
-            overrides=lambda wc: {**TRAIN["overrides"], **TRAIN["arch_overrides"].get(wc.arch, {})},
-            agent_options=lambda wc: TRAIN["agent_options"].get(wc.arch, {}),
-            checkpoint_every=EVERY,
-            log_every=TRAIN["log_every"],
-            device=TRAIN["device"],
+            **LEARNING_PARAMS,
         log:
             "logs/train_ensemble/{arch}.log",
         benchmark:
