@@ -135,9 +135,9 @@ class ChaseEnv:
         self.device = torch.empty(0, device=device).device  # canonical form, e.g. "cuda" -> "cuda:0"
         self.horizon = config.horizon
         self.visibility = config.visibility
-        # reward[agent, new_field + 2 * collision]: baseline < own new field < shared collision (SPEC §2);
-        # [2, 4] for one task, [2, B, 4] with per-episode configs
-        self._reward_table = _reward_rows(config.task).to(self.device)
+        # reward[agent, episode, new_field + 2 * collision]: baseline < own new field < shared collision (SPEC §2);
+        # one task's rows for every episode, unless per-episode configs give each its own
+        self._reward_table = _reward_rows(config.task).to(self.device)[:, None, :].expand(2, batch, 4)
         if episodes is not None:
             self._set_episodes(config, episodes)
         tables = _tables()
@@ -357,10 +357,7 @@ class ChaseEnv:
 
         # Rewards (SPEC §2): baseline < own new field < shared collision.
         code = new_field.long() + 2 * collision.long()
-        if self._reward_table.dim() == 2:
-            rewards = self._reward_table.gather(1, code)
-        else:
-            rewards = self._reward_table.gather(2, code.unsqueeze(2)).squeeze(2)
+        rewards = self._reward_table.gather(2, code.unsqueeze(2)).squeeze(2)
 
         # 7. step count.
         self.cells = cells
