@@ -10,10 +10,11 @@ import pytest
 import torch
 
 from interbrain.agents import ARCHITECTURES, build_agent
-from interbrain.agents.rnn import ReluRecurrence
+from interbrain.agents.base import gather_index, param_key
+from interbrain.agents.rnn import ReluRecurrence, ReluRNNHeads, RNNPair
 from interbrain.config import AgentConfig, EnvConfig, make_train_config
 from interbrain.env import ChaseEnv, obs_from_index
-from interbrain.ppo import AGENTS, collect_rollout, sample_actions
+from interbrain.ppo import AGENTS, collect_rollout, policy_loss, sample_actions, update_clipped
 from interbrain.train import Trainer
 
 torch.set_num_threads(1)
@@ -56,6 +57,119 @@ def test_relu_recurrence_matches_nn_rnn_autograd_in_float64():
     for got, want in zip([p.grad for p in rnn.parameters()] + [h0.grad], ref_grads):
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
     assert (ref == 0).any() and (ref > 0).any()  # both ReLU branches were exercised
+
+
+def test_rnn_learning_pass_with_heads_matches_nn_rnn_autograd_in_float64():
+    """ReluRNNHeads (recurrence in place + joint heads, the heads' gradient computed inside the step loop) against
+    nn.RNN + two Linear heads under autograd, with a loss that also uses the hidden states directly."""
+    torch.manual_seed(1)
+    T, B = 20, 4
+    rnn = torch.nn.RNN(200, 256, nonlinearity="relu").double()
+    heads = torch.nn.Linear(256, 5).double()
+    x = torch.randn(T, B, 200, dtype=torch.float64)
+    h0 = torch.rand(B, 256, dtype=torch.float64, requires_grad=True)
+    w_heads, w_hidden = torch.randn(T, B, 5, dtype=torch.float64), torch.randn(T, B, 256, dtype=torch.float64)
+    params = list(rnn.parameters()) + list(heads.parameters()) + [h0]
+
+    def loss_of(hidden, out):
+        return (out * w_heads).sum() + 0.1 * (hidden * w_hidden).sum()
+
+    ref, _ = rnn(x, h0.unsqueeze(0))
+    loss_of(ref, heads(ref)).backward()
+    ref_grads = [p.grad.clone() for p in params]
+    for p in params:
+        p.grad = None
+    pre = torch.nn.functional.linear(x.reshape(T * B, 200), rnn.weight_ih_l0, rnn.bias_ih_l0 + rnn.bias_hh_l0)
+    hidden, out = ReluRNNHeads.apply(pre, h0, rnn.weight_hh_l0, heads.weight, heads.bias, T, None)
+    torch.testing.assert_close(hidden.view(T, B, 256), ref, rtol=1e-12, atol=1e-12)
+    loss_of(hidden.view(T, B, 256), out.view(T, B, 5)).backward()
+    for p, want in zip(params, ref_grads):
+        torch.testing.assert_close(p.grad, want, rtol=1e-10, atol=1e-10)
+    assert (ref == 0).any() and (ref > 0).any()
+
+
+def test_two_row_gather_gradient_is_the_two_hot_linear_gradient():
+    """gather_index under autograd (TwoRowGather: index_add_ backward) = Linear(two_hot(x)) autograd, in float64."""
+    torch.manual_seed(2)
+    layer = torch.nn.Linear(200, 7).double()
+    index = random_index(30, 6, seed=3)
+    w_out = torch.randn(30, 6, 7, dtype=torch.float64)
+    (layer(obs_from_index(index).double()) * w_out).sum().backward()
+    want_w, want_b = layer.weight.grad.clone(), layer.bias.grad.clone()
+    layer.zero_grad()
+    table = torch.cat([layer.weight.t()[:100] + layer.bias, layer.weight.t()[100:], layer.weight.new_zeros(1, 7)])
+    (gather_index(index, table) * w_out).sum().backward()
+    torch.testing.assert_close(layer.weight.grad, want_w, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(layer.bias.grad, want_b, rtol=1e-12, atol=1e-12)
+
+
+def test_rnn_pair_step_is_bitwise_the_two_agents_own_steps():
+    """Both RNN agents as one batched call (RNNPair) give the same bits as each agent's step_index."""
+    torch.manual_seed(0)
+    agents = [build_agent(AgentConfig(arch="rnn")) for _ in range(2)]
+    pair = agents[0].pair_with(agents[1])
+    assert isinstance(pair, RNNPair) and build_agent(AgentConfig(arch="mlp")).pair_with(agents[1]) is None
+    B = 6
+    h, states = pair.initial_state(B), [a.initial_state(B) for a in agents]
+    hidden, heads = torch.empty(12, 2, B, 256), torch.empty(12, 2, B, 5)
+    with torch.no_grad():
+        for t in range(12):
+            index = torch.stack([random_index(1, B, seed=10 * t + i)[0] for i in range(2)])
+            h = pair.step(index, h, hidden[t], heads[t])
+            for i, agent in enumerate(agents):
+                logits, value, h_i, states[i] = agent.step_index(index[i], states[i])
+                assert torch.equal(hidden[t, i], h_i) and torch.equal(h[i], h_i)
+                assert torch.equal(heads[t, i, :, :4], logits) and torch.equal(heads[t, i, :, 4], value)
+    assert (hidden == 0).any() and (hidden > 0).any()
+
+
+def test_replayed_first_epoch_is_bitwise_the_recomputed_one(tiny_overrides):
+    """The rollout records each RNN agent's hidden states; the first learning epoch replays them instead of running
+    the recurrence again. Replay and recomputation give the same loss, statistics and gradients, bit for bit; a
+    record taken under other weights is not used."""
+    cfg = make_train_config("rnn", "social", 0, "paper", 2, overrides=tiny_overrides)
+    tr = Trainer(cfg, torch.device("cpu"))
+    batch = collect_rollout(tr.env, tr.agents, tr.env_gen, tr.action_gens)
+    assert set(batch.replay) == set(AGENTS)
+    adv = {a: torch.randn(batch.rewards[a].shape, generator=torch.Generator().manual_seed(5)) for a in AGENTS}
+    for a in AGENTS:
+        agent = tr.agents[a]
+        results = []
+        for replay in (batch.replay[a], None):
+            agent.zero_grad()
+            loss, stats = policy_loss(agent, batch.obs_index[a], batch.actions[a], batch.logp[a], adv[a],
+                                      batch.rewards[a], cfg.ppo, replay=replay)
+            loss.backward()
+            results.append((loss.detach(), {k: v.detach() for k, v in stats.items()},
+                            [p.grad.clone() for p in agent.parameters()]))
+        (l1, s1, g1), (l2, s2, g2) = results
+        assert torch.equal(l1, l2) and all(torch.equal(s1[k], s2[k]) for k in s1)
+        assert all(torch.equal(x, y) for x, y in zip(g1, g2))
+        key, hidden = batch.replay[a]
+        assert key == param_key(agent)
+        with torch.no_grad():  # a record from other weights: policy_loss recomputes (equals the fresh forward)
+            agent.rnn.weight_hh_l0.mul_(0.5)
+        assert param_key(agent) != key
+        loss_stale, _ = policy_loss(agent, batch.obs_index[a], batch.actions[a], batch.logp[a], adv[a],
+                                    batch.rewards[a], cfg.ppo, replay=batch.replay[a])
+        loss_fresh, _ = policy_loss(agent, batch.obs_index[a], batch.actions[a], batch.logp[a], adv[a],
+                                    batch.rewards[a], cfg.ppo)
+        assert torch.equal(loss_stale, loss_fresh)
+
+
+def test_update_with_replay_equals_update_without(tiny_overrides):
+    """A whole paper-preset update (4 epochs, Adam) from the replayed first epoch equals one that recomputes it."""
+    cfg = make_train_config("rnn", "non_social", 3, "paper", 2, overrides=tiny_overrides)
+    a, b = Trainer(cfg, torch.device("cpu")), Trainer(cfg, torch.device("cpu"))
+    batch_a = collect_rollout(a.env, a.agents, a.env_gen, a.action_gens)
+    batch_b = collect_rollout(b.env, b.agents, b.env_gen, b.action_gens)
+    batch_b.replay = {}
+    stats_a = update_clipped(a.agents, a.optimizers, batch_a, cfg.ppo, 1)
+    stats_b = update_clipped(b.agents, b.optimizers, batch_b, cfg.ppo, 1)
+    assert stats_a == stats_b
+    for name in AGENTS:
+        for p, q in zip(a.agents[name].parameters(), b.agents[name].parameters()):
+            assert torch.equal(p, q)
 
 
 @pytest.mark.parametrize("arch", sorted(ARCHITECTURES))

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from interbrain.agents import Agent
+from interbrain.agents.base import HIDDEN, N_ACTIONS, param_key
 from interbrain.config import PPOConfig
 from interbrain.env import ChaseEnv
 from interbrain.errors import InterbrainError, NonFiniteError
@@ -46,6 +47,8 @@ class Rollout:
     z_norm: dict[str, torch.Tensor]  # [B * T/10] samples of ||W_a^T W_a h_t||
     seq_states: dict[str, list] = field(default_factory=dict)  # agent -> states at the start of each sequence
     bootstrap: dict[str, torch.Tensor] = field(default_factory=dict)  # agent -> V(s_H) when bootstrapping
+    # agent -> (param_key when acting, hidden [T,B,256]) recorded by a replaying pair step (Agent.replay_index)
+    replay: dict[str, tuple] = field(default_factory=dict)
 
 
 def gumbel_noise(shape: tuple, generator: torch.Generator, device: torch.device) -> torch.Tensor:
@@ -82,32 +85,50 @@ def _per_agent(joint: torch.Tensor) -> dict[str, torch.Tensor]:
 def collect_rollout(env: ChaseEnv, agents: dict[str, Agent], env_gen: torch.Generator,
                     action_gens: dict[str, torch.Generator], *, seq_len: int | None = None,
                     bootstrap: bool = False) -> Rollout:
-    """Play one update's ``num_envs`` episodes. Per step: the observation index of both agents, each agent's
-    ``step_index`` (chaser first), Gumbel-max actions from noise drawn up front, and the environment's core step, all
-    written into preallocated joint buffers; log-probabilities and ||z|| samples are computed once afterwards."""
+    """Play one update's ``num_envs`` episodes. Per step: the observation index of both agents, the agents' step
+    (chaser first: each agent's ``step_index``, or both as one batched call when the chaser offers a
+    :meth:`~interbrain.agents.base.Agent.pair_with` step), Gumbel-max actions from noise drawn up front, and the
+    environment's core step, all written into preallocated joint buffers; log-probabilities and ||z|| samples are
+    computed once afterwards. A pair step that replays also records the hidden states for the first learning epoch."""
     env.reset(env_gen)
     T, B, dev = env.config.horizon, env.batch, env.chaser_pos.device
     noise = torch.stack([gumbel_noise((T, B, 4), action_gens[a], dev) for a in AGENTS], 1)  # [T,2,B,4]
     obs_index = torch.empty(T, 2, B, 2, dtype=torch.long, device=dev)
-    logits = torch.empty(T, 2, B, 4, device=dev)
-    values = torch.empty(T, 2, B, device=dev)
+    heads = torch.empty(T, 2, B, N_ACTIONS + 1, device=dev)  # the joint heads: 4 logits, then the value
+    logits, values = heads[..., :N_ACTIONS], heads[..., N_ACTIONS]
     actions = torch.empty(T, 2, B, dtype=torch.long, device=dev)
     rewards = torch.empty(T, 2, B, device=dev)
     events = torch.empty(len(EVENT_KEYS), T, B, dtype=torch.bool, device=dev)
-    z_hidden = {a: [] for a in AGENTS}
-    states = {a: agents[a].initial_state(B, dev) for a in AGENTS}
-    seq_states = {a: [] for a in AGENTS}
-    for t in range(T):
-        index = env.observation_index()
-        obs_index[t] = index
-        if seq_len is not None and t % seq_len == 0:
-            for a in AGENTS:
-                seq_states[a].append(tuple(s.clone() if torch.is_tensor(s) else s for s in states[a]))
-        for i, a in enumerate(AGENTS):  # chaser first
-            logits[t, i], values[t, i], h, states[a] = agents[a].step_index(index[i], states[a])
-            if t % Z_SAMPLE_EVERY == 0:
-                z_hidden[a].append(h)
-        act_and_step(env, t, logits, noise, actions, rewards, events)
+    pair = agents[AGENTS[0]].pair_with(agents[AGENTS[1]]) if seq_len is None else None
+    if pair is not None:
+        hidden = torch.empty(2, T, B, HIDDEN, device=dev)  # agent-major: each agent's [T,B,256] is contiguous
+        h = pair.initial_state(B)
+        for t in range(T):
+            index = env.observation_index()
+            obs_index[t] = index
+            h = pair.step(index, h, hidden[:, t], heads[t])
+            act_and_step(env, t, logits, noise, actions, rewards, events)
+        z_hidden = {a: hidden[i, ::Z_SAMPLE_EVERY].reshape(-1, HIDDEN) for i, a in enumerate(AGENTS)}
+        states = {a: agents[a].with_hidden(None, hidden[i, -1]) for i, a in enumerate(AGENTS)}
+        replay = {a: (key, hidden[i]) for i, (a, key) in enumerate(zip(AGENTS, pair.keys))} if pair.replays else {}
+        seq_states = {}
+    else:
+        z_list = {a: [] for a in AGENTS}
+        states = {a: agents[a].initial_state(B, dev) for a in AGENTS}
+        seq_states = {a: [] for a in AGENTS}
+        for t in range(T):
+            index = env.observation_index()
+            obs_index[t] = index
+            if seq_len is not None and t % seq_len == 0:
+                for a in AGENTS:
+                    seq_states[a].append(tuple(s.clone() if torch.is_tensor(s) else s for s in states[a]))
+            for i, a in enumerate(AGENTS):  # chaser first
+                logits[t, i], values[t, i], h, states[a] = agents[a].step_index(index[i], states[a])
+                if t % Z_SAMPLE_EVERY == 0:
+                    z_list[a].append(h)
+            act_and_step(env, t, logits, noise, actions, rewards, events)
+        z_hidden = {a: torch.cat(z_list[a]) for a in AGENTS}
+        replay = {}
     boot = {}
     if bootstrap:
         index = env.observation_index()
@@ -117,10 +138,11 @@ def collect_rollout(env: ChaseEnv, agents: dict[str, Agent], env_gen: torch.Gene
     z_norm = {}
     for a in AGENTS:
         w = agents[a].action_head.weight
-        z_norm[a] = ((torch.cat(z_hidden[a]) @ w.t()) @ w).norm(dim=-1)
+        z_norm[a] = ((z_hidden[a] @ w.t()) @ w).norm(dim=-1)
     done = (torch.arange(T, device=dev) + 1 >= T)[:, None].expand(T, B)  # the shared time limit ends every episode
     return Rollout(_per_agent(obs_index), _per_agent(actions), _per_agent(logp), _per_agent(logits), _per_agent(values),
-                   _per_agent(rewards), done, dict(zip(EVENT_KEYS, events)), env.distance(), z_norm, seq_states, boot)
+                   _per_agent(rewards), done, dict(zip(EVENT_KEYS, events)), env.distance(), z_norm, seq_states, boot,
+                   replay)
 
 
 # ------------------------------------------------------------------------------------------------ GAE
@@ -164,17 +186,21 @@ def normalize_advantages(adv: torch.Tensor, min_std: float = 0.0, eps: float = 1
 
 # ------------------------------------------------------------------------------------------------ loss
 def policy_loss(agent: Agent, obs_index, actions, old_logp, adv, returns, cfg: PPOConfig, *, state0=None,
-                old_logits=None, kl_coef: float = 0.0,
-                mean=torch.mean) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                old_logits=None, kl_coef: float = 0.0, mean=torch.mean,
+                replay: tuple | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The per-agent PPO loss (SPEC §4.4 step 4; §4.5 adds the KL penalty and drops the entropy term).
 
     L = -mean(min(rho A, clip(rho, 1-eps, 1+eps) A)) + c_v mean(min((V-R)^2, cap)) - c_e H[pi]
         + lambda_rec ||W_hh||_F + lambda_in ||W_ih||_F + agent.aux_loss() (+ beta KL(pi_old || pi_new))
 
     ``mean`` averages over the steps; an ensemble (:mod:`interbrain.ensemble`) passes a per-unit mean, so the loss and
-    every statistic come out per unit ([E], as its stacked agent's norms and aux loss).
+    every statistic come out per unit ([E], as its stacked agent's norms and aux loss). ``replay`` is a rollout's
+    (param key, hidden) record (:attr:`Rollout.replay`): used while the weights are still the acting ones.
     """
-    logits, value, _ = agent.sequence_index(obs_index, state0)
+    if replay is not None and state0 is None and replay[0] == param_key(agent):
+        logits, value, _ = agent.replay_index(obs_index, replay[1])  # the acting forward, recorded (same bits)
+    else:
+        logits, value, _ = agent.sequence_index(obs_index, state0)
     logp_all = torch.log_softmax(logits, -1)
     logp = logp_all.gather(-1, actions[..., None]).squeeze(-1)
     log_ratio = logp - old_logp
@@ -253,7 +279,8 @@ def update_clipped(agents: dict[str, Agent], optimizers: dict[str, torch.optim.O
         total = 0.0
         for a in AGENTS:
             optimizers[a].zero_grad(set_to_none=True)
-            loss, stats[a] = policy_loss(agents[a], batch.obs_index[a], batch.actions[a], batch.logp[a], adv[a], ret[a], cfg)
+            loss, stats[a] = policy_loss(agents[a], batch.obs_index[a], batch.actions[a], batch.logp[a], adv[a], ret[a],
+                                         cfg, replay=batch.replay.get(a) if epoch == 0 else None)
             total = total + loss
         check_finite({f"{a}.{k}[epoch {epoch}]": v for a in AGENTS for k, v in stats[a].items()}, update)
         total.backward()

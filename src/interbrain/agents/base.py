@@ -90,6 +90,19 @@ class Agent(nn.Module):
         """``sequence`` for observation indices [T, B, 2]; same contract as :meth:`step_index`."""
         return self.sequence(obs_from_index(index), state0)
 
+    # --- optional fast paths (issue 6); the defaults say "not available" -----------------------------------------
+    def pair_with(self, partner: "Agent"):
+        """An object that steps this agent (chaser) and ``partner`` (explorer) as one batched call while acting, with
+        ``keys`` (:func:`param_key` of both agents when built), ``initial_state(B)`` and
+        ``step(index [2,B,2], state, hidden_out [2,B,256], heads_out [2,B,5]) -> state``, or
+        None (the rollout then calls each agent's :meth:`step_index`)."""
+        return None
+
+    def replay_index(self, index: torch.Tensor, hidden: torch.Tensor):
+        """:meth:`sequence_index` from the zero state given the hidden states the pair step recorded under the same
+        weights; only agents whose :meth:`pair_with` returns a pair marked ``replays`` implement it."""
+        raise NotImplementedError(f"arch {self.arch!r} cannot replay a recorded forward")
+
     def readout(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Both heads as one Linear(256 -> 5) (rows: the 4 action logits, then the value): one matmul forward and two
         backward instead of twice that."""
@@ -187,6 +200,12 @@ def index_offsets(device: torch.device) -> torch.Tensor:
     return hit
 
 
+def param_key(module: nn.Module) -> tuple:
+    """Identifies the current values of ``module``'s parameters: (storage, version counter) of each; any in-place
+    update (optimiser step, ``load_state_dict``) changes it."""
+    return tuple((p.data_ptr(), p._version) for p in module.parameters())
+
+
 def index_table(weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """The rows of a Linear(200 -> out) (``weight`` [out, 200]) for observation indices: [201, out], rows 0..99 the own
     cell (plus ``bias``), 100..199 the partner cell, 200 "partner not shown" (zeros)."""
@@ -195,12 +214,37 @@ def index_table(weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor
     return torch.cat([own, w[N_CELLS:], w.new_zeros(1, w.shape[1])])
 
 
+class TwoRowGather(torch.autograd.Function):
+    """table [R, out], rows [N, 2] -> table[rows[:, 0]] + table[rows[:, 1]] ([N, out]). The forward is ``embedding_bag``'s
+    sum; the backward scatters the gradient with two ``index_add_`` (sequential, deterministic on CPU), several times
+    faster here than ``embedding_bag``'s sort-based backward."""
+
+    @staticmethod
+    def forward(ctx, table: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(rows)
+        ctx.table_shape = table.shape
+        return torch.nn.functional.embedding_bag(rows, table, mode="sum")
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (rows,) = ctx.saved_tensors
+        grad_table = grad.new_zeros(ctx.table_shape)
+        grad_table.index_add_(0, rows[:, 0], grad).index_add_(0, rows[:, 1], grad)
+        return grad_table, None
+
+
 def gather_index(index: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
     """``Linear(two_hot(index))`` for observation indices [..., 2] as one summed gather of two rows of
     :func:`index_table` (exact up to float summation order: x_t is at most two-hot). Returns [..., out]."""
-    rows = index + index_offsets(index.device)
-    pre = torch.nn.functional.embedding_bag(rows.reshape(-1, 2), table, mode="sum")
-    return pre.view(*index.shape[:-1], table.shape[1])
+    return gather_rows(index, table).view(*index.shape[:-1], table.shape[1])
+
+
+def gather_rows(index: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """:func:`gather_index` flattened to [N, out] (N = index.numel() / 2), a fresh tensor rather than a view."""
+    rows = (index + index_offsets(index.device)).reshape(-1, 2)
+    if torch.is_grad_enabled() and table.requires_grad:
+        return TwoRowGather.apply(table, rows)
+    return torch.nn.functional.embedding_bag(rows, table, mode="sum")
 
 
 class TorchRNNAgent(Agent):

@@ -14,51 +14,117 @@ Speed (issue 6), with the arithmetic unchanged:
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from torch import nn
 
-from interbrain.agents.base import HIDDEN, OBS_DIM, Agent, gather_index, index_table, register
+from interbrain.agents.base import HIDDEN, INDEX_OFFSETS, N_ACTIONS, OBS_DIM, Agent, gather_index, gather_rows, index_table, param_key, register
 from interbrain.config import AgentConfig
 
 
+def relu_recurrence(pre: torch.Tensor, h0: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """H[t] = ReLU(pre[t] + H[t-1] W^T) for t = 0..T-1 from H[-1] = h0, computed in place in ``pre`` (which becomes
+    H and is returned): one in-place ``addmm_`` (``baddbmm_`` for stacked units) and ReLU per step, so each step's input
+    is read and overwritten while it is in cache (no second [T,B,H] buffer, no copy per step)."""
+    wt, h = w.transpose(-1, -2), h0
+    for t in range(pre.shape[0]):
+        h = (pre[t].baddbmm_(h, wt) if w.dim() == 3 else pre[t].addmm_(h, wt)).relu_()
+    return pre
+
+
+def relu_recurrence_backward(out: torch.Tensor, h0: torch.Tensor, w: torch.Tensor, grad_at: Callable,
+                             needs_h0: bool, needs_w: bool) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """(dL/dpre, dL/dh0, dL/dW) of :func:`relu_recurrence` given ``grad_at(t, dest)``, which writes dL/dH[t] into
+    ``dest``. Per step, newest first: g[t] = (dL/dH[t] + g[t+1] W) · ReLU'(pre[t]), as an in-place ``addmm_`` and the
+    ReLU mask (0 exactly where the output is 0) applied in place from out[t] (no [T,B,H] mask tensor); then
+    dW = sum_t g_t^T h_{t-1} as one large product over all steps (per unit)."""
+    T, H = out.shape[0], out.shape[-1]
+    mask = torch.ops.aten.threshold_backward.grad_input
+    g = torch.empty_like(out)
+    for t in range(T - 1, -1, -1):
+        gt = g[t]
+        grad_at(t, gt)
+        if t < T - 1:
+            gt.baddbmm_(g[t + 1], w) if w.dim() == 3 else gt.addmm_(g[t + 1], w)
+        mask(gt, out[t], 0, grad_input=gt)
+    grad_h0 = g[0] @ w if needs_h0 else None
+    grad_w = None
+    if needs_w:
+        grad_w = g[0].transpose(-1, -2) @ h0
+        if T > 1:
+            if w.dim() == 3:
+                E = w.shape[0]
+                grad_w = grad_w.baddbmm_(g[1:].permute(1, 3, 0, 2).reshape(E, H, -1),
+                                         out[:-1].permute(1, 0, 2, 3).reshape(E, -1, H))
+            else:
+                grad_w = grad_w.addmm_(g[1:].reshape(-1, H).t(), out[:-1].reshape(-1, H))
+    return g, grad_h0, grad_w
+
+
 class ReluRecurrence(torch.autograd.Function):
-    """H[t] = ReLU(pre[t] + H[t-1] W^T) for t = 0..T-1 from H[-1] = h0; pre [T,B,H], h0 [B,H], w [H,H] -> H [T,B,H].
-    Also E independent recurrences at once (:mod:`interbrain.ensemble`): pre [T,E,B,H], h0 [E,B,H], w [E,H,H], the
-    same arithmetic with ``baddbmm`` in place of ``addmm``."""
+    """:func:`relu_recurrence` with its hand-written backward (:func:`relu_recurrence_backward`: one matmul per step
+    plus one large product for dW, instead of autograd's per-step graph). pre [T,B,H], h0 [B,H], w [H,H] -> H [T,B,H];
+    also E independent recurrences at once (:mod:`interbrain.ensemble`): pre [T,E,B,H], h0 [E,B,H], w [E,H,H].
+    ``pre`` is left as it is (the recurrence runs in a copy)."""
 
     @staticmethod
     def forward(ctx, pre: torch.Tensor, h0: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        out = torch.empty_like(pre)
-        mm = torch.baddbmm if w.dim() == 3 else torch.addmm
-        wt, h = w.transpose(-1, -2), h0
-        for t in range(pre.shape[0]):
-            h = mm(pre[t], h, wt, out=out[t]).relu_()
+        out = relu_recurrence(pre.clone(memory_format=torch.contiguous_format), h0, w)
         ctx.save_for_backward(out, h0, w)
         return out
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
         out, h0, w = ctx.saved_tensors
-        T, H = out.shape[0], out.shape[-1]
-        mm = torch.baddbmm if w.dim() == 3 else torch.addmm
-        alive = (out > 0).to(out.dtype)  # ReLU'(pre): 0 exactly where the output is 0
-        # g[t] = dL/dpre[t] = (grad_out[t] + g[t+1] W) * alive[t]; the add is fused into the addmm
-        g = torch.empty_like(out)
-        torch.mul(grad_out[T - 1], alive[T - 1], out=g[T - 1])
-        for t in range(T - 1, 0, -1):
-            mm(grad_out[t - 1], g[t], w, out=g[t - 1]).mul_(alive[t - 1])
-        grad_h0 = g[0] @ w if ctx.needs_input_grad[1] else None
-        grad_w = None
-        if ctx.needs_input_grad[2]:
-            grad_w = g[0].transpose(-1, -2) @ h0
-            if T > 1:  # sum_t g_t^T h_{t-1} as one large product over all steps (per unit)
-                if w.dim() == 3:
-                    E = w.shape[0]
-                    grad_w = grad_w.baddbmm_(g[1:].permute(1, 3, 0, 2).reshape(E, H, -1),
-                                             out[:-1].permute(1, 0, 2, 3).reshape(E, -1, H))
-                else:
-                    grad_w = grad_w.addmm_(g[1:].reshape(-1, H).t(), out[:-1].reshape(-1, H))
-        return g, grad_h0, grad_w
+        return relu_recurrence_backward(out, h0, w, lambda t, dest: dest.copy_(grad_out[t]),
+                                        ctx.needs_input_grad[1], ctx.needs_input_grad[2])
+
+
+class ReluRNNHeads(torch.autograd.Function):
+    """The RNN's learning pass in one function, on step-major flattened rows (pre [T·B, H], ``steps`` = T): H =
+    :func:`relu_recurrence`, then the joint heads H·head_w^T + head_b ([T·B, 5]: 4 logits, then the value). The
+    recurrence runs in place in ``pre``, which must be a fresh non-leaf, non-view tensor (:meth:`RNNAgent._recur`
+    passes its gather) and is returned as H. The backward computes the heads' dL/dH[t] inside the recurrence's step
+    loop, straight into its gradient buffer, while that step is in cache. With ``known`` (the H this forward would
+    compute, recorded by :class:`RNNPair` while acting with the same weights) the recurrence is not run again and
+    ``pre`` is left as it is. H's own gradient, if a loss uses it, is added to the heads'."""
+
+    @staticmethod
+    def forward(ctx, pre, h0, w, head_w, head_b, steps: int, known=None):
+        if known is None:
+            out = pre
+            relu_recurrence(pre.view(steps, -1, pre.shape[-1]), h0, w)
+            ctx.mark_dirty(pre)
+        else:
+            out = known.reshape(pre.shape)
+        heads = torch.nn.functional.linear(out, head_w, head_b)
+        ctx.save_for_backward(out, h0, w, head_w)
+        ctx.steps = steps
+        ctx.set_materialize_grads(False)
+        return out, heads
+
+    @staticmethod
+    def backward(ctx, grad_hidden, grad_heads):
+        out, h0, w, head_w = ctx.saved_tensors
+        T, H, K = ctx.steps, out.shape[-1], head_w.shape[0]
+        gh = None if grad_heads is None else grad_heads.view(T, -1, K)
+        gx = None if grad_hidden is None else grad_hidden.view(T, -1, H)
+
+        def grad_at(t: int, dest: torch.Tensor) -> None:
+            if gh is None:
+                dest.zero_()
+            else:
+                torch.mm(gh[t], head_w, out=dest)
+            if gx is not None:
+                dest.add_(gx[t])
+
+        g, grad_h0, grad_w = relu_recurrence_backward(out.view(T, -1, H), h0, w, grad_at, ctx.needs_input_grad[1],
+                                                      ctx.needs_input_grad[2])
+        grad_head_w = grad_head_b = None
+        if grad_heads is not None:
+            grad_head_w, grad_head_b = grad_heads.t() @ out, grad_heads.sum(0)
+        return g.view(out.shape), grad_h0, grad_w, grad_head_w, grad_head_b, None, None
 
 
 @register("rnn")
@@ -95,7 +161,8 @@ class RNNAgent(Agent):
 
     def sequence(self, obs, state0=None):
         r = self.rnn
-        return self._recur(torch.nn.functional.linear(obs, r.weight_ih_l0, r.bias_ih_l0 + r.bias_hh_l0), state0)
+        pre = torch.nn.functional.linear(obs.reshape(-1, obs.shape[-1]), r.weight_ih_l0, r.bias_ih_l0 + r.bias_hh_l0)
+        return self._recur(pre, state0, obs.shape[0])
 
     # --- observation indices -------------------------------------------------------------------------
     def input_table(self) -> torch.Tensor:
@@ -103,11 +170,13 @@ class RNNAgent(Agent):
         r = self.rnn
         return index_table(r.weight_ih_l0, r.bias_ih_l0 + r.bias_hh_l0)
 
+    def _table(self) -> torch.Tensor:
+        r = self.rnn
+        return self.cached("input_table", (r.weight_ih_l0, r.bias_ih_l0, r.bias_hh_l0), self.input_table)
+
     def _gather(self, index: torch.Tensor) -> torch.Tensor:
         """W_ih x + b_ih + b_hh for observation indices [..., 2], as one summed gather of two table rows."""
-        r = self.rnn
-        return gather_index(index, self.cached("input_table", (r.weight_ih_l0, r.bias_ih_l0, r.bias_hh_l0),
-                                               self.input_table))
+        return gather_index(index, self._table())
 
     def step_index(self, index, state):
         (h,) = state
@@ -116,13 +185,28 @@ class RNNAgent(Agent):
         return logits, value, h, (h,)
 
     def sequence_index(self, index, state0=None):
-        return self._recur(self._gather(index), state0)
+        return self._recur(gather_rows(index, self._table()), state0, index.shape[0])
 
-    def _recur(self, pre: torch.Tensor, state0):
-        h0 = self.initial_state(pre.shape[1], pre.device)[0] if state0 is None else state0[0]
-        hidden = ReluRecurrence.apply(pre, h0.to(pre.dtype), self.rnn.weight_hh_l0)
-        logits, value = self.readout(hidden)
-        return logits, value, hidden
+    def replay_index(self, index, hidden):
+        """:meth:`sequence_index` from the zero state when ``hidden`` [T, B, 256] is the recurrence output it would
+        compute (recorded by :class:`RNNPair` under unchanged weights; same gather and the same ``addmm`` per step, so
+        the same bits): the backward is built without running the forward again."""
+        return self._recur(gather_rows(index, self._table()), None, index.shape[0], known=hidden)
+
+    def pair_with(self, partner: Agent) -> RNNPair | None:
+        return RNNPair(self, partner) if isinstance(partner, RNNAgent) else None
+
+    def _recur(self, pre: torch.Tensor, state0, steps: int, known: torch.Tensor | None = None):
+        """pre: W_ih x + biases as fresh step-major rows [T·B, 256] (overwritten with h) -> logits, value, hidden."""
+        B = pre.shape[0] // steps
+        if pre._base is not None:  # ReluRNNHeads overwrites pre: it must own its storage
+            pre = pre.clone()
+        h0 = self.initial_state(B, pre.device)[0] if state0 is None else state0[0]
+        head_w, head_b = self.cached("heads", (self.action_head.weight, self.action_head.bias, self.value_head.weight,
+                                               self.value_head.bias), self._joint_heads)
+        hidden, heads = ReluRNNHeads.apply(pre, h0.to(pre.dtype), self.rnn.weight_hh_l0, head_w, head_b, steps, known)
+        heads = heads.view(steps, B, -1)
+        return heads[..., :N_ACTIONS], heads[..., N_ACTIONS], hidden.view(steps, B, -1)
 
     def with_hidden(self, state, hidden):
         return (hidden,)
@@ -132,3 +216,38 @@ class RNNAgent(Agent):
 
     def input_weight_norm(self):
         return torch.linalg.matrix_norm(self.rnn.weight_ih_l0)
+
+
+class RNNPair:
+    """Both agents of a pair acting as one batched call (issue 6): per step one gather from the two stacked input tables,
+    one ``baddbmm`` for the two recurrences and one for the two joint heads. ``baddbmm`` runs each agent's product as
+    the ``addmm`` of :meth:`RNNAgent.step_index` does, so the results are the same bits (``tests/test_fast_paths.py``).
+    Built from the current weights (no gradient); rebuild it after they change."""
+
+    replays = True  # the recorded hidden states feed RNNAgent.replay_index
+
+    def __init__(self, *agents: RNNAgent):
+        with torch.no_grad():
+            tables = [a.input_table() for a in agents]
+            self.table = torch.cat(tables)  # [2·201, 256]
+            self.w_t = torch.stack([a.rnn.weight_hh_l0 for a in agents]).transpose(1, 2)  # [2, 256, 256] (W^T)
+            heads = [a._joint_heads() for a in agents]
+            self.head_w = torch.stack([w for w, _ in heads]).transpose(1, 2)  # [2, 256, 5]
+            self.head_b = torch.stack([b for _, b in heads]).unsqueeze(1)  # [2, 1, 5]
+        dev = self.table.device
+        self.offsets = (torch.arange(len(agents), device=dev).view(-1, 1, 1) * tables[0].shape[0]
+                        + INDEX_OFFSETS.to(dev).view(1, 1, 2))
+        self.keys = [param_key(a) for a in agents]
+
+    def initial_state(self, batch: int) -> torch.Tensor:
+        return self.table.new_zeros(len(self.keys), batch, HIDDEN)
+
+    def step(self, index: torch.Tensor, h: torch.Tensor, hidden_out: torch.Tensor,
+             heads_out: torch.Tensor) -> torch.Tensor:
+        """index [2, B, 2], h [2, B, 256] -> the new h, written into ``hidden_out`` [2, B, 256] (which must not share
+        memory with ``h``) and returned; the joint heads (4 logits, then the value) written into ``heads_out`` [2, B, 5]."""
+        rows = (index + self.offsets).view(-1, 2)
+        pre = torch.nn.functional.embedding_bag(rows, self.table, mode="sum").view(hidden_out.shape)
+        h = torch.baddbmm(pre, h, self.w_t, out=hidden_out).relu_()
+        torch.baddbmm(self.head_b, h, self.head_w, out=heads_out)
+        return h
