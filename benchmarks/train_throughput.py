@@ -23,7 +23,10 @@ environment count zero, so the fraction measures how close an update comes to pu
 count can be checked by hand (``rnn_analytic_gflop``): with N = 40·100 steps, H = 256 and 5 head outputs, one
 agent-step costs 2H² + 2·5H FLOP forward; a rollout is 2 agents x N steps of that; each learning epoch runs the
 forward again and a backward of twice its cost (dh and dW); so ``paper`` (4 epochs) = 2·N·(2H² + 10H)·(1 + 3·4)
-≈ 13.9 GFLOP, the 14 GFLOP of issue 6. (The counted figure is slightly lower: the backward needs no dh for t = 0.)
+≈ 13.9 GFLOP, the 14 GFLOP of issue 6. The RNN does less than that: the first epoch's recurrence forward is the
+rollout's own, recorded while acting under the same weights and replayed (``RNNAgent.replay_index``), which saves
+2·N·2H² (1.05 GFLOP); ``rnn_analytic_gflop`` is the count with that saving, 12.85 GFLOP for ``paper``, 3.23 for
+``fast``. (The counted figure is slightly lower still: the backward needs no dh for t = 0.)
 
     python benchmarks/train_throughput.py [--device auto] [--threads 1] [--archs rnn,mlp] [--presets paper,fast]
                                           [--sizes std,matched] [--ensemble 4] [--no-rollout] [--no-dag]
@@ -88,8 +91,9 @@ def env_steps_per_s(device: torch.device, batch: int = 40, steps: int = 2000) ->
 
 
 def rnn_analytic_gflop(epochs: int, steps: int = 4000, hidden: int = 256, heads: int = 5) -> float:
-    """The hand count of the module docstring: 2 agents x N steps x (2H^2 + 2·heads·H) x (1 rollout + 3 per epoch)."""
-    return 2 * steps * (2 * hidden**2 + 2 * heads * hidden) * (1 + 3 * epochs) / 1e9
+    """The hand count of the module docstring: 2 agents x N steps x (2H^2 + 2·heads·H) x (1 rollout + 3 per epoch),
+    less the first epoch's recurrence forward (2 agents x N x 2H^2), which replays the rollout's."""
+    return 2 * steps * ((2 * hidden**2 + 2 * heads * hidden) * (1 + 3 * epochs) - 2 * hidden**2) / 1e9
 
 
 def _inplace_addmm_flop(self_shape, a_shape, b_shape, *args, out_shape=None, **kwargs) -> int:
