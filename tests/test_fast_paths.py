@@ -235,8 +235,10 @@ def test_core_step_equals_the_full_step(visibility):
         assert torch.equal(full.observation_index(), core.observation_index())
         ca, ea = torch.randint(0, 4, (64,), generator=g), torch.randint(0, 4, (64,), generator=g)
         info, c = full.step(ca, ea), core.step_core(ca, ea)
-        for k in ("chaser_reward", "explorer_reward", "collision", "chaser_new_field", "explorer_new_field"):
-            assert torch.equal(getattr(info, k), c[k]), k
+        for k, v in (("chaser_reward", c.rewards[0]), ("explorer_reward", c.rewards[1]), ("collision", c.collision),
+                     ("chaser_collision", c.blocked[0]), ("explorer_collision", c.blocked[1]),
+                     ("chaser_new_field", c.new_field[0]), ("explorer_new_field", c.new_field[1])):
+            assert torch.equal(getattr(info, k), v), k
         assert torch.equal(full.chaser_pos, core.chaser_pos) and torch.equal(full.explorer_pos, core.explorer_pos)
 
 

@@ -17,6 +17,7 @@ Conventions
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -70,6 +71,15 @@ class StepInfo:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
+class CoreStep(NamedTuple):
+    """What the training step returns (:meth:`ChaseEnv.step_core`); row 0 the chaser, row 1 the explorer."""
+
+    rewards: Tensor  # float [2, B]
+    collision: Tensor  # bool [B], the shared collision flag
+    blocked: Tensor  # bool [2, B], each agent's own collision flag
+    new_field: Tensor  # bool [2, B]
+
+
 EVENT_NAMES = tuple(f.name for f in fields(StepInfo) if f.name not in ("chaser_reward", "explorer_reward", "done"))
 
 
@@ -107,8 +117,59 @@ def _tables() -> dict[str, Tensor]:
     row_col = torch.stack([cells // GRID, cells % GRID], -1)  # [100, 2]
     target = (row_col[:, None, :] + ACTION_DELTAS[None]).clamp(0, GRID - 1)  # [100, 4, 2]
     diff = row_col[:, None, :] - row_col[None, :, :]  # [100, 100, 2]
-    return {"move": _flat(target.reshape(-1, 2)), "sq_dist": diff.square().sum(-1).flatten(),
-            "in_fov": (diff.abs().amax(-1) <= FOV_RADIUS).flatten(), "row_col": row_col}
+    move = _flat(target.reshape(-1, 2))
+    in_fov = (diff.abs().amax(-1) <= FOV_RADIUS).flatten()
+    return {"move": move, "sq_dist": diff.square().sum(-1).flatten(), "in_fov": in_fov, "row_col": row_col,
+            "transition": _transition(move), "partner_shown": _partner_shown(in_fov)}
+
+
+def _transition(move: Tensor) -> Tensor:
+    """Steps 1-3 of SPEC §1.2 for every (pair, joint action), so a training step is one row lookup. Pair p = 100 c + e
+    (chaser cell c, explorer cell e), joint action j = 4 a_c + a_e; row 16 p + j is (c', e', chaser blocked,
+    explorer blocked, 2 · shared collision, 100 c' + e') as long [160,000, 6]."""
+    c = torch.arange(N_CELLS).view(-1, 1, 1, 1)
+    e = torch.arange(N_CELLS).view(1, -1, 1, 1)
+    ca = torch.arange(N_ACTIONS).view(1, 1, -1, 1)
+    ea = torch.arange(N_ACTIONS).view(1, 1, 1, -1)
+    c_star = move[c * N_ACTIONS + ca]  # 1. the chaser is blocked by the explorer's old cell
+    chaser_collision = c_star == e
+    c_new = torch.where(chaser_collision, c, c_star)
+    e_star = move[e * N_ACTIONS + ea]  # 2. the explorer is blocked by the chaser's new cell
+    explorer_collision = e_star == c_new
+    e_new = torch.where(explorer_collision, e, e_star)
+    cols = [c_new, e_new, chaser_collision, explorer_collision, 2 * (chaser_collision | explorer_collision),
+            c_new * N_CELLS + e_new]
+    return torch.stack([torch.broadcast_to(x, (N_CELLS, N_CELLS, N_ACTIONS, N_ACTIONS)).long() for x in cols],
+                       -1).reshape(-1, len(cols))
+
+
+def _partner_shown(in_fov: Tensor) -> Tensor:
+    """[3, 10,000, 2, 2]: per visibility mode (0 partial, 1 full, 2 none) and pair 100 c + e, both agents' observation
+    index ((c, e or NOT_VISIBLE), (e, c or NOT_VISIBLE)) (SPEC §1.3)."""
+    c = torch.arange(N_CELLS).repeat_interleave(N_CELLS)
+    e = torch.arange(N_CELLS).repeat(N_CELLS)
+    hidden = torch.full_like(c, N_CELLS)
+    modes = []
+    for shown in (in_fov, torch.ones_like(in_fov), torch.zeros_like(in_fov)):
+        modes.append(torch.stack([torch.stack([c, torch.where(shown, e, hidden)], -1),
+                                  torch.stack([e, torch.where(shown, c, hidden)], -1)], 1))
+    return torch.stack(modes)
+
+
+VISIBILITY_MODES = ("partial", "full", "none")
+
+
+_DEVICE_TABLES: dict[torch.device, tuple] = {}
+
+
+def _device_tables(device: torch.device) -> tuple:
+    """The lookup tables of :func:`_tables` on ``device``, built and copied once per process and device."""
+    hit = _DEVICE_TABLES.get(device)
+    if hit is None:
+        t = _tables()
+        hit = _DEVICE_TABLES[device] = tuple(t[k].to(device) for k in ("move", "sq_dist", "in_fov", "row_col",
+                                                                         "transition", "partner_shown"))
+    return hit
 
 
 class ChaseEnv:
@@ -140,10 +201,14 @@ class ChaseEnv:
         self._reward_table = _reward_rows(config.task).to(self.device)[:, None, :].expand(2, batch, 4)
         if episodes is not None:
             self._set_episodes(config, episodes)
-        tables = _tables()
-        self._move, self._sq_dist, self._in_fov, self._row_col = (tables[k].to(self.device) for k in
-                                                                  ("move", "sq_dist", "in_fov", "row_col"))
-        self.cells: Tensor | None = None
+        self._move, self._sq_dist, self._in_fov, self._row_col, self._transition, shown = _device_tables(self.device)
+        # observation indices by row 10,000 · visibility mode + pair; each episode reads its mode's block
+        self._obs_rows = shown.view(-1, 2, 2)
+        mode = self._episode_modes if episodes is not None else VISIBILITY_MODES.index(self.visibility)
+        self._obs_offset = torch.as_tensor(mode, device=self.device) * N_CELLS * N_CELLS
+        self._visited_offset = (torch.arange(2 * batch, device=self.device) * N_CELLS).view(2, batch)
+        self.cells: Tensor | None = None  # long [2, B]: chaser, explorer flat cells
+        self.pair: Tensor | None = None  # long [B]: 100 · chaser cell + explorer cell
         self.visited: Tensor | None = None
         self.t = 0
 
@@ -157,8 +222,7 @@ class ChaseEnv:
                                       f"visibility: {c!r}")
         self._reward_table = torch.stack([_reward_rows(c.task) for c in episodes], 1).to(self.device)
         self.visibility = "per_episode"
-        self._always_shown = torch.tensor([c.visibility == "full" for c in episodes], device=self.device)
-        self._shown_in_fov = torch.tensor([c.visibility == "partial" for c in episodes], device=self.device)
+        self._episode_modes = [VISIBILITY_MODES.index(c.visibility) for c in episodes]
 
     @property
     def chaser_pos(self) -> Tensor | None:
@@ -210,6 +274,7 @@ class ChaseEnv:
                 raise InterbrainError(f"explorer_pos equals chaser_pos in episode {i}: {chaser[i].tolist()}; "
                                       "agents never share a cell")
         self.cells = torch.stack([_flat(chaser), _flat(explorer)]).to(self.device)
+        self.pair = self.cells[0] * N_CELLS + self.cells[1]
         self.visited = torch.zeros(2, B, N_CELLS, dtype=torch.bool, device=self.device)
         self.visited.scatter_(2, self.cells.unsqueeze(2), True)
         self.t = 0
@@ -238,7 +303,7 @@ class ChaseEnv:
     def fov(self) -> Tensor:
         """Physical field of view on s_t (SPEC §1.3): Chebyshev distance <= 3; symmetric; independent of visibility."""
         self._require_state()
-        return self._in_fov[self.cells[0] * N_CELLS + self.cells[1]]
+        return self._in_fov[self.pair]
 
     def distance(self) -> Tensor:
         """Euclidean distance between the agents' cells on s_t, float32 [B]."""
@@ -258,14 +323,8 @@ class ChaseEnv:
         """Both agents' observations as indices, long [2, B, 2]: ``[agent][episode] = (own cell, partner cell or
         NOT_VISIBLE)`` with agent 0 the chaser; :func:`obs_from_index` turns it into the float observation."""
         self._require_state()
-        partner = self.cells.flip(0)  # the chaser's partner is the explorer and vice versa
-        if self.visibility == "partial":
-            partner = torch.where(self.fov(), partner, NOT_VISIBLE)
-        elif self.visibility == "none":
-            partner = torch.full_like(partner, NOT_VISIBLE)
-        elif self.visibility == "per_episode":
-            partner = torch.where(self._always_shown | (self._shown_in_fov & self.fov()), partner, NOT_VISIBLE)
-        return torch.stack([self.cells, partner], -1)
+        # one row lookup per episode in the table of its visibility mode; [B, agent, 2] -> [agent, B, 2] (a view)
+        return self._obs_rows[self.pair + self._obs_offset].transpose(0, 1)
 
     # --- step ------------------------------------------------------------------------------------
     def _check_actions(self, chaser_action: Tensor, explorer_action: Tensor) -> tuple[Tensor, Tensor]:
@@ -302,8 +361,8 @@ class ChaseEnv:
         c, e = self.cells
         core = self._advance(ca, ea)
         c_new, e_new = self.cells
-        chaser_collision, explorer_collision = core["chaser_collision"], core["explorer_collision"]
-        chaser_new_field, explorer_new_field = core["chaser_new_field"], core["explorer_new_field"]
+        chaser_collision, explorer_collision = core.blocked
+        chaser_new_field, explorer_new_field = core.new_field
 
         # 5-6. approach / escape, strict, against the partner's old cell.
         d_old = self._sq_dist[c * N_CELLS + e]
@@ -319,7 +378,7 @@ class ChaseEnv:
         explorer_stuck = ~explorer_collision & (e_new == e)
         done = torch.full((self.batch,), self.done, dtype=torch.bool, device=self.device)
         return StepInfo(
-            chaser_reward=core["chaser_reward"], explorer_reward=core["explorer_reward"], collision=core["collision"],
+            chaser_reward=core.rewards[0], explorer_reward=core.rewards[1], collision=core.collision,
             chaser_collision=chaser_collision, explorer_collision=explorer_collision,
             chaser_new_field=chaser_new_field, explorer_new_field=explorer_new_field,
             chaser_approach=chaser_approach, explorer_escape=explorer_escape,
@@ -328,43 +387,29 @@ class ChaseEnv:
             done=done,
         )
 
-    def step_core(self, chaser_action: Tensor, explorer_action: Tensor) -> dict[str, Tensor]:
-        """The training path of :meth:`step`: the same transition, returning only rewards, ``collision`` and the new-field
-        flags. Actions are trusted (long [B] on the device, ids 0..3, as sampled by the learner): no checks, no host
+    def step_core(self, chaser_action: Tensor, explorer_action: Tensor) -> CoreStep:
+        """The training path of :meth:`step`: the same transition, returning only the :class:`CoreStep` flags. Actions
+        are trusted (long [B] on the device, ids 0..3, as sampled by the learner): no checks, no host
         synchronisation. Must not be called after ``done``."""
         return self._advance(chaser_action, explorer_action)
 
-    def _advance(self, ca: Tensor, ea: Tensor) -> dict[str, Tensor]:
-        """Steps 1-4 and 7 of SPEC §1.2 plus the rewards; moves the agents and returns the core flags. ``rewards`` is
-        [2,B] (chaser, explorer) and ``new_field`` [2,B]; the per-agent entries are views of them."""
-        c, e = self.cells
-        # 1. chaser: blocked by the explorer's old cell.
-        c_star = self._move[c * N_ACTIONS + ca]
-        chaser_collision = c_star == e
-        c_new = torch.where(chaser_collision, c, c_star)
-        # 2. explorer: blocked by the chaser's new cell.
-        e_star = self._move[e * N_ACTIONS + ea]
-        explorer_collision = e_star == c_new
-        e_new = torch.where(explorer_collision, e, e_star)
-        # 3. shared collision flag.
-        collision = chaser_collision | explorer_collision
-        cells = torch.stack([c_new, e_new])
-
+    def _advance(self, ca: Tensor, ea: Tensor) -> CoreStep:
+        """Steps 1-4 and 7 of SPEC §1.2 plus the rewards; moves the agents and returns the core flags."""
+        # 1-3. both moves and the collision flags: one row of the transition table (see _transition)
+        row = self._transition[torch.add(torch.add(ea, ca, alpha=N_ACTIONS), self.pair, alpha=N_ACTIONS * N_ACTIONS)]
+        cols = row.t()  # c', e', chaser blocked, explorer blocked, 2 · collision, pair'
+        flags = cols[2:5].bool()
         # 4. new field: own landing cell not yet visited (a blocked or bumped agent stays on a visited cell).
-        landing = cells.unsqueeze(2)
-        new_field = ~(torch.stack([chaser_collision, explorer_collision]) | self.visited.gather(2, landing).squeeze(2))
-        self.visited.scatter_(2, landing, True)
-
-        # Rewards (SPEC §2): baseline < own new field < shared collision.
-        code = new_field.long() + 2 * collision.long()
-        rewards = self._reward_table.gather(2, code.unsqueeze(2)).squeeze(2)
-
+        landing = (cols[:2] + self._visited_offset).reshape(-1)
+        visited = self.visited.view(-1)
+        new_field = ~(flags[:2] | visited[landing].view(2, -1))
+        visited[landing] = True
+        # Rewards (SPEC §2): baseline < own new field < shared collision; code = new_field + 2 · collision.
+        rewards = self._reward_table.gather(2, torch.add(cols[4], new_field).unsqueeze(2)).squeeze(2)
         # 7. step count.
-        self.cells = cells
+        self.cells, self.pair = cols[:2], cols[5]
         self.t += 1
-        return {"rewards": rewards, "chaser_reward": rewards[0], "explorer_reward": rewards[1],
-                "collision": collision, "chaser_collision": chaser_collision, "explorer_collision": explorer_collision,
-                "new_field": new_field, "chaser_new_field": new_field[0], "explorer_new_field": new_field[1]}
+        return CoreStep(rewards, flags[2], flags[:2], new_field)
 
     def _inert_info(self) -> StepInfo:
         zeros = torch.zeros(self.batch, device=self.device)
@@ -374,5 +419,5 @@ class ChaseEnv:
         return StepInfo(**values)
 
 
-__all__ = ["ChaseEnv", "StepInfo", "obs_from_index", "NOT_VISIBLE", "ACTION_DELTAS", "ACTION_NAMES", "GRID", "N_CELLS", "OBS_DIM", "FOV_RADIUS",
+__all__ = ["ChaseEnv", "CoreStep", "StepInfo", "obs_from_index", "NOT_VISIBLE", "ACTION_DELTAS", "ACTION_NAMES", "GRID", "N_CELLS", "OBS_DIM", "FOV_RADIUS",
            "N_ACTIONS", "REWARD_TABLE", "EVENT_NAMES"]

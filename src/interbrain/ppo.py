@@ -71,9 +71,9 @@ def act_and_step(env: ChaseEnv, t: int, logits, noise, actions, rewards, events)
     ``noise[t]``, the environment's core step, and its rewards and events (:data:`EVENT_KEYS`) into the buffers."""
     torch.argmax(logits[t] + noise[t], dim=-1, out=actions[t])
     core = env.step_core(actions[t, 0], actions[t, 1])
-    rewards[t] = core["rewards"]
-    events[0, t] = core["collision"]
-    events[1:3, t] = core["new_field"]
+    rewards[t] = core.rewards
+    events[0, t] = core.collision
+    events[1:3, t] = core.new_field
     events[3, t] = env.fov()
 
 

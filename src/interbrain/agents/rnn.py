@@ -246,7 +246,7 @@ class RNNPair:
              heads_out: torch.Tensor) -> torch.Tensor:
         """index [2, B, 2], h [2, B, 256] -> the new h, written into ``hidden_out`` [2, B, 256] (which must not share
         memory with ``h``) and returned; the joint heads (4 logits, then the value) written into ``heads_out`` [2, B, 5]."""
-        rows = (index + self.offsets).view(-1, 2)
+        rows = (index + self.offsets).reshape(-1, 2)
         pre = torch.nn.functional.embedding_bag(rows, self.table, mode="sum").view(hidden_out.shape)
         h = torch.baddbmm(pre, h, self.w_t, out=hidden_out).relu_()
         torch.baddbmm(self.head_b, h, self.head_w, out=heads_out)
