@@ -161,13 +161,14 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, done: torch.Tensor, gamma: 
         nonterminal = nonterminal.clone()
         nonterminal[-1] = 1.0
         next_value = bootstrap_value
+    # delta_t for all t at once (V_{t+1}: the next row, then the final next value); only A_t's recursion is a loop
+    next_values = torch.cat([values[1:], next_value.unsqueeze(0)])
+    delta = rewards + gamma * nonterminal * next_values - values
+    decay = gamma * lam * nonterminal
     adv = torch.empty_like(rewards)
     last = torch.zeros_like(values[0])
     for t in reversed(range(T)):
-        delta = rewards[t] + gamma * nonterminal[t] * next_value - values[t]
-        last = delta + gamma * lam * nonterminal[t] * last
-        adv[t] = last
-        next_value = values[t]
+        last = torch.add(delta[t], decay[t] * last, out=adv[t])
     return adv, adv + values
 
 
