@@ -9,7 +9,9 @@ Prints one JSON document with:
 - ``updates``: per (arch, size, preset): seconds per update (median of ``--repeats`` after ``--warmup``), env steps/s,
   the rollout's share of the update, the update's floating-point work and that work as a fraction of the device's
   matmul throughput (``matmul_fraction`` = GFLOP per update / seconds / ``matmul_gflops``: 1.0 would be an update
-  that is nothing but dense matmuls at full speed);
+  that is nothing but dense matmuls at full speed); ``rollout_overhead_fraction``: the share of the rollout's time
+  that is not matrix work, taking its counted matrix work (``rollout_gflop``) at the full ``matmul_gflops`` rate (an
+  upper bound on the overhead: the rollout's small per-step products run below that rate);
 - ``ensemble`` (``--ensemble E``): E ``rnn`` units of one preset trained as one batch (:mod:`interbrain.ensemble`)
   against the same E units one after another: aggregate env steps/s of each;
 - ``analysis_rollout``: one 25 x 500 self-play rollout with hidden states (``interbrain.rollout``) per architecture;
@@ -141,10 +143,15 @@ def time_update(arch: str, size: str, preset: str, warmup: int, repeats: int, de
     with flop_counter() as counter:
         one_update(tr, warmup + repeats + 1)
     gflop = counter.get_total_flops() / 1e9
-    sec = statistics.median(total_t)
+    with flop_counter() as counter:
+        collect_rollout(tr.env, tr.agents, tr.env_gen, tr.action_gens,
+                        seq_len=cfg.ppo.seq_len if cfg.ppo.learner == "rllib" else None)
+    rollout_gflop = counter.get_total_flops() / 1e9
+    sec, roll = statistics.median(total_t), statistics.median(rollout_t)
     steps = cfg.ppo.num_envs * cfg.env.horizon
     out = {"arch": arch, "size": size, "preset": preset, "seconds_per_update": sec, "env_steps_per_s": steps / sec,
-           "rollout_seconds": statistics.median(rollout_t), "rollout_share": statistics.median(rollout_t) / sec,
+           "rollout_seconds": roll, "rollout_share": roll / sec, "rollout_gflop": rollout_gflop,
+           "rollout_overhead_fraction": 1 - rollout_gflop / peak_gflops / roll,
            "gflop_per_update": gflop, "matmul_fraction": gflop / sec / peak_gflops,
            "parameters_per_agent": tr.agents["chaser"].num_parameters(), "repeats": repeats}
     if arch == "rnn" and cfg.ppo.learner == "clipped":

@@ -3,13 +3,17 @@
 h_t = ReLU(W_ih x_t + b_ih + W_hh h_{t-1} + b_hh), h_0 = 0; logits = W_a h_t + b_a; value = W_v h_t + b_v.
 The state-dict names (``rnn.weight_ih_l0`` ... ``value_head.bias``) match the paper's released weights.
 
-Speed (issue 6), with the arithmetic unchanged:
+Speed (issue 6), with the arithmetic unchanged (up to float summation order where noted):
 - ``step_index`` / ``sequence_index`` gather W_ih's columns instead of multiplying the two-hot x_t (SPEC §3.2 "input
   gather"): row r < 100 of :meth:`input_table` is W_ih[:, r] + b_ih + b_hh (own cell), row 100 + c is W_ih[:, 100 + c]
-  (partner cell), row 200 is zero (partner not shown).
-- :class:`ReluRecurrence` runs the recurrence as one ``addmm`` + in-place ReLU per step into a preallocated output; its
-  backward is one matmul per step (dh_{t-1} = g_t W_hh, fused with the add) plus a single large matmul for dW_hh = sum_t g_t h_{t-1}^T,
-  instead of autograd's per-step graph.
+  (partner cell), row 200 is zero (partner not shown). The gather's backward is two ``index_add_`` (summation order).
+- :func:`relu_recurrence` runs the recurrence as one in-place ``addmm_`` + ReLU per step; its backward
+  (:func:`relu_recurrence_backward`) is one matmul per step (dh_{t-1} = g_t W_hh, accumulated in place) plus a single
+  large matmul for dW_hh = sum_t g_t h_{t-1}^T, instead of autograd's per-step graph. :class:`ReluRecurrence` wraps it
+  (also for E stacked units, the ensemble); :class:`ReluRNNHeads`, the learning pass of one agent, adds the joint heads
+  and computes their gradient inside the step loop (summation order).
+- :class:`RNNPair`: while acting, both agents step as one batched call (same bits as two ``step_index`` calls), and
+  the hidden states it records let the first learning epoch skip the recurrence's forward (:meth:`replay_index`).
 """
 
 from __future__ import annotations
