@@ -11,7 +11,7 @@ import torch
 
 from interbrain.agents import ARCHITECTURES, build_agent
 from interbrain.agents.base import gather_index, param_key
-from interbrain.agents.rnn import ReluRecurrence, ReluRNNHeads, RNNPair
+from interbrain.agents.rnn import ReluRecurrence, ReluRNNHeads, RNNAgent, RNNPair
 from interbrain.config import AgentConfig, EnvConfig, make_train_config
 from interbrain.env import ChaseEnv, obs_from_index
 from interbrain.ppo import AGENTS, collect_rollout, policy_loss, sample_actions, update_clipped
@@ -157,15 +157,21 @@ def test_replayed_first_epoch_is_bitwise_the_recomputed_one(tiny_overrides):
         assert torch.equal(loss_stale, loss_fresh)
 
 
-def test_update_with_replay_equals_update_without(tiny_overrides):
-    """A whole paper-preset update (4 epochs, Adam) from the replayed first epoch equals one that recomputes it."""
+def test_update_with_replay_equals_update_without(tiny_overrides, monkeypatch):
+    """A whole paper-preset update (4 epochs, Adam) from the replayed first epoch equals one that recomputes it; the
+    replay really ran (once per agent, in the first epoch only) in the one and not at all in the other."""
     cfg = make_train_config("rnn", "non_social", 3, "paper", 2, overrides=tiny_overrides)
     a, b = Trainer(cfg, torch.device("cpu")), Trainer(cfg, torch.device("cpu"))
     batch_a = collect_rollout(a.env, a.agents, a.env_gen, a.action_gens)
     batch_b = collect_rollout(b.env, b.agents, b.env_gen, b.action_gens)
     batch_b.replay = {}
+    calls = []
+    replay = RNNAgent.replay_index
+    monkeypatch.setattr(RNNAgent, "replay_index", lambda self, *args: calls.append(self) or replay(self, *args))
     stats_a = update_clipped(a.agents, a.optimizers, batch_a, cfg.ppo, 1)
+    assert calls == [a.agents[name] for name in AGENTS]
     stats_b = update_clipped(b.agents, b.optimizers, batch_b, cfg.ppo, 1)
+    assert len(calls) == 2
     assert stats_a == stats_b
     for name in AGENTS:
         for p, q in zip(a.agents[name].parameters(), b.agents[name].parameters()):

@@ -93,9 +93,11 @@ class Agent(nn.Module):
     # --- optional fast paths (issue 6); the defaults say "not available" -----------------------------------------
     def pair_with(self, partner: "Agent"):
         """An object that steps this agent (chaser) and ``partner`` (explorer) as one batched call while acting, with
-        ``keys`` (:func:`param_key` of both agents when built), ``initial_state(B)`` and
-        ``step(index [2,B,2], state, hidden_out [2,B,256], heads_out [2,B,5]) -> state``, or
-        None (the rollout then calls each agent's :meth:`step_index`)."""
+        ``keys`` (:func:`param_key` of both agents when built), ``replays`` (whether the recorded hidden states may feed
+        :meth:`replay_index`), ``initial_state(B)`` and
+        ``step(index [2,B,2], state, hidden_out [2,B,256], heads_out [2,B,5]) -> state``, or None (the rollout then
+        calls each agent's :meth:`step_index`). The state must be the stacked ``hidden`` of both agents: the rollout
+        rebuilds each agent's own state from its last hidden vector with :meth:`with_hidden`."""
         return None
 
     def replay_index(self, index: torch.Tensor, hidden: torch.Tensor):
@@ -201,8 +203,9 @@ def index_offsets(device: torch.device) -> torch.Tensor:
 
 
 def param_key(module: nn.Module) -> tuple:
-    """Identifies the current values of ``module``'s parameters: (storage, version counter) of each; any in-place
-    update (optimiser step, ``load_state_dict``) changes it."""
+    """Identifies the current values of ``module``'s parameters: (storage, version counter) of each; an in-place update
+    through autograd-visible tensors (optimiser step, ``load_state_dict``, ``p.mul_`` under ``no_grad``) changes it, an
+    edit through ``p.data`` does not (it bypasses the version counter; nothing in the package edits weights that way)."""
     return tuple((p.data_ptr(), p._version) for p in module.parameters())
 
 
@@ -217,7 +220,8 @@ def index_table(weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor
 class TwoRowGather(torch.autograd.Function):
     """table [R, out], rows [N, 2] -> table[rows[:, 0]] + table[rows[:, 1]] ([N, out]). The forward is ``embedding_bag``'s
     sum; the backward scatters the gradient with two ``index_add_`` (sequential, deterministic on CPU), several times
-    faster here than ``embedding_bag``'s sort-based backward."""
+    faster there than ``embedding_bag``'s sort-based backward. CPU only: on CUDA ``index_add_`` adds atomically (run to
+    run nondeterministic), so :func:`gather_rows` keeps ``embedding_bag``'s deterministic backward there."""
 
     @staticmethod
     def forward(ctx, table: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
@@ -242,7 +246,7 @@ def gather_index(index: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
 def gather_rows(index: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
     """:func:`gather_index` flattened to [N, out] (N = index.numel() / 2), a fresh tensor rather than a view."""
     rows = (index + index_offsets(index.device)).reshape(-1, 2)
-    if torch.is_grad_enabled() and table.requires_grad:
+    if torch.is_grad_enabled() and table.requires_grad and table.device.type == "cpu":
         return TwoRowGather.apply(table, rows)
     return torch.nn.functional.embedding_bag(rows, table, mode="sum")
 

@@ -23,7 +23,8 @@ from typing import Callable
 import torch
 from torch import nn
 
-from interbrain.agents.base import HIDDEN, INDEX_OFFSETS, N_ACTIONS, OBS_DIM, Agent, gather_index, gather_rows, index_table, param_key, register
+from interbrain.agents.base import (HIDDEN, N_ACTIONS, OBS_DIM, Agent, gather_index, gather_rows, index_offsets, index_table,
+                                    param_key, register)
 from interbrain.config import AgentConfig
 
 
@@ -193,8 +194,8 @@ class RNNAgent(Agent):
 
     def replay_index(self, index, hidden):
         """:meth:`sequence_index` from the zero state when ``hidden`` [T, B, 256] is the recurrence output it would
-        compute (recorded by :class:`RNNPair` under unchanged weights; same gather and the same ``addmm`` per step, so
-        the same bits): the backward is built without running the forward again."""
+        compute (recorded by :class:`RNNPair` under unchanged weights; on CPU the same gather and the same product per
+        step, so the same bits): the backward is built without running the forward again."""
         return self._recur(gather_rows(index, self._table()), None, index.shape[0], known=hidden)
 
     def pair_with(self, partner: Agent) -> RNNPair | None:
@@ -224,9 +225,11 @@ class RNNAgent(Agent):
 
 class RNNPair:
     """Both agents of a pair acting as one batched call (issue 6): per step one gather from the two stacked input tables,
-    one ``baddbmm`` for the two recurrences and one for the two joint heads. ``baddbmm`` runs each agent's product as
-    the ``addmm`` of :meth:`RNNAgent.step_index` does, so the results are the same bits (``tests/test_fast_paths.py``).
-    Built from the current weights (no gradient); rebuild it after they change."""
+    one ``baddbmm`` for the two recurrences and one for the two joint heads. On CPU ``baddbmm`` runs each agent's
+    product as the ``addmm`` of :meth:`RNNAgent.step_index` does, so the results are the same bits
+    (``tests/test_fast_paths.py``); on CUDA the batched kernel may round differently, and the first learning epoch then
+    replays the states the agents actually acted on. Built from the current weights (no gradient); rebuild it after they
+    change."""
 
     replays = True  # the recorded hidden states feed RNNAgent.replay_index
 
@@ -240,7 +243,7 @@ class RNNPair:
             self.head_b = torch.stack([b for _, b in heads]).unsqueeze(1)  # [2, 1, 5]
         dev = self.table.device
         self.offsets = (torch.arange(len(agents), device=dev).view(-1, 1, 1) * tables[0].shape[0]
-                        + INDEX_OFFSETS.to(dev).view(1, 1, 2))
+                        + index_offsets(dev).view(1, 1, 2))
         self.keys = [param_key(a) for a in agents]
 
     def initial_state(self, batch: int) -> torch.Tensor:
