@@ -110,9 +110,10 @@ def _flat(pos: Tensor) -> Tensor:
 
 
 def _tables() -> dict[str, Tensor]:
-    """Lookup tables over flat cells, so a step is a few gathers: ``move[4*cell + action]`` (the clamped target cell),
-    ``sq_dist[100*a + b]`` (exact integer squared distance), ``in_fov[100*a + b]`` (Chebyshev distance <= 3) and
-    ``row_col[cell]``."""
+    """Lookup tables over flat cells and pairs (100·a + b), so a step is a few gathers: ``move[4*cell + action]`` (the
+    clamped target cell; it builds ``transition``), ``sq_dist[pair]`` (exact integer squared distance), ``in_fov[pair]``
+    (Chebyshev distance <= 3), ``row_col[cell]``, ``transition`` (:func:`_transition`) and ``partner_shown``
+    (:func:`_partner_shown`)."""
     cells = torch.arange(N_CELLS)
     row_col = torch.stack([cells // GRID, cells % GRID], -1)  # [100, 2]
     target = (row_col[:, None, :] + ACTION_DELTAS[None]).clamp(0, GRID - 1)  # [100, 4, 2]
@@ -148,11 +149,11 @@ def _partner_shown(in_fov: Tensor) -> Tensor:
     index ((c, e or NOT_VISIBLE), (e, c or NOT_VISIBLE)) (SPEC §1.3)."""
     c = torch.arange(N_CELLS).repeat_interleave(N_CELLS)
     e = torch.arange(N_CELLS).repeat(N_CELLS)
-    hidden = torch.full_like(c, N_CELLS)
+    not_shown = torch.full_like(c, NOT_VISIBLE)
     modes = []
     for shown in (in_fov, torch.ones_like(in_fov), torch.zeros_like(in_fov)):
-        modes.append(torch.stack([torch.stack([c, torch.where(shown, e, hidden)], -1),
-                                  torch.stack([e, torch.where(shown, c, hidden)], -1)], 1))
+        modes.append(torch.stack([torch.stack([c, torch.where(shown, e, not_shown)], -1),
+                                  torch.stack([e, torch.where(shown, c, not_shown)], -1)], 1))
     return torch.stack(modes)
 
 
@@ -167,8 +168,8 @@ def _device_tables(device: torch.device) -> tuple:
     hit = _DEVICE_TABLES.get(device)
     if hit is None:
         t = _tables()
-        hit = _DEVICE_TABLES[device] = tuple(t[k].to(device) for k in ("move", "sq_dist", "in_fov", "row_col",
-                                                                         "transition", "partner_shown"))
+        hit = _DEVICE_TABLES[device] = tuple(t[k].to(device) for k in ("sq_dist", "in_fov", "row_col", "transition",
+                                                                         "partner_shown"))
     return hit
 
 
@@ -201,7 +202,7 @@ class ChaseEnv:
         self._reward_table = _reward_rows(config.task).to(self.device)[:, None, :].expand(2, batch, 4)
         if episodes is not None:
             self._set_episodes(config, episodes)
-        self._move, self._sq_dist, self._in_fov, self._row_col, self._transition, shown = _device_tables(self.device)
+        self._sq_dist, self._in_fov, self._row_col, self._transition, shown = _device_tables(self.device)
         # observation indices by row 10,000 · visibility mode + pair; each episode reads its mode's block
         self._obs_rows = shown.view(-1, 2, 2)
         mode = self._episode_modes if episodes is not None else VISIBILITY_MODES.index(self.visibility)
@@ -308,7 +309,7 @@ class ChaseEnv:
     def distance(self) -> Tensor:
         """Euclidean distance between the agents' cells on s_t, float32 [B]."""
         self._require_state()
-        return self._sq_dist[self.cells[0] * N_CELLS + self.cells[1]].float().sqrt()
+        return self._sq_dist[self.pair].float().sqrt()
 
     def observations(self) -> tuple[Tensor, Tensor]:
         """(chaser_obs, explorer_obs), float32 [B,200] built from s_t (SPEC §1.3).
@@ -358,14 +359,14 @@ class ChaseEnv:
         ca, ea = self._check_actions(chaser_action, explorer_action)
         if self.done:
             return self._inert_info()
-        c, e = self.cells
+        (c, e), pair = self.cells, self.pair
         core = self._advance(ca, ea)
         c_new, e_new = self.cells
         chaser_collision, explorer_collision = core.blocked
         chaser_new_field, explorer_new_field = core.new_field
 
         # 5-6. approach / escape, strict, against the partner's old cell.
-        d_old = self._sq_dist[c * N_CELLS + e]
+        d_old = self._sq_dist[pair]
         chaser_approach = ~chaser_collision & ~chaser_new_field & (self._sq_dist[c_new * N_CELLS + e] < d_old)
         d_escape = self._sq_dist[e_new * N_CELLS + c]
         explorer_escape = ~explorer_collision & ~explorer_new_field & (d_escape > d_old)
