@@ -286,3 +286,91 @@ def test_collect_rollout_equals_the_plain_loop(arch, tiny_overrides):
         torch.testing.assert_close(batch.logp[a], logp, rtol=1e-5, atol=1e-5)
     assert torch.equal(batch.events["collision"], ref["collision"])
     assert batch.done[-1].all() and not batch.done[:-1].any()
+
+
+# ------------------------------------------------------------------------------------------------ the rllib learner
+def _kl_penalty_data(T, E, B, seed, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    index = torch.stack([random_index(T, B, seed + e) for e in range(E)], 1)  # [T, E, B, 2]
+    actions = torch.randint(0, 4, (T, E, B), generator=g)
+    old_logits = torch.randn(T, E, B, 4, generator=g, dtype=dtype)
+    # old log-probabilities a little off the current policy's, so some ratios leave the clip range either way
+    old_logp = torch.log_softmax(old_logits, -1).gather(-1, actions[..., None]).squeeze(-1)
+    old_logp = old_logp + 0.4 * torch.randn(T, E, B, generator=g, dtype=dtype)
+    adv = torch.randn(T, E, B, generator=g, dtype=dtype)
+    returns = 3 * torch.randn(T, E, B, generator=g, dtype=dtype)  # some (V - R)^2 above the cap
+    h0 = torch.rand(E, B, 256, generator=g, dtype=dtype)
+    return index, actions, old_logp, adv, returns, old_logits, h0
+
+
+@pytest.mark.parametrize("entropy_coef", [0.0, 0.01])
+def test_stacked_kl_penalty_loss_equals_policy_loss_per_agent_in_float64(entropy_coef):
+    """The rllib learner's stacked pass (the stacked RNN's recurrence and heads with their hand-written backward, and
+    the KL-penalty loss with its hand-derived gradient) against policy_loss's autograd for each agent alone, from
+    stored initial states: per-unit loss, statistics and every parameter's gradient, in float64."""
+    from interbrain.agents.rnn import StackedRNN
+    from interbrain.ppo import stacked_kl_penalty_loss
+
+    cfg = make_train_config("rnn", "social", 0, "rllib", 1).ppo
+    cfg = type(cfg)(**{**cfg.__dict__, "entropy_coef": entropy_coef, "input_l2": 0.05})
+    torch.manual_seed(0)
+    agents = [RNNAgent(AgentConfig("rnn", "matched", "modern")).double() for _ in range(2)]
+    T, E, B = 20, 2, 6
+    index, actions, old_logp, adv, returns, old_logits, h0 = _kl_penalty_data(T, E, B, seed=3)
+    kl_coef = torch.tensor([0.2, 0.45], dtype=torch.float64)
+    stack = StackedRNN(agents)
+    loss, stats = stacked_kl_penalty_loss(stack, index, actions, old_logp, adv, returns, cfg, state0=(h0,),
+                                          old_logits=old_logits, kl_coef=kl_coef)
+    loss.sum().backward()
+    ratio = (torch.log_softmax(stack.sequence_index(index, (h0,))[0], -1).gather(-1, actions[..., None]).squeeze(-1)
+             - old_logp).exp()
+    assert (ratio > 1 + cfg.clip_eps).any() and (ratio < 1 - cfg.clip_eps).any()  # both clip branches exercised
+    for e, agent in enumerate(agents):
+        ref, ref_stats = policy_loss(agent, index[:, e], actions[:, e], old_logp[:, e], adv[:, e], returns[:, e], cfg,
+                                     state0=(h0[e],), old_logits=old_logits[:, e], kl_coef=float(kl_coef[e]))
+        ref.backward()
+        torch.testing.assert_close(loss[e], ref, rtol=1e-12, atol=1e-12)
+        for k, v in ref_stats.items():
+            torch.testing.assert_close(stats[k][e], v.detach().to(stats[k].dtype), rtol=1e-12, atol=1e-12, msg=k)
+        for name, source in StackedRNN.SOURCES.items():
+            mine = StackedRNN._layout(name, getattr(stack, name).grad[e])
+            torch.testing.assert_close(mine, dict(agent.named_parameters())[source].grad, rtol=1e-9, atol=1e-12,
+                                       msg=name)
+
+
+def test_stacked_rllib_update_equals_the_agent_by_agent_loop(tiny_overrides, monkeypatch):
+    """A whole rllib update (30 epochs of minibatches, both agents as one stacked graph, fused Adam over the stacked
+    tensors) against RLlib's agent-by-agent loop on the same rollout: the same statistics and KL-coefficient steps
+    and, relative to what the update learned, the same weights and Adam moments (float32; summation order differs)."""
+    from interbrain.ppo import update_rllib
+
+    import interbrain.ppo as ppo
+
+    cfg = make_train_config("rnn", "social", 1, "rllib", 2, overrides=tiny_overrides)
+    n_mb = -(-cfg.env.horizon * cfg.ppo.num_envs // cfg.ppo.minibatch_steps)
+    calls, stacked_update = [], ppo._update_rllib_stacked
+    monkeypatch.setattr(ppo, "_update_rllib_stacked", lambda *args: calls.append(1) or stacked_update(*args))
+    runs = []
+    for stacked in (True, False):
+        if not stacked:
+            monkeypatch.setattr(RNNAgent, "stacked", classmethod(lambda cls, agents: None))
+        tr = Trainer(cfg, torch.device("cpu"))
+        before = {a: {k: v.clone() for k, v in tr.agents[a].state_dict().items()} for a in AGENTS}
+        batch = collect_rollout(tr.env, tr.agents, tr.env_gen, tr.action_gens, seq_len=cfg.ppo.seq_len)
+        stats = update_rllib(tr.agents, tr.optimizers, batch, cfg.ppo, 1, tr.kl_coefs, tr.minibatch_gen)
+        runs.append((tr, before, stats))
+    (s_tr, before, s_stats), (p_tr, _, p_stats) = runs
+    assert calls == [1]  # the first run took the stacked path, the second the loop
+    assert s_tr.kl_coefs == p_tr.kl_coefs
+    for a in AGENTS:
+        assert s_stats[a].keys() == p_stats[a].keys()
+        for k in p_stats[a]:
+            assert s_stats[a][k] == pytest.approx(p_stats[a][k], rel=1e-4, abs=1e-6), (a, k)
+        for (name, p), q in zip(p_tr.agents[a].named_parameters(), s_tr.agents[a].parameters()):
+            learned = (p - before[a][name]).norm()
+            assert learned > 0
+            assert (p - q).norm() < 1e-3 * learned, (a, name)
+            m_p, m_s = p_tr.optimizers[a].state[p], s_tr.optimizers[a].state[q]
+            assert float(m_p["step"]) == float(m_s["step"]) == cfg.ppo.epochs * n_mb
+            for k in ("exp_avg", "exp_avg_sq"):
+                torch.testing.assert_close(m_s[k], m_p[k], rtol=1e-3, atol=1e-3 * float(m_p[k].abs().max()))

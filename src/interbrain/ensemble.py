@@ -33,10 +33,9 @@ import sys
 from pathlib import Path
 
 import torch
-from torch import nn
 
-from interbrain.agents.base import HIDDEN, INDEX_OFFSETS, N_ACTIONS, N_CELLS
-from interbrain.agents.rnn import ReluRecurrence
+from interbrain.agents.base import HIDDEN
+from interbrain.agents.rnn import StackedRNN
 from interbrain.config import TrainConfig
 from interbrain.env import ChaseEnv
 from interbrain.errors import InterbrainError, NonFiniteError
@@ -46,7 +45,6 @@ from interbrain.ppo import (AGENTS, EVENT_KEYS, Z_SAMPLE_EVERY, Rollout, act_and
                             check_finite, gumbel_noise, policy_loss, rollout_metrics)
 
 ENSEMBLE_ARCHS = ("rnn",)
-TABLE_ROWS = 2 * N_CELLS + 1  # own cell, partner cell, "partner not shown"
 
 
 # ------------------------------------------------------------------------------------------------ validation
@@ -80,84 +78,6 @@ def check_ensemble(configs: list[TrainConfig]) -> None:
 
             raise InterbrainError(f"unit {c.unit_id} cannot share an ensemble with {first.unit_id}: setting "
                                   f"{_first_difference(shared(c), shared(first))}")
-
-
-# ------------------------------------------------------------------------------------------------ the stacked RNN
-class StackedRNN(nn.Module):
-    """E :class:`~interbrain.agents.rnn.RNNAgent` s of one role as stacked parameters (unit e = index e)."""
-
-    #: stacked parameter -> the RNNAgent parameter it stacks
-    SOURCES = {"weight_ih": "rnn.weight_ih_l0", "weight_hh": "rnn.weight_hh_l0", "bias_ih": "rnn.bias_ih_l0",
-               "bias_hh": "rnn.bias_hh_l0", "action_weight": "action_head.weight", "action_bias": "action_head.bias",
-               "value_weight": "value_head.weight", "value_bias": "value_head.bias"}
-
-    def __init__(self, agents: list[nn.Module]):
-        super().__init__()
-        self.units = len(agents)
-        for name, source in self.SOURCES.items():
-            params = [dict(a.named_parameters())[source].detach() for a in agents]
-            self.register_parameter(name, nn.Parameter(torch.stack(params).clone()))
-        # row of (unit e, own cell r) = 201 e + r, of (unit e, partner cell c or 100) = 201 e + 100 + c; a buffer, so
-        # it lives on the device (no host-to-device copy per step)
-        rows = torch.arange(self.units).view(-1, 1, 1) * TABLE_ROWS + INDEX_OFFSETS.view(1, 1, 2)
-        self.register_buffer("row_offsets", rows, persistent=False)
-
-    def write_to(self, agents: list[nn.Module]) -> None:
-        """Copy unit e's slice of every stacked parameter into ``agents[e]``."""
-        with torch.no_grad():
-            for name, source in self.SOURCES.items():
-                stacked = getattr(self, name)
-                for e, agent in enumerate(agents):
-                    dict(agent.named_parameters())[source].copy_(stacked[e])
-
-    def input_table(self) -> torch.Tensor:
-        """[E·201, 256]: unit e's :meth:`RNNAgent.input_table` in rows 201 e .. 201 e + 200."""
-        w = self.weight_ih.transpose(1, 2)  # [E, 200, H]
-        own = w[:, :N_CELLS] + (self.bias_ih + self.bias_hh).unsqueeze(1)
-        return torch.cat([own, w[:, N_CELLS:], w.new_zeros(self.units, 1, HIDDEN)], 1).reshape(-1, HIDDEN)
-
-    def gather(self, index: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
-        """W_ih x + b_ih + b_hh per unit for observation indices [..., E, B, 2] -> [..., E, B, 256]."""
-        rows = index + self.row_offsets
-        pre = torch.nn.functional.embedding_bag(rows.reshape(-1, 2), table, mode="sum")
-        return pre.view(*index.shape[:-1], HIDDEN)
-
-    def heads(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Joint heads per unit: weight^T [E, 256, 5] (4 logits, then the value) and bias [E, 1, 5]."""
-        weight = torch.cat([self.action_weight, self.value_weight], 1).transpose(1, 2)
-        bias = torch.cat([self.action_bias, self.value_bias], 1).unsqueeze(1)
-        return weight, bias
-
-    def readout(self, hidden: torch.Tensor, heads) -> tuple[torch.Tensor, torch.Tensor]:
-        """hidden [..., E, B, 256] -> logits [..., E, B, 4], value [..., E, B]."""
-        weight, bias = heads
-        out = torch.matmul(hidden, weight) + bias
-        return out[..., :N_ACTIONS], out[..., N_ACTIONS]
-
-    def step_index(self, index: torch.Tensor, h: torch.Tensor, table, heads):
-        """One step of every unit: index [E, B, 2], h [E, B, 256] -> logits, value, h."""
-        h = torch.baddbmm(self.gather(index, table), h, self.weight_hh.transpose(1, 2)).relu_()
-        logits, value = self.readout(h, heads)
-        return logits, value, h
-
-    def sequence_index(self, index: torch.Tensor, state0=None):
-        """Whole episodes from zero state: index [T, E, B, 2] -> logits [T,E,B,4], value [T,E,B], hidden."""
-        if state0 is not None:
-            raise InterbrainError("an ensemble trains whole episodes from the zero state (no stored sequence states)")
-        pre = self.gather(index, self.input_table())
-        h0 = pre.new_zeros(pre.shape[1:])
-        hidden = ReluRecurrence.apply(pre, h0, self.weight_hh)  # E recurrences at once
-        logits, value = self.readout(hidden, self.heads())
-        return logits, value, hidden
-
-    def recurrent_weight_norm(self) -> torch.Tensor:
-        return torch.linalg.matrix_norm(self.weight_hh)  # [E]
-
-    def input_weight_norm(self) -> torch.Tensor:
-        return torch.linalg.matrix_norm(self.weight_ih)  # [E]
-
-    def aux_loss(self) -> torch.Tensor:
-        return self.weight_hh.new_zeros(self.units)  # an RNN has no auxiliary loss
 
 
 # ------------------------------------------------------------------------------------------------ rollout
@@ -294,22 +214,8 @@ class EnsembleTrainer:
         self.stacks = {a: StackedRNN([u.agents[a] for u in units]).to(self.device) for a in AGENTS}
         self.optimizers = {a: torch.optim.Adam(self.stacks[a].parameters(), lr=self.cfg.lr) for a in AGENTS}
         for a in AGENTS:
-            self._load_adam(a)
+            self.stacks[a].load_adam(self.optimizers[a], [u.optimizers[a] for u in units], [u.agents[a] for u in units])
         self.env = ChaseEnv(configs[0].env, E * B, self.device, episodes=[c.env for c in configs for _ in range(B)])
-
-    def _load_adam(self, a: str) -> None:
-        """Stack the units' Adam moments (all units have taken the same number of steps, or none)."""
-        states = [u.optimizers[a].state for u in self.units]
-        params = [dict(u.agents[a].named_parameters()) for u in self.units]
-        if not any(states):
-            return
-        opt = self.optimizers[a]
-        for name, source in StackedRNN.SOURCES.items():
-            per_unit = [st[p[source]] for st, p in zip(states, params)]
-            opt.state[getattr(self.stacks[a], name)] = {
-                "step": per_unit[0]["step"].clone(),
-                "exp_avg": torch.stack([s["exp_avg"] for s in per_unit]).to(self.device),
-                "exp_avg_sq": torch.stack([s["exp_avg_sq"] for s in per_unit]).to(self.device)}
 
     def step(self) -> list[dict]:
         """One PPO update of every unit; returns each unit's {"rollout", "learner"} stats (as ``Trainer.step``)."""
@@ -325,16 +231,9 @@ class EnsembleTrainer:
     def sync(self) -> None:
         """Write the stacked weights, Adam moments and update count back into the units' trainers."""
         for a in AGENTS:
-            self.stacks[a].write_to([u.agents[a] for u in self.units])
-            opt = self.optimizers[a]
-            for name, source in StackedRNN.SOURCES.items():
-                st = opt.state.get(getattr(self.stacks[a], name))
-                if not st:
-                    continue
-                for e, u in enumerate(self.units):
-                    p = dict(u.agents[a].named_parameters())[source]
-                    u.optimizers[a].state[p] = {"step": st["step"].clone(), "exp_avg": st["exp_avg"][e].clone(),
-                                                "exp_avg_sq": st["exp_avg_sq"][e].clone()}
+            agents = [u.agents[a] for u in self.units]
+            self.stacks[a].write_to(agents)
+            self.stacks[a].store_adam(self.optimizers[a], [u.optimizers[a] for u in self.units], agents)
         for u in self.units:
             u.update = self.update
 

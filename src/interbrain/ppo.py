@@ -4,7 +4,8 @@ One update =
   1. ``collect_rollout``: reset the ``num_envs`` episodes, both agents act on s_t for t = 0..H-1, each sampling from its
      own generator; everything needed for learning and logging is stored time-major ``[T, B]``.
   2. ``gae``: per agent, with the time limit terminal (no bootstrap) unless ``bootstrap_time_limit``.
-  3. ``update_clipped`` (presets ``paper``, ``fast``) or ``update_rllib`` (preset ``rllib``).
+  3. ``update_clipped`` (presets ``paper``, ``fast``) or ``update_rllib`` (preset ``rllib``; for an architecture with a
+     stacked form, :meth:`Agent.stacked`, both agents' minibatch steps run as one graph: ``_update_rllib_stacked``).
 
 The two learners share nothing: separate networks, losses, Adam optimisers, gradient clipping, KL coefficients and
 sampling streams (pitfall 11). Every tensor that can go non-finite is checked once per update; the first offender is
@@ -25,6 +26,7 @@ from interbrain.env import ChaseEnv
 from interbrain.errors import InterbrainError, NonFiniteError
 
 AGENTS = ("chaser", "explorer")
+RLLIB_ORDER = ("explorer", "chaser")  # RLlib's policy-map order: the explorer learns first
 Z_SAMPLE_EVERY = 10  # ||z_t|| is logged on every 10th step (SPEC §4.6)
 
 
@@ -227,6 +229,84 @@ def policy_loss(agent: Agent, obs_index, actions, old_logp, adv, returns, cfg: P
     return loss, stats
 
 
+class StackedKLPenaltyLoss(torch.autograd.Function):
+    """The heads' part of :func:`policy_loss` with ``old_logits`` (the ``rllib`` learner's loss, SPEC §4.5) for E
+    stacked units, per unit, with its gradient written out by hand: one autograd node instead of some forty (the
+    ``rllib`` learner takes 960 minibatch steps per update, so per-op overhead dominates). Tensors are [T, E, B]
+    (logits [T, E, B, 4]); ``kl_coef`` [E]. Returns loss [E] and the detached per-unit statistics of
+    :func:`policy_loss` except ``recurrent_norm``/``aux_loss``/``loss``; checked against :func:`policy_loss`'s autograd
+    in float64 (``tests/test_ppo.py``).
+
+    Per element, with p = softmax(z), l = log p, rho = exp(l_a - old_logp) and N = T·B steps per unit:
+      d(-surrogate)/dz = -A·rho·[branch of min(rho A, clip(rho) A) that carries rho] · (onehot(a) - p)
+      d(-c_e H)/dz = c_e · p · (l + H),  d(beta KL(old || new))/dz = beta · (p - p_old),
+      d(c_v min((V - R)^2, cap))/dV = c_v · 2 (V - R) · [(V - R)^2 <= cap],
+    each divided by N (the per-unit mean). Ties follow torch's ``minimum``/``clamp`` backward (half to each branch;
+    clamp's bounds inclusive)."""
+
+    @staticmethod
+    def forward(ctx, logits, value, actions, old_logp, adv, returns, old_logits, kl_coef, cfg: PPOConfig):
+        dims = (0, 2)
+        unit = lambda x: x.view(1, -1, 1)  # noqa: E731  [E] -> broadcast over [T, E, B]
+        logp_all = torch.log_softmax(logits, -1)
+        p = logp_all.exp()
+        logp = logp_all.gather(-1, actions[..., None]).squeeze(-1)
+        log_ratio = logp - old_logp
+        ratio = log_ratio.exp()
+        lo, hi = 1 - cfg.clip_eps, 1 + cfg.clip_eps
+        s1, s2 = ratio * adv, ratio.clamp(lo, hi) * adv
+        surrogate = torch.minimum(s1, s2)
+        err = value - returns
+        sq = err * err
+        entropy = -(p * logp_all).sum(-1)
+        old_logp_all = torch.log_softmax(old_logits, -1)
+        p_old = old_logp_all.exp()
+        kl = (p_old * (old_logp_all - logp_all)).sum(-1)
+        pg_loss, v_loss = -surrogate.mean(dims), sq.clamp(max=cfg.value_cap).mean(dims)
+        ent, kl_mean = entropy.mean(dims), kl.mean(dims)
+        loss = pg_loss + cfg.value_coef * v_loss - cfg.entropy_coef * ent + kl_coef * kl_mean
+        # gradients per element, times N
+        half_tie = (s1 == s2) * 0.5
+        in_range = (ratio >= lo) & (ratio <= hi)
+        d_ratio = adv * ((s1 < s2) + half_tie + ((s2 < s1) + half_tie) * in_range)
+        d_logp = -(d_ratio * ratio)
+        grad_logits = p * (-d_logp.unsqueeze(-1))
+        grad_logits.scatter_add_(-1, actions[..., None], d_logp.unsqueeze(-1))
+        if cfg.entropy_coef:
+            grad_logits.addcmul_(p, logp_all + entropy.unsqueeze(-1), value=cfg.entropy_coef)
+        grad_logits.add_((p - p_old) * unit(kl_coef).unsqueeze(-1))
+        grad_value = err * ((sq <= cfg.value_cap) * (2.0 * cfg.value_coef))
+        ctx.save_for_backward(grad_logits, grad_value)
+        ctx.steps = logits.shape[0] * logits.shape[2]
+        clip_fraction = ((ratio - 1).abs() > cfg.clip_eps).float().mean(dims)
+        stats = torch.stack([pg_loss, v_loss, ent, kl_mean, clip_fraction])
+        ctx.mark_non_differentiable(stats)
+        return loss, stats
+
+    @staticmethod
+    def backward(ctx, grad_loss, grad_stats):
+        grad_logits, grad_value = ctx.saved_tensors
+        scale = (grad_loss / ctx.steps).view(1, -1, 1)
+        return grad_logits * scale.unsqueeze(-1), grad_value * scale, None, None, None, None, None, None, None
+
+
+STACKED_STATS = ("policy_loss", "value_loss", "entropy", "approx_kl", "clip_fraction")
+
+
+def stacked_kl_penalty_loss(stack, obs_index, actions, old_logp, adv, returns, cfg: PPOConfig, *, state0,
+                            old_logits, kl_coef: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """:func:`policy_loss` with ``old_logits`` (the KL-penalty loss) for the E stacked units of ``stack``
+    (:meth:`Agent.stacked`): tensors [T, E, B], state0 [E, B, ...]; returns the per-unit loss [E] and statistics."""
+    logits, value, _ = stack.sequence_index(obs_index, state0)
+    heads_loss, st = StackedKLPenaltyLoss.apply(logits, value, actions, old_logp, adv, returns, old_logits, kl_coef, cfg)
+    rec, aux = stack.recurrent_weight_norm(), stack.aux_loss()
+    loss = heads_loss + cfg.recurrent_l2 * rec + aux
+    if cfg.input_l2:
+        loss = loss + cfg.input_l2 * stack.input_weight_norm()
+    stats = dict(zip(STACKED_STATS, st)) | {"loss": loss, "recurrent_norm": rec, "aux_loss": aux}
+    return loss, stats
+
+
 def _grad_norm_and_clip(params: list[torch.Tensor], max_norm: float | None) -> torch.Tensor:
     grads = [p.grad for p in params if p.grad is not None]
     if max_norm is None:
@@ -319,7 +399,11 @@ def update_rllib(agents: dict[str, Agent], optimizers: dict[str, torch.optim.Opt
     def chunked(x: torch.Tensor) -> torch.Tensor:  # [T,B,...] -> [L, n_chunks*B, ...] (sequence j = chunk*B + env)
         return x.reshape(n_chunks, L, B, *x.shape[2:]).transpose(0, 1).reshape(L, n_seq, *x.shape[2:])
 
-    for a in ("explorer", "chaser"):  # RLlib policy-map order
+    stack = type(agents["explorer"]).stacked([agents[a] for a in RLLIB_ORDER]) if cfg.grad_clip is None else None
+    if stack is not None:
+        return _update_rllib_stacked(stack, agents, optimizers, batch, cfg, update, kl_coefs, minibatch_gen, adv, ret,
+                                     chunked, n_seq, n_mb)
+    for a in RLLIB_ORDER:
         agent, opt = agents[a], optimizers[a]
         obs, act, old_logp, old_logits = (chunked(batch.obs_index[a]), chunked(batch.actions[a]), chunked(batch.logp[a]),
                                           chunked(batch.logits[a]))
@@ -345,6 +429,61 @@ def update_rllib(agents: dict[str, Agent], optimizers: dict[str, torch.optim.Opt
         elif mean_kl < 0.5 * cfg.kl_target:
             kl_coefs[a] *= 0.5
         out[a] = {k: float(v.detach()) for k, v in last.items()} | {"mean_kl": mean_kl, "kl_coef": kl_coefs[a]}
+    return out
+
+
+def _update_rllib_stacked(stack, agents, optimizers, batch: Rollout, cfg: PPOConfig, update: int, kl_coefs: dict,
+                          minibatch_gen: torch.Generator, adv: dict, ret: dict, chunked, n_seq: int, n_mb: int) -> dict:
+    """:func:`update_rllib` with both agents' minibatch steps taken together (issue 6): the agents share nothing, so
+    minibatch j of the explorer and minibatch j of the chaser run as one graph of the stacked pair (unit 0 the
+    explorer, unit 1 the chaser; :meth:`Agent.stacked`), each with its own permutations (drawn in RLlib's order: all
+    of the explorer's epochs, then the chaser's), loss, KL coefficient and Adam state (one Adam over the stacked
+    tensors, elementwise). Used without gradient clipping (the preset's); with ``grad_clip`` set, the agent-by-agent
+    loop runs. Equal to the agent-by-agent loop to float tolerance (``tests/test_ppo.py``)."""
+    order, E = RLLIB_ORDER, len(RLLIB_ORDER)
+    unit_agents, unit_opts = [agents[a] for a in order], [optimizers[a] for a in order]
+    groups = [{k: v for k, v in o.param_groups[0].items() if k != "params"} for o in unit_opts]
+    if any(g != groups[0] for g in groups):
+        raise InterbrainError("the rllib learner's stacked update needs both agents' Adam settings equal")
+    opt = torch.optim.Adam(stack.parameters(), **{k: groups[0][k] for k in ("lr", "betas", "eps", "weight_decay",
+                                                                            "amsgrad", "maximize")}, fused=True)
+    stack.load_adam(opt, unit_opts, unit_agents)
+    dev = batch.done.device
+    perms = [[torch.randperm(n_seq, generator=minibatch_gen).to(dev) for _ in range(cfg.epochs)] for _ in order]
+    L = cfg.seq_len
+    joint = lambda f: torch.stack([chunked(f(a)) for a in order], 1).reshape(L, E * n_seq, -1)  # noqa: E731
+    longs = torch.cat([joint(lambda a: batch.obs_index[a]), joint(lambda a: batch.actions[a])], -1)  # [L, E·S, 3]
+    floats = torch.cat([joint(lambda a: batch.logp[a]), joint(lambda a: adv[a]), joint(lambda a: ret[a]),
+                        joint(lambda a: batch.logits[a])], -1)  # [L, E·S, 7]
+    states0 = torch.cat([torch.cat([st[0] for st in batch.seq_states[a]]) for a in order])  # [E·S, 256]
+    shift = (torch.arange(E, device=dev) * n_seq).view(E, 1)
+    kl_coef = torch.tensor([kl_coefs[a] for a in order], device=dev)
+    kls, last = [], {}
+    for epoch in range(cfg.epochs):
+        for idx in zip(*(torch.tensor_split(perms[e][epoch], n_mb) for e in range(E))):
+            cols = (torch.stack(idx) + shift).view(-1)  # unit-major columns of the minibatch
+            n = idx[0].numel()
+            lg, fl = longs[:, cols].view(L, E, n, 3), floats[:, cols].view(L, E, n, 7)
+            opt.zero_grad(set_to_none=True)
+            loss, last = stacked_kl_penalty_loss(stack, lg[..., :2], lg[..., 2], fl[..., 0], fl[..., 1], fl[..., 2],
+                                                 cfg, state0=(states0[cols].view(E, n, -1),), old_logits=fl[..., 3:],
+                                                 kl_coef=kl_coef)
+            loss.sum().backward()
+            opt.step()
+            kls.append(last["approx_kl"])
+    grads = [p.grad for p in stack.parameters() if p.grad is not None]  # the last minibatch's, as the plain loop logs
+    last["grad_norm"] = torch.stack([g.reshape(E, -1).square().sum(1) for g in grads]).sum(0).sqrt()
+    stack.write_to(unit_agents)
+    stack.store_adam(opt, unit_opts, unit_agents)
+    mean_kl = torch.stack(kls).mean(0).tolist()
+    out = {}
+    for e, a in enumerate(order):
+        check_finite({f"{a}.{k}": v[e] for k, v in last.items()}, update)
+        if mean_kl[e] > 2.0 * cfg.kl_target:
+            kl_coefs[a] *= 1.5
+        elif mean_kl[e] < 0.5 * cfg.kl_target:
+            kl_coefs[a] *= 0.5
+        out[a] = {k: float(v[e].detach()) for k, v in last.items()} | {"mean_kl": mean_kl[e], "kl_coef": kl_coefs[a]}
     return out
 
 

@@ -105,6 +105,14 @@ class Agent(nn.Module):
         weights; only agents whose :meth:`pair_with` returns a pair marked ``replays`` implement it."""
         raise NotImplementedError(f"arch {self.arch!r} cannot replay a recorded forward")
 
+    @classmethod
+    def stacked(cls, agents: list["Agent"]) -> nn.Module | None:
+        """E agents of this architecture as one module of stacked parameters ([E, ...]) whose ``sequence_index`` runs
+        all of them at once (index [T, E, B, 2], state0 with [E, B, ...] tensors), with per-unit ([E])
+        ``recurrent_weight_norm``/``input_weight_norm``/``aux_loss``, ``write_to(agents)`` and
+        ``load_adam``/``store_adam`` (see :class:`interbrain.agents.rnn.StackedRNN`); or None (not available)."""
+        return None
+
     def readout(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Both heads as one Linear(256 -> 5) (rows: the 4 action logits, then the value): one matmul forward and two
         backward instead of twice that."""
@@ -237,6 +245,23 @@ class TwoRowGather(torch.autograd.Function):
         return grad_table, None
 
 
+class FrobeniusNorm(torch.autograd.Function):
+    """||w_e||_F for each matrix of w [E, ...] ([E]): ``torch.linalg.matrix_norm``'s values and gradient w·g/||w||
+    (for a non-zero w) in one node; its generic backward is four times slower, which the ``rllib`` learner's 960
+    minibatch steps per update feel."""
+
+    @staticmethod
+    def forward(ctx, w: torch.Tensor) -> torch.Tensor:
+        norm = torch.linalg.vector_norm(w.flatten(1), dim=1)
+        ctx.save_for_backward(w, norm)
+        return norm
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        w, norm = ctx.saved_tensors
+        return w * (grad / norm).view(-1, *([1] * (w.dim() - 1)))
+
+
 def gather_index(index: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
     """``Linear(two_hot(index))`` for observation indices [..., 2] as one summed gather of two rows of
     :func:`index_table` (exact up to float summation order: x_t is at most two-hot). Returns [..., out]."""
@@ -245,7 +270,12 @@ def gather_index(index: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
 
 def gather_rows(index: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
     """:func:`gather_index` flattened to [N, out] (N = index.numel() / 2), a fresh tensor rather than a view."""
-    rows = (index + index_offsets(index.device)).reshape(-1, 2)
+    return sum_rows(table, (index + index_offsets(index.device)).reshape(-1, 2))
+
+
+def sum_rows(table: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """table[rows[:, 0]] + table[rows[:, 1]] ([N, out], fresh): :class:`TwoRowGather` when it is differentiated on CPU,
+    else ``embedding_bag`` (CUDA: its deterministic backward)."""
     if torch.is_grad_enabled() and table.requires_grad and table.device.type == "cpu":
         return TwoRowGather.apply(table, rows)
     return torch.nn.functional.embedding_bag(rows, table, mode="sum")

@@ -14,6 +14,10 @@ Speed (issue 6), with the arithmetic unchanged (up to float summation order wher
   and computes their gradient inside the step loop (summation order).
 - :class:`RNNPair`: while acting, both agents step as one batched call (same bits as two ``step_index`` calls), and
   the hidden states it records let the first learning epoch skip the recurrence's forward (:meth:`replay_index`).
+- :class:`StackedRNN`: E agents as stacked parameters, one batched product per step for all of them. The ensemble
+  (:mod:`interbrain.ensemble`) stacks E training units; the ``rllib`` learner stacks a pair's two agents, so each of
+  its 960 minibatch steps per update is one graph (:class:`StackedReluRNNHeads`, :class:`StackedInputTable`) instead
+  of two.
 """
 
 from __future__ import annotations
@@ -23,9 +27,10 @@ from typing import Callable
 import torch
 from torch import nn
 
-from interbrain.agents.base import (HIDDEN, N_ACTIONS, OBS_DIM, Agent, gather_index, gather_rows, index_offsets, index_table,
-                                    param_key, register)
+from interbrain.agents.base import (HIDDEN, INDEX_OFFSETS, N_ACTIONS, N_CELLS, OBS_DIM, Agent, FrobeniusNorm, gather_index,
+                                    gather_rows, index_offsets, index_table, param_key, register, sum_rows)
 from interbrain.config import AgentConfig
+from interbrain.errors import InterbrainError
 
 
 def relu_recurrence(pre: torch.Tensor, h0: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -132,6 +137,58 @@ class ReluRNNHeads(torch.autograd.Function):
         return g.view(out.shape), grad_h0, grad_w, grad_head_w, grad_head_b, None, None
 
 
+class StackedReluRNNHeads(torch.autograd.Function):
+    """:class:`ReluRNNHeads` for E stacked units (:class:`StackedRNN`), rows unit-major: pre [E·T·B, H] (unit, step,
+    row), h0 [E, B, H], w [E, H, H], head_w [E, 5, H], head_b [E, 5] -> H [E, T, B, H] and heads [E, T·B, 5].
+    H lives in a buffer [E, T+1, B, H] whose step 0 is h0, so each unit's H and its previous states are contiguous
+    [T·B, H] blocks: the heads and dW are one batched product each, without copies; the heads' dL/dH for all steps is
+    one product written into the gradient buffer before the step loop (the minibatches of the ``rllib`` learner are
+    6-7 sequences of 20 steps, so every op saved counts). ``pre`` is left as it is."""
+
+    @staticmethod
+    def forward(ctx, pre, h0, w, head_w, head_b, steps: int):
+        E, H = w.shape[0], w.shape[-1]
+        B = pre.shape[0] // (E * steps)
+        buf = torch.empty(E, steps + 1, B, H, dtype=pre.dtype, device=pre.device)
+        buf[:, 0] = h0
+        buf[:, 1:] = pre.view(E, steps, B, H)
+        wt = w.transpose(1, 2)
+        for t in range(1, steps + 1):
+            buf[:, t].baddbmm_(buf[:, t - 1], wt).relu_()
+        out = buf[:, 1:]
+        heads = torch.baddbmm(head_b.unsqueeze(1), out.reshape(E, -1, H), head_w.transpose(1, 2))
+        ctx.save_for_backward(buf, w, head_w)
+        ctx.set_materialize_grads(False)
+        return out, heads
+
+    @staticmethod
+    def backward(ctx, grad_hidden, grad_heads):
+        buf, w, head_w = ctx.saved_tensors
+        E, T, B, H = buf.shape[0], buf.shape[1] - 1, buf.shape[2], buf.shape[3]
+        out = buf[:, 1:]
+        g = torch.empty(E, T, B, H, dtype=buf.dtype, device=buf.device)
+        if grad_heads is None:
+            g.zero_()
+        else:
+            torch.bmm(grad_heads.reshape(E, T * B, -1), head_w, out=g.view(E, T * B, H))
+        if grad_hidden is not None:
+            g.add_(grad_hidden)
+        mask = torch.ops.aten.threshold_backward.grad_input
+        for t in range(T - 1, -1, -1):
+            gt = g[:, t]
+            if t < T - 1:
+                gt.baddbmm_(g[:, t + 1], w)
+            mask(gt, out[:, t], 0, grad_input=gt)
+        flat = g.view(E, T * B, H)
+        grad_h0 = torch.bmm(g[:, 0], w) if ctx.needs_input_grad[1] else None
+        grad_w = torch.bmm(flat.transpose(1, 2), buf[:, :-1].reshape(E, T * B, H)) if ctx.needs_input_grad[2] else None
+        grad_head_w = grad_head_b = None
+        if grad_heads is not None:
+            gh = grad_heads.reshape(E, T * B, -1)
+            grad_head_w, grad_head_b = torch.bmm(gh.transpose(1, 2), out.reshape(E, T * B, H)), gh.sum(1)
+        return g.view(-1, H), grad_h0, grad_w, grad_head_w, grad_head_b, None
+
+
 @register("rnn")
 class RNNAgent(Agent):
     carries_hidden = True
@@ -198,6 +255,10 @@ class RNNAgent(Agent):
         step, so the same bits): the backward is built without running the forward again."""
         return self._recur(gather_rows(index, self._table()), None, index.shape[0], known=hidden)
 
+    @classmethod
+    def stacked(cls, agents: list[Agent]) -> StackedRNN | None:
+        return StackedRNN(agents) if all(type(a) is RNNAgent for a in agents) else None
+
     def pair_with(self, partner: Agent) -> RNNPair | None:
         return RNNPair(self, partner) if isinstance(partner, RNNAgent) else None
 
@@ -258,3 +319,138 @@ class RNNPair:
         h = torch.baddbmm(pre, h, self.w_t, out=hidden_out).relu_()
         torch.baddbmm(self.head_b, h, self.head_w, out=heads_out)
         return h
+
+
+class StackedInputTable(torch.autograd.Function):
+    """input_rows [E, 200, H] (W_ih^T per unit), b_ih, b_hh [E, H] -> the units' input tables [E·201, H] (:func:`index_table`
+    per unit: own-cell rows plus both biases, partner-cell rows, a zero row), built in place and differentiated in one
+    node (autograd's slice-and-cat backward allocates and adds three [E, 200, H] buffers)."""
+
+    @staticmethod
+    def forward(ctx, input_rows, bias_ih, bias_hh):
+        E, H = input_rows.shape[0], input_rows.shape[-1]
+        table = input_rows.new_empty(E, 2 * N_CELLS + 1, H)
+        torch.add(input_rows[:, :N_CELLS], (bias_ih + bias_hh).unsqueeze(1), out=table[:, :N_CELLS])
+        table[:, N_CELLS:2 * N_CELLS] = input_rows[:, N_CELLS:]
+        table[:, 2 * N_CELLS] = 0
+        return table.view(-1, H)
+
+    @staticmethod
+    def backward(ctx, grad):
+        g = grad.view(-1, 2 * N_CELLS + 1, grad.shape[-1])
+        grad_bias = g[:, :N_CELLS].sum(1)
+        return g[:, :2 * N_CELLS].contiguous(), grad_bias, grad_bias.clone()
+
+
+class StackedRNN(nn.Module):
+    """E :class:`RNNAgent` s as stacked parameters (unit e = index e): one module whose products are batched over the
+    units. Used by the ensemble (E training units of one role, :mod:`interbrain.ensemble`) and by the ``rllib`` learner
+    (a pair's two agents, :func:`interbrain.ppo.update_rllib`). Its learning pass is :class:`StackedReluRNNHeads` over all
+    units; the loss's ``mean`` must then be per unit (each unit's gradient stays its own: disjoint parameters)."""
+
+    #: stacked parameter -> the RNNAgent parameter it stacks; ``input_rows`` is W_ih transposed ([E, 200, 256]: the
+    #: input table's rows are contiguous, so building it and its gradient need no transposed copy)
+    SOURCES = {"input_rows": "rnn.weight_ih_l0", "weight_hh": "rnn.weight_hh_l0", "bias_ih": "rnn.bias_ih_l0",
+               "bias_hh": "rnn.bias_hh_l0", "action_weight": "action_head.weight", "action_bias": "action_head.bias",
+               "value_weight": "value_head.weight", "value_bias": "value_head.bias"}
+
+    def __init__(self, agents: list[nn.Module]):
+        super().__init__()
+        self.units = len(agents)
+        for name, source in self.SOURCES.items():
+            params = [self._layout(name, dict(a.named_parameters())[source].detach()) for a in agents]
+            self.register_parameter(name, nn.Parameter(torch.stack(params).contiguous()))
+        # row of (unit e, own cell r) = 201 e + r, of (unit e, partner cell c or 100) = 201 e + 100 + c; a buffer, so
+        # it lives on the device (no host-to-device copy per step)
+        rows = torch.arange(self.units).view(-1, 1, 1) * (2 * N_CELLS + 1) + INDEX_OFFSETS.view(1, 1, 2)
+        self.register_buffer("row_offsets", rows.to(self.weight_hh.device), persistent=False)
+
+    @staticmethod
+    def _layout(name: str, x: torch.Tensor) -> torch.Tensor:
+        """A unit's tensor in the stacked layout and back (a transpose for ``input_rows``; a view)."""
+        return x.transpose(-1, -2) if name == "input_rows" else x
+
+    def write_to(self, agents: list[nn.Module]) -> None:
+        """Copy unit e's slice of every stacked parameter into ``agents[e]``."""
+        with torch.no_grad():
+            for name, source in self.SOURCES.items():
+                stacked = getattr(self, name)
+                for e, agent in enumerate(agents):
+                    dict(agent.named_parameters())[source].copy_(self._layout(name, stacked[e]))
+
+    def load_adam(self, opt: torch.optim.Optimizer, unit_opts: list[torch.optim.Optimizer],
+                  agents: list[nn.Module]) -> None:
+        """Stack the units' Adam moments into ``opt`` (an Adam over this module's parameters); the units must have
+        taken the same number of steps (or none)."""
+        if not any(o.state for o in unit_opts):
+            return
+        for name, source in self.SOURCES.items():
+            per_unit = [o.state[dict(a.named_parameters())[source]] for o, a in zip(unit_opts, agents)]
+            steps = {float(s["step"]) for s in per_unit}
+            if len(steps) != 1:
+                raise InterbrainError(f"stacked units have taken different numbers of Adam steps: {sorted(steps)}")
+            stacked = getattr(self, name)
+            moments = {k: torch.stack([self._layout(name, s[k]) for s in per_unit]).contiguous().to(stacked.device)
+                       for k in ("exp_avg", "exp_avg_sq")}
+            opt.state[stacked] = {"step": per_unit[0]["step"].clone()} | moments
+
+    def store_adam(self, opt: torch.optim.Optimizer, unit_opts: list[torch.optim.Optimizer],
+                   agents: list[nn.Module]) -> None:
+        """The inverse of :meth:`load_adam`: unit e's slice of ``opt``'s moments into ``unit_opts[e]``."""
+        for name, source in self.SOURCES.items():
+            st = opt.state.get(getattr(self, name))
+            if not st:
+                continue
+            for e, (o, a) in enumerate(zip(unit_opts, agents)):
+                p = dict(a.named_parameters())[source]
+                o.state[p] = {"step": st["step"].clone().to(p.device)} | {
+                    k: self._layout(name, st[k][e]).contiguous() for k in ("exp_avg", "exp_avg_sq")}
+
+    def input_table(self) -> torch.Tensor:
+        """[E·201, 256]: unit e's :meth:`RNNAgent.input_table` in rows 201 e .. 201 e + 200."""
+        return StackedInputTable.apply(self.input_rows, self.bias_ih, self.bias_hh)
+
+    def gather(self, index: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+        """W_ih x + b_ih + b_hh per unit for observation indices [..., E, B, 2] -> [..., E, B, 256]."""
+        return sum_rows(table, (index + self.row_offsets).reshape(-1, 2)).view(*index.shape[:-1], HIDDEN)
+
+    def heads(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Joint heads per unit: weight^T [E, 256, 5] (4 logits, then the value) and bias [E, 1, 5]."""
+        weight = torch.cat([self.action_weight, self.value_weight], 1).transpose(1, 2)
+        bias = torch.cat([self.action_bias, self.value_bias], 1).unsqueeze(1)
+        return weight, bias
+
+    def readout(self, hidden: torch.Tensor, heads) -> tuple[torch.Tensor, torch.Tensor]:
+        """hidden [..., E, B, 256] -> logits [..., E, B, 4], value [..., E, B]."""
+        weight, bias = heads
+        out = torch.matmul(hidden, weight) + bias
+        return out[..., :N_ACTIONS], out[..., N_ACTIONS]
+
+    def step_index(self, index: torch.Tensor, h: torch.Tensor, table, heads):
+        """One step of every unit while acting: index [E, B, 2], h [E, B, 256] -> logits, value, h."""
+        h = torch.baddbmm(self.gather(index, table), h, self.weight_hh.transpose(1, 2)).relu_()
+        logits, value = self.readout(h, heads)
+        return logits, value, h
+
+    def sequence_index(self, index: torch.Tensor, state0=None):
+        """Teacher-forced sequences of every unit: index [T, E, B, 2] from ``state0`` ((h0 [E, B, 256],); zero state
+        when None) -> logits [T, E, B, 4], value [T, E, B], hidden [T, E, B, 256] (:class:`StackedReluRNNHeads`; the
+        results are views of unit-major tensors)."""
+        T, E, B = index.shape[:3]
+        rows = index.transpose(0, 1) + self.row_offsets.unsqueeze(1)  # unit-major [E, T, B, 2]
+        pre = sum_rows(self.input_table(), rows.reshape(-1, 2))  # [E·T·B, H]
+        h0 = pre.new_zeros(E, B, HIDDEN) if state0 is None else state0[0].to(pre.dtype)
+        head_w = torch.cat([self.action_weight, self.value_weight], 1)  # [E, 5, H]
+        head_b = torch.cat([self.action_bias, self.value_bias], 1)  # [E, 5]
+        hidden, heads = StackedReluRNNHeads.apply(pre, h0, self.weight_hh, head_w, head_b, T)
+        heads = heads.view(E, T, B, -1).transpose(0, 1)
+        return heads[..., :N_ACTIONS], heads[..., N_ACTIONS], hidden.transpose(0, 1)
+
+    def recurrent_weight_norm(self) -> torch.Tensor:
+        return FrobeniusNorm.apply(self.weight_hh)  # [E]
+
+    def input_weight_norm(self) -> torch.Tensor:
+        return FrobeniusNorm.apply(self.input_rows)  # [E] (a transpose keeps the norm)
+
+    def aux_loss(self) -> torch.Tensor:
+        return self.weight_hh.new_zeros(self.units)  # an RNN has no auxiliary loss
