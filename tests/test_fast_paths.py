@@ -13,6 +13,7 @@ from interbrain.agents import ARCHITECTURES, build_agent
 from interbrain.agents.base import gather_index, param_key
 from interbrain.agents.rnn import ReluRecurrence, ReluRNNHeads, RNNAgent, RNNPair
 from interbrain.config import AgentConfig, EnvConfig, make_train_config
+from interbrain.errors import InterbrainError
 from interbrain.env import ChaseEnv, obs_from_index
 from interbrain.ppo import AGENTS, collect_rollout, policy_loss, sample_actions, update_clipped
 from interbrain.train import Trainer
@@ -107,8 +108,8 @@ def test_rnn_pair_step_is_bitwise_the_two_agents_own_steps():
     """Both RNN agents as one batched call (RNNPair) give the same bits as each agent's step_index."""
     torch.manual_seed(0)
     agents = [build_agent(AgentConfig(arch="rnn")) for _ in range(2)]
-    pair = agents[0].pair_with(agents[1])
-    assert isinstance(pair, RNNPair) and build_agent(AgentConfig(arch="mlp")).pair_with(agents[1]) is None
+    pair = agents[0].pair_with(agents[1], 12)
+    assert isinstance(pair, RNNPair) and build_agent(AgentConfig(arch="mlp")).pair_with(agents[1], 12) is None
     B = 6
     h, states = pair.initial_state(B), [a.initial_state(B) for a in agents]
     hidden, heads = torch.empty(12, 2, B, 256), torch.empty(12, 2, B, 5)
@@ -121,6 +122,41 @@ def test_rnn_pair_step_is_bitwise_the_two_agents_own_steps():
                 assert torch.equal(hidden[t, i], h_i) and torch.equal(h[i], h_i)
                 assert torch.equal(heads[t, i, :, :4], logits) and torch.equal(heads[t, i, :, 4], value)
     assert (hidden == 0).any() and (hidden > 0).any()
+
+
+@pytest.mark.parametrize("size", ["std", "matched"])
+def test_transformer_pair_step_is_bitwise_the_two_agents_own_steps(size):
+    """Both transformer agents as one batched call (TransformerPair) give the same bits as each agent's step_index over
+    a whole window (KV caches, the context bookkeeping), and the per-agent states it hands back (a bootstrap step)
+    continue exactly as the agents' own states do; a pair is offered only while the episode fits the window."""
+    from interbrain.agents.transformer import TransformerPair
+
+    W, B = 9, 5
+    torch.manual_seed(1)
+    agents = [build_agent(AgentConfig(arch="transformer", size=size, window=W)) for _ in range(2)]
+    pair = agents[0].pair_with(agents[1], W)
+    assert isinstance(pair, TransformerPair) and agents[0].pair_with(agents[1], W + 1) is None
+    twins = [build_agent(AgentConfig(arch="transformer", size=size, window=W)) for _ in range(2)]
+    for twin, agent in zip(twins, agents):
+        twin.load_state_dict(agent.state_dict())
+    state, own = pair.initial_state(B), [a.initial_state(B) for a in twins]
+    hidden, heads = torch.empty(W, 2, B, 256), torch.empty(W, 2, B, 5)
+    with torch.no_grad():
+        for t in range(W):
+            index = torch.stack([random_index(1, B, seed=10 * t + i)[0] for i in range(2)])
+            state = pair.step(index, state, hidden[t], heads[t])
+            for i, twin in enumerate(twins):
+                logits, value, h_i, own[i] = twin.step_index(index[i], own[i])
+                assert torch.equal(hidden[t, i], h_i)
+                assert torch.equal(heads[t, i, :, :4], logits) and torch.equal(heads[t, i, :, 4], value)
+        with pytest.raises(InterbrainError, match="covers steps 0..8"):
+            pair.step(index, state, hidden[0], heads[0])
+        index = random_index(1, B, seed=99)[0]
+        for i, (agent_state, twin) in enumerate(zip(pair.states(state), twins)):  # step W: the first window recompute
+            mine, ref = twins[i].step_index(index, agent_state), twin.step_index(index, own[i])
+            assert all(torch.equal(x, y) for x, y in zip(mine[:3], ref[:3]))
+    for agent, twin in zip(agents, twins):
+        assert (agent.max_position_used, agent.max_context_used) == (W - 1, W)
 
 
 def test_replayed_first_epoch_is_bitwise_the_recomputed_one(tiny_overrides):

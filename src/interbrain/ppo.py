@@ -101,7 +101,7 @@ def collect_rollout(env: ChaseEnv, agents: dict[str, Agent], env_gen: torch.Gene
     actions = torch.empty(T, 2, B, dtype=torch.long, device=dev)
     rewards = torch.empty(T, 2, B, device=dev)
     events = torch.empty(len(EVENT_KEYS), T, B, dtype=torch.bool, device=dev)
-    pair = agents[AGENTS[0]].pair_with(agents[AGENTS[1]]) if seq_len is None else None
+    pair = agents[AGENTS[0]].pair_with(agents[AGENTS[1]], T) if seq_len is None else None
     if pair is not None:
         hidden = torch.empty(2, T, B, HIDDEN, device=dev)  # agent-major: each agent's [T,B,256] is contiguous
         h = pair.initial_state(B)
@@ -111,7 +111,7 @@ def collect_rollout(env: ChaseEnv, agents: dict[str, Agent], env_gen: torch.Gene
             h = pair.step(index, h, hidden[:, t], heads[t])
             act_and_step(env, t, logits, noise, actions, rewards, events)
         z_hidden = {a: hidden[i, ::Z_SAMPLE_EVERY].reshape(-1, HIDDEN) for i, a in enumerate(AGENTS)}
-        states = {a: agents[a].with_hidden(None, hidden[i, -1]) for i, a in enumerate(AGENTS)}
+        states = dict(zip(AGENTS, pair.states(h)))
         replay = {a: (key, hidden[i]) for i, (a, key) in enumerate(zip(AGENTS, pair.keys))} if pair.replays else {}
         seq_states = {}
     else:

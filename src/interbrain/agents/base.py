@@ -91,13 +91,13 @@ class Agent(nn.Module):
         return self.sequence(obs_from_index(index), state0)
 
     # --- optional fast paths (issue 6); the defaults say "not available" -----------------------------------------
-    def pair_with(self, partner: "Agent"):
-        """An object that steps this agent (chaser) and ``partner`` (explorer) as one batched call while acting, with
-        ``keys`` (:func:`param_key` of both agents when built), ``replays`` (whether the recorded hidden states may feed
-        :meth:`replay_index`), ``initial_state(B)`` and
-        ``step(index [2,B,2], state, hidden_out [2,B,256], heads_out [2,B,5]) -> state``, or None (the rollout then
-        calls each agent's :meth:`step_index`). The state must be the stacked ``hidden`` of both agents: the rollout
-        rebuilds each agent's own state from its last hidden vector with :meth:`with_hidden`."""
+    def pair_with(self, partner: "Agent", steps: int):
+        """An object that steps this agent (chaser) and ``partner`` (explorer) as one batched call while acting, for
+        ``steps`` steps from the zero state, with ``keys`` (:func:`param_key` of both agents when built), ``replays``
+        (whether the recorded hidden states may feed :meth:`replay_index`), ``initial_state(B)``,
+        ``step(index [2,B,2], state, hidden_out [2,B,256], heads_out [2,B,5]) -> state`` (the same bits as each agent's
+        :meth:`step_index`) and ``states(state)`` (each agent's own state, for a bootstrap step); or None (the rollout
+        then calls each agent's :meth:`step_index`)."""
         return None
 
     def replay_index(self, index: torch.Tensor, hidden: torch.Tensor):

@@ -259,7 +259,7 @@ class RNNAgent(Agent):
     def stacked(cls, agents: list[Agent]) -> StackedRNN | None:
         return StackedRNN(agents) if all(type(a) is RNNAgent for a in agents) else None
 
-    def pair_with(self, partner: Agent) -> RNNPair | None:
+    def pair_with(self, partner: Agent, steps: int) -> RNNPair | None:
         return RNNPair(self, partner) if isinstance(partner, RNNAgent) else None
 
     def _recur(self, pre: torch.Tensor, state0, steps: int, known: torch.Tensor | None = None):
@@ -319,6 +319,9 @@ class RNNPair:
         h = torch.baddbmm(pre, h, self.w_t, out=hidden_out).relu_()
         torch.baddbmm(self.head_b, h, self.head_w, out=heads_out)
         return h
+
+    def states(self, h: torch.Tensor) -> list[tuple]:
+        return [(h[i],) for i in range(len(self.keys))]
 
 
 class StackedInputTable(torch.autograd.Function):

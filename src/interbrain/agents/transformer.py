@@ -28,7 +28,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from interbrain.agents.base import HIDDEN, OBS_DIM, Agent, check_size, init_heads, register
+from interbrain.agents.base import (HIDDEN, OBS_DIM, Agent, check_size, index_offsets, index_table, init_heads, param_key,
+                                    register)
 from interbrain.config import AgentConfig
 from interbrain.errors import InterbrainError
 
@@ -77,7 +78,8 @@ class CausalBlock(nn.Module):
     def _qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         N, L, d = x.shape
         qkv = self.qkv(self.ln_attn(x)).view(N, L, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
-        return qkv[0], qkv[1], qkv[2]  # each [N, heads, L, d/heads]
+        q, k, v = qkv.unbind(0)  # each [N, heads, L, d/heads] (unbind: its backward stacks, no zero-filled buffers)
+        return q, k, v
 
     def _finish(self, x: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
         N, H, Lq, dh = attended.shape
@@ -246,9 +248,9 @@ class TransformerAgent(WindowedContext, Agent):
                 n = chunk.shape[1]
                 chunk = chunk.permute(0, 1, 3, 2).reshape(B * n, W, self.d_model)
                 outs.append(self._window_last(chunk).view(B, n, self.d_model))
-        hidden = self._emit(torch.cat(outs, dim=1)).transpose(0, 1)  # [T, B, 256]
+        hidden = self._emit(torch.cat(outs, dim=1))  # [B, T, 256]; the heads read it in this layout (no transposed copy)
         logits, value = self.readout(hidden)
-        return logits, value, hidden
+        return logits.transpose(0, 1), value.transpose(0, 1), hidden.transpose(0, 1)  # [T, B, ...] views
 
     # --- observation indices: the input embedding as a gather of two rows ------------------------------
     def step_index(self, index, state):
@@ -259,3 +261,104 @@ class TransformerAgent(WindowedContext, Agent):
 
     def input_weight_norm(self):
         return torch.linalg.matrix_norm(self.inp.weight)
+
+    def pair_with(self, partner: Agent, steps: int) -> TransformerPair | None:
+        same = type(partner) is TransformerAgent and partner.window == self.window and partner.d_model == self.d_model
+        return TransformerPair(self, partner) if same and steps <= self.window else None
+
+
+class TransformerPair:
+    """Both transformer agents acting as one batched call (issue 6), for the first ``window`` steps of an episode (the
+    KV-cache phase: a training episode of horizon <= window never leaves it). Per step: one gather from the two
+    stacked input tables; per block, the products of both agents as one ``baddbmm`` each (the same bits as each
+    agent's ``Linear``: ``addmm`` per batch on CPU), each LayerNorm as the plain normalisation followed by one
+    ``addcmul`` with the stacked affine weights (the same bits as the affine kernel), and one attention call over
+    both agents' 2·B rows (per-row, so the same bits); the KV caches and the input-embedding history are preallocated
+    for the whole episode. ``tests/test_fast_paths.py`` checks the bits against each agent's ``step_index``. Built from
+    the current weights (no gradient); rebuild it after they change."""
+
+    replays = False  # nothing to replay: the learning pass is a causal pass, not a recurrence
+
+    def __init__(self, *agents: TransformerAgent):
+        self.agents = agents
+        first = agents[0]
+        self.window, self.d_model = first.window, first.d_model
+        n = len(agents)
+        with torch.no_grad():
+            self.table = torch.cat([index_table(a.inp.weight, a.inp.bias) for a in agents])  # [n·201, d]
+            self.pos = torch.stack([a.pos_table for a in agents])  # [n, W, d]
+            self.blocks = [{name: self._linear([getattr(a.blocks[i], name) for a in agents])
+                            for name in ("qkv", "attn_out", "mlp_in", "mlp_out")}
+                           | {name: self._norm([getattr(a.blocks[i], name) for a in agents])
+                              for name in ("ln_attn", "ln_mlp")} for i in range(LAYERS)]
+            self.final_ln = self._norm([a.final_ln for a in agents])
+            self.proj = None if first.hidden_proj is None else self._linear([a.hidden_proj for a in agents])
+            heads = [a._joint_heads() for a in agents]
+            self.heads = (torch.stack([w for w, _ in heads]).transpose(1, 2), torch.stack([b for _, b in heads]).unsqueeze(1))
+        dev = self.table.device
+        self.offsets = (torch.arange(n, device=dev).view(-1, 1, 1) * (self.table.shape[0] // n)
+                        + index_offsets(dev).view(1, 1, 2))
+        self.keys = [param_key(a) for a in agents]
+
+    @staticmethod
+    def _linear(layers: list[nn.Linear]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Stacked W^T [n, in, out] and bias [n, 1, out]: x W^T + b per agent as one ``baddbmm``."""
+        return (torch.stack([m.weight for m in layers]).transpose(1, 2),
+                torch.stack([m.bias for m in layers]).unsqueeze(1))
+
+    @staticmethod
+    def _norm(layers: list[nn.LayerNorm]) -> tuple[torch.Tensor, torch.Tensor, float]:
+        return (torch.stack([m.weight for m in layers]).unsqueeze(1), torch.stack([m.bias for m in layers]).unsqueeze(1),
+                layers[0].eps)
+
+    def _layer_norm(self, x: torch.Tensor, norm) -> torch.Tensor:
+        weight, bias, eps = norm
+        return torch.addcmul(bias, F.layer_norm(x, (self.d_model,), eps=eps), weight)
+
+    def initial_state(self, batch: int) -> tuple:
+        n, W, d = len(self.agents), self.window, self.d_model
+        new = lambda *shape: self.table.new_empty(shape)  # noqa: E731
+        caches = [new(n * batch, HEADS, W, d // HEADS) for _ in range(2 * LAYERS)]
+        return (0, new(n, batch, W, d), caches)
+
+    def step(self, index: torch.Tensor, state: tuple, hidden_out: torch.Tensor, heads_out: torch.Tensor) -> tuple:
+        t, emb, caches = state
+        if t >= self.window:
+            raise InterbrainError(f"the transformer pair step covers steps 0..{self.window - 1}; got step {t}")
+        n, B, _ = index.shape
+        d, dh = self.d_model, self.d_model // HEADS
+        e = F.embedding_bag((index + self.offsets).reshape(-1, 2), self.table, mode="sum").view(n, B, d)
+        emb[:, :, t] = e
+        x = e + self.pos[:, t].unsqueeze(1)
+        for i, block in enumerate(self.blocks):
+            qkv = torch.baddbmm(block["qkv"][1], self._layer_norm(x, block["ln_attn"]), block["qkv"][0])
+            q, k, v = qkv.view(n * B, 1, 3, HEADS, dh).permute(2, 0, 3, 1, 4)
+            k_cache, v_cache = caches[2 * i], caches[2 * i + 1]
+            k_cache[:, :, t] = k[:, :, 0]
+            v_cache[:, :, t] = v[:, :, 0]
+            attended = F.scaled_dot_product_attention(q, k_cache[:, :, :t + 1], v_cache[:, :, :t + 1])
+            x = x + torch.baddbmm(block["attn_out"][1], attended.transpose(1, 2).reshape(n, B, d), block["attn_out"][0])
+            inner = torch.baddbmm(block["mlp_in"][1], self._layer_norm(x, block["ln_mlp"]), block["mlp_in"][0]).relu_()
+            x = x + torch.baddbmm(block["mlp_out"][1], inner, block["mlp_out"][0])
+        h = self._layer_norm(x, self.final_ln)
+        if self.proj is None:
+            hidden_out.copy_(h)
+        else:
+            torch.baddbmm(self.proj[1], h, self.proj[0], out=hidden_out).relu_()
+        torch.baddbmm(self.heads[1], hidden_out, self.heads[0], out=heads_out)
+        for a in self.agents:  # the context rule's bookkeeping, as each agent's own step keeps it
+            a.max_position_used = max(a.max_position_used, t)
+            a.max_context_used = max(a.max_context_used, t + 1)
+        return (t + 1, emb, caches)
+
+    def states(self, state: tuple) -> list[tuple]:
+        """Each agent's own state (:meth:`TransformerAgent.initial_state`'s layout) after the steps taken."""
+        t, emb, caches = state
+        W, B = self.window, emb.shape[1]
+        kept = slice(max(0, t - (W - 1)), t)  # the last min(t, W-1) input embeddings
+        out = []
+        for i in range(len(self.agents)):
+            rows = slice(i * B, (i + 1) * B)
+            cache = [c[rows, :, :t if t < W else 0] for c in caches]
+            out.append((t, emb[i, :, kept], *cache))
+        return out
