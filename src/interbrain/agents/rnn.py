@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from interbrain.agents.base import (HIDDEN, INDEX_OFFSETS, N_ACTIONS, N_CELLS, OBS_DIM, Agent, FrobeniusNorm, gather_index,
-                                    gather_rows, index_offsets, index_table, param_key, register, sum_rows)
+                                    gather_rows, index_table, param_key, register, sum_rows)
 from interbrain.config import AgentConfig
 from interbrain.errors import InterbrainError
 
@@ -285,26 +285,19 @@ class RNNAgent(Agent):
 
 
 class RNNPair:
-    """Both agents of a pair acting as one batched call (issue 6): per step one gather from the two stacked input tables,
-    one ``baddbmm`` for the two recurrences and one for the two joint heads. On CPU ``baddbmm`` runs each agent's
-    product as the ``addmm`` of :meth:`RNNAgent.step_index` does, so the results are the same bits
-    (``tests/test_fast_paths.py``); on CUDA the batched kernel may round differently, and the first learning epoch then
-    replays the states the agents actually acted on. Built from the current weights (no gradient); rebuild it after they
-    change."""
+    """Both agents of a pair acting as one batched call (issue 6): a :class:`StackedRNN` of the two, stepped with
+    :meth:`StackedRNN.step_index` (one gather from the two stacked input tables, one ``baddbmm`` for the two
+    recurrences and one for the two joint heads). On CPU ``baddbmm`` runs each agent's product as the ``addmm`` of
+    :meth:`RNNAgent.step_index` does, so the results are the same bits (``tests/test_fast_paths.py``); on CUDA the
+    batched kernel may round differently, and the first learning epoch then replays the states the agents actually
+    acted on. Built from the current weights (no gradient); rebuild it after they change."""
 
     replays = True  # the recorded hidden states feed RNNAgent.replay_index
 
     def __init__(self, *agents: RNNAgent):
         with torch.no_grad():
-            tables = [a.input_table() for a in agents]
-            self.table = torch.cat(tables)  # [2·201, 256]
-            self.w_t = torch.stack([a.rnn.weight_hh_l0 for a in agents]).transpose(1, 2)  # [2, 256, 256] (W^T)
-            heads = [a._joint_heads() for a in agents]
-            self.head_w = torch.stack([w for w, _ in heads]).transpose(1, 2)  # [2, 256, 5]
-            self.head_b = torch.stack([b for _, b in heads]).unsqueeze(1)  # [2, 1, 5]
-        dev = self.table.device
-        self.offsets = (torch.arange(len(agents), device=dev).view(-1, 1, 1) * tables[0].shape[0]
-                        + index_offsets(dev).view(1, 1, 2))
+            self.stack = StackedRNN(list(agents)).requires_grad_(False)
+            self.table, self.heads = self.stack.input_table(), self.stack.heads()
         self.keys = [param_key(a) for a in agents]
 
     def initial_state(self, batch: int) -> torch.Tensor:
@@ -314,11 +307,7 @@ class RNNPair:
              heads_out: torch.Tensor) -> torch.Tensor:
         """index [2, B, 2], h [2, B, 256] -> the new h, written into ``hidden_out`` [2, B, 256] (which must not share
         memory with ``h``) and returned; the joint heads (4 logits, then the value) written into ``heads_out`` [2, B, 5]."""
-        rows = (index + self.offsets).reshape(-1, 2)
-        pre = torch.nn.functional.embedding_bag(rows, self.table, mode="sum").view(hidden_out.shape)
-        h = torch.baddbmm(pre, h, self.w_t, out=hidden_out).relu_()
-        torch.baddbmm(self.head_b, h, self.head_w, out=heads_out)
-        return h
+        return self.stack.step_index(index, h, self.table, self.heads, hidden_out, heads_out)[2]
 
     def states(self, h: torch.Tensor) -> list[tuple]:
         return [(h[i],) for i in range(len(self.keys))]
@@ -423,17 +412,16 @@ class StackedRNN(nn.Module):
         bias = torch.cat([self.action_bias, self.value_bias], 1).unsqueeze(1)
         return weight, bias
 
-    def readout(self, hidden: torch.Tensor, heads) -> tuple[torch.Tensor, torch.Tensor]:
-        """hidden [..., E, B, 256] -> logits [..., E, B, 4], value [..., E, B]."""
+    def step_index(self, index: torch.Tensor, h: torch.Tensor, table, heads, hidden_out: torch.Tensor | None = None,
+                   heads_out: torch.Tensor | None = None):
+        """One step of every unit while acting: index [E, B, 2], h [E, B, 256] -> logits, value, h (written into
+        ``hidden_out``/``heads_out`` when given: [E, B, 256] not sharing memory with h, [E, B, 5]). ``table`` and
+        ``heads`` are :meth:`input_table` and :meth:`heads`, built once per rollout. Each unit's products are those of
+        :meth:`RNNAgent.step_index` (``baddbmm`` with the bias: on CPU the same bits)."""
+        h = torch.baddbmm(self.gather(index, table), h, self.weight_hh.transpose(1, 2), out=hidden_out).relu_()
         weight, bias = heads
-        out = torch.matmul(hidden, weight) + bias
-        return out[..., :N_ACTIONS], out[..., N_ACTIONS]
-
-    def step_index(self, index: torch.Tensor, h: torch.Tensor, table, heads):
-        """One step of every unit while acting: index [E, B, 2], h [E, B, 256] -> logits, value, h."""
-        h = torch.baddbmm(self.gather(index, table), h, self.weight_hh.transpose(1, 2)).relu_()
-        logits, value = self.readout(h, heads)
-        return logits, value, h
+        out = torch.baddbmm(bias, h, weight, out=heads_out)
+        return out[..., :N_ACTIONS], out[..., N_ACTIONS], h
 
     def sequence_index(self, index: torch.Tensor, state0=None):
         """Teacher-forced sequences of every unit: index [T, E, B, 2] from ``state0`` ((h0 [E, B, 256],); zero state
