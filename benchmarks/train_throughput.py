@@ -18,7 +18,8 @@ Prints one JSON document with:
 - ``dag_build_paper_s``: ``snakemake -n --configfile configs/paper.yaml`` (DAG of the 80-unit study).
 
 FLOP count. ``gflop_per_update`` is counted, not estimated: one update runs under
-``torch.utils.flop_counter.FlopCounterMode`` (plus the in-place ``addmm_``/``baddbmm_`` it does not know), which adds
+``torch.utils.flop_counter.FlopCounterMode`` (plus the in-place ``addmm_``/``baddbmm_`` and the CPU attention kernels it
+does not know), which adds
 2·m·n·k for every matrix product (mm, addmm, bmm, baddbmm, attention) that the update executes, forward and
 backward, both agents. Gathers, elementwise work and the
 environment count zero, so the fraction measures how close an update comes to pure matrix work. For the RNN the
@@ -47,7 +48,7 @@ import time
 from pathlib import Path
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
 from interbrain.checkpoint import save_checkpoint
 from interbrain.config import EnvConfig, make_train_config
@@ -106,11 +107,23 @@ def _inplace_baddbmm_flop(self_shape, a_shape, b_shape, *args, out_shape=None, *
     return 2 * a_shape[0] * a_shape[1] * a_shape[2] * b_shape[2]
 
 
+def _cpu_attention_flop(q_shape, k_shape, v_shape, *args, out_shape=None, **kwargs) -> int:
+    return sdpa_flop_count(q_shape, k_shape, v_shape)
+
+
+def _cpu_attention_backward_flop(grad_shape, q_shape, k_shape, v_shape, *args, out_shape=None, **kwargs) -> int:
+    return sdpa_backward_flop_count(grad_shape, q_shape, k_shape, v_shape)
+
+
 def flop_counter() -> FlopCounterMode:
-    """torch's counter, plus the in-place ``addmm_`` / ``baddbmm_`` it leaves out (the recurrences' weight gradients
-    are accumulated in place)."""
-    return FlopCounterMode(display=False, custom_mapping={torch.ops.aten.addmm_: _inplace_addmm_flop,
-                                                          torch.ops.aten.baddbmm_: _inplace_baddbmm_flop})
+    """torch's counter, plus what it leaves out: the in-place ``addmm_`` / ``baddbmm_`` (the recurrences' weight
+    gradients are accumulated in place) and the CPU kernels of ``scaled_dot_product_attention`` (counted as torch
+    counts its CUDA kernels: the two products QK^T and PV in full, causal or not)."""
+    aten = torch.ops.aten
+    return FlopCounterMode(display=False, custom_mapping={
+        aten.addmm_: _inplace_addmm_flop, aten.baddbmm_: _inplace_baddbmm_flop,
+        aten._scaled_dot_product_flash_attention_for_cpu: _cpu_attention_flop,
+        aten._scaled_dot_product_flash_attention_for_cpu_backward: _cpu_attention_backward_flop})
 
 
 def one_update(tr: Trainer, update: int) -> tuple[float, float]:

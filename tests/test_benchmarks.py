@@ -28,3 +28,18 @@ def test_counted_rnn_flops_match_the_hand_count(preset):
     analytic = bench.rnn_analytic_gflop(epochs, steps=n) * 1e9
     assert analytic == 2 * n * (2 * h * h + 10 * h) * (1 + 3 * epochs) - 2 * n * 2 * h * h
     assert counter.get_total_flops() == pytest.approx(analytic - skipped, rel=2e-3)
+
+
+def test_cpu_attention_is_counted():
+    """The CPU kernels of scaled_dot_product_attention count as the two products QK^T and PV (2·2·B·H·Lq·Lk·d), their
+    backward as torch counts it (five such products: 2.5 times the forward)."""
+    B, H, Lq, Lk, d = 3, 4, 7, 11, 16
+    q = torch.randn(B, H, Lq, d, requires_grad=True)
+    k, v = torch.randn(B, H, Lk, d), torch.randn(B, H, Lk, d)
+    with bench.flop_counter() as counter:
+        out = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+    forward = 2 * 2 * B * H * Lq * Lk * d
+    assert counter.get_total_flops() == forward
+    with bench.flop_counter() as counter:
+        out.sum().backward()
+    assert counter.get_total_flops() == 5 * forward // 2
