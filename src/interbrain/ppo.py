@@ -235,7 +235,7 @@ class StackedKLPenaltyLoss(torch.autograd.Function):
     ``rllib`` learner takes 960 minibatch steps per update, so per-op overhead dominates). Tensors are [T, E, B]
     (logits [T, E, B, 4]); ``kl_coef`` [E]. Returns loss [E] and the detached per-unit statistics of
     :func:`policy_loss` except ``recurrent_norm``/``aux_loss``/``loss``; checked against :func:`policy_loss`'s autograd
-    in float64 (``tests/test_ppo.py``).
+    in float64 (``tests/test_fast_paths.py``).
 
     Per element, with p = softmax(z), l = log p, rho = exp(l_a - old_logp) and N = T·B steps per unit:
       d(-surrogate)/dz = -A·rho·[branch of min(rho A, clip(rho) A) that carries rho] · (onehot(a) - p)
@@ -439,7 +439,7 @@ def _update_rllib_stacked(stack, agents, optimizers, batch: Rollout, cfg: PPOCon
     explorer, unit 1 the chaser; :meth:`Agent.stacked`), each with its own permutations (drawn in RLlib's order: all
     of the explorer's epochs, then the chaser's), loss, KL coefficient and Adam state (one Adam over the stacked
     tensors, elementwise). Used without gradient clipping (the preset's); with ``grad_clip`` set, the agent-by-agent
-    loop runs. Equal to the agent-by-agent loop to float tolerance (``tests/test_ppo.py``)."""
+    loop runs. Equal to the agent-by-agent loop to float tolerance (``tests/test_fast_paths.py``)."""
     order, E = RLLIB_ORDER, len(RLLIB_ORDER)
     unit_agents, unit_opts = [agents[a] for a in order], [optimizers[a] for a in order]
     groups = [{k: v for k, v in o.param_groups[0].items() if k != "params"} for o in unit_opts]
@@ -457,7 +457,7 @@ def _update_rllib_stacked(stack, agents, optimizers, batch: Rollout, cfg: PPOCon
                         joint(lambda a: batch.logits[a])], -1)  # [L, E·S, 7]
     states0 = torch.cat([torch.cat([st[0] for st in batch.seq_states[a]]) for a in order])  # [E·S, 256]
     shift = (torch.arange(E, device=dev) * n_seq).view(E, 1)
-    kl_coef = torch.tensor([kl_coefs[a] for a in order], device=dev)
+    kl_coef = torch.tensor([kl_coefs[a] for a in order], device=dev, dtype=stack.weight_hh.dtype)
     kls, last = [], {}
     for epoch in range(cfg.epochs):
         for idx in zip(*(torch.tensor_split(perms[e][epoch], n_mb) for e in range(E))):

@@ -95,8 +95,8 @@ class Agent(nn.Module):
         """An object that steps this agent (chaser) and ``partner`` (explorer) as one batched call while acting, for
         ``steps`` steps from the zero state, with ``keys`` (:func:`param_key` of both agents when built), ``replays``
         (whether the recorded hidden states may feed :meth:`replay_index`), ``initial_state(B)``,
-        ``step(index [2,B,2], state, hidden_out [2,B,256], heads_out [2,B,5]) -> state`` (the same bits as each agent's
-        :meth:`step_index`) and ``states(state)`` (each agent's own state, for a bootstrap step); or None (the rollout
+        ``step(index [2,B,2], state, hidden_out [2,B,256], heads_out [2,B,5]) -> state`` (on CPU the same bits as each
+        agent's :meth:`step_index`) and ``states(state)`` (each agent's own state, for a bootstrap step); or None (the rollout
         then calls each agent's :meth:`step_index`)."""
         return None
 
@@ -247,8 +247,8 @@ class TwoRowGather(torch.autograd.Function):
 
 class FrobeniusNorm(torch.autograd.Function):
     """||w_e||_F for each matrix of w [E, ...] ([E]): ``torch.linalg.matrix_norm``'s values and gradient w·g/||w||
-    (for a non-zero w) in one node; its generic backward is four times slower, which the ``rllib`` learner's 960
-    minibatch steps per update feel."""
+    (0 for an all-zero w, as there) in one node; its generic backward is four times slower, which the ``rllib``
+    learner's 960 minibatch steps per update feel."""
 
     @staticmethod
     def forward(ctx, w: torch.Tensor) -> torch.Tensor:
@@ -259,7 +259,8 @@ class FrobeniusNorm(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         w, norm = ctx.saved_tensors
-        return w * (grad / norm).view(-1, *([1] * (w.dim() - 1)))
+        scale = torch.where(norm > 0, grad / norm, torch.zeros_like(norm))
+        return w * scale.view(-1, *([1] * (w.dim() - 1)))
 
 
 def gather_index(index: torch.Tensor, table: torch.Tensor) -> torch.Tensor:

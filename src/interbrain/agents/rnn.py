@@ -313,6 +313,13 @@ class RNNPair:
         return [(h[i],) for i in range(len(self.keys))]
 
 
+def _adam_step(step: torch.Tensor, opt: torch.optim.Optimizer, device: torch.device) -> torch.Tensor:
+    """A copy of Adam's step count where ``opt`` keeps it: on the parameters' device for a fused or capturable Adam,
+    else a CPU float32 scalar (``torch.optim.Adam``'s own placement)."""
+    on_device = opt.defaults.get("fused") or opt.defaults.get("capturable")
+    return step.detach().to(device if on_device else "cpu", torch.float32, copy=True)
+
+
 class StackedInputTable(torch.autograd.Function):
     """input_rows [E, 200, H] (W_ih^T per unit), b_ih, b_hh [E, H] -> the units' input tables [E·201, H] (:func:`index_table`
     per unit: own-cell rows plus both biases, partner-cell rows, a zero row), built in place and differentiated in one
@@ -373,7 +380,7 @@ class StackedRNN(nn.Module):
     def load_adam(self, opt: torch.optim.Optimizer, unit_opts: list[torch.optim.Optimizer],
                   agents: list[nn.Module]) -> None:
         """Stack the units' Adam moments into ``opt`` (an Adam over this module's parameters); the units must have
-        taken the same number of steps (or none)."""
+        taken the same number of steps (or none). Copies: later steps of ``opt`` leave the units' state alone."""
         if not any(o.state for o in unit_opts):
             return
         for name, source in self.SOURCES.items():
@@ -382,21 +389,22 @@ class StackedRNN(nn.Module):
             if len(steps) != 1:
                 raise InterbrainError(f"stacked units have taken different numbers of Adam steps: {sorted(steps)}")
             stacked = getattr(self, name)
-            moments = {k: torch.stack([self._layout(name, s[k]) for s in per_unit]).contiguous().to(stacked.device)
+            moments = {k: torch.stack([self._layout(name, s[k]) for s in per_unit]).to(stacked.device)
                        for k in ("exp_avg", "exp_avg_sq")}
-            opt.state[stacked] = {"step": per_unit[0]["step"].clone()} | moments
+            opt.state[stacked] = {"step": _adam_step(per_unit[0]["step"], opt, stacked.device)} | moments
 
     def store_adam(self, opt: torch.optim.Optimizer, unit_opts: list[torch.optim.Optimizer],
                    agents: list[nn.Module]) -> None:
-        """The inverse of :meth:`load_adam`: unit e's slice of ``opt``'s moments into ``unit_opts[e]``."""
+        """The inverse of :meth:`load_adam`: copies of unit e's slice of ``opt``'s moments into ``unit_opts[e]``."""
         for name, source in self.SOURCES.items():
             st = opt.state.get(getattr(self, name))
             if not st:
                 continue
             for e, (o, a) in enumerate(zip(unit_opts, agents)):
                 p = dict(a.named_parameters())[source]
-                o.state[p] = {"step": st["step"].clone().to(p.device)} | {
-                    k: self._layout(name, st[k][e]).contiguous() for k in ("exp_avg", "exp_avg_sq")}
+                o.state[p] = {"step": _adam_step(st["step"], o, p.device)} | {
+                    k: self._layout(name, st[k][e]).clone(memory_format=torch.contiguous_format)
+                    for k in ("exp_avg", "exp_avg_sq")}
 
     def input_table(self) -> torch.Tensor:
         """[E·201, 256]: unit e's :meth:`RNNAgent.input_table` in rows 201 e .. 201 e + 200."""
