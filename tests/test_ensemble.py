@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from interbrain.agents.rnn import ReluRecurrence
+from interbrain.agents.rnn import ReluRNNHeads, StackedReluRNNHeads
 from interbrain.checkpoint import load_checkpoint
 from interbrain.config import make_train_config
 from interbrain.ensemble import EnsembleTrainer, check_ensemble, train_ensemble
@@ -63,24 +63,30 @@ def test_ensemble_equals_each_unit_trained_alone(preset):
 
 
 def test_batched_recurrence_equals_the_per_unit_recurrence():
-    """Forward and all three gradients of ReluRecurrence on E stacked units equal it run unit by unit."""
+    """Forward and all five gradients of StackedReluRNNHeads (the stacked learning pass: recurrence and joint heads, E
+    units, unit-major rows, from given initial states) equal ReluRNNHeads run unit by unit, with a loss on both the
+    heads and the hidden states."""
     g = torch.Generator().manual_seed(0)
-    T, E, B, H = 7, 3, 5, 16
-    pre = torch.randn(T, E, B, H, generator=g, requires_grad=True)
+    T, E, B, H, K = 7, 3, 5, 16, 5
+    pre = torch.randn(E, T, B, H, generator=g, requires_grad=True)
     h0 = torch.randn(E, B, H, generator=g, requires_grad=True)
     w = (torch.randn(E, H, H, generator=g) * 0.3).requires_grad_()
-    weights = torch.randn(T, E, B, H, generator=g)
-    out = ReluRecurrence.apply(pre, h0, w)
-    (out * weights).sum().backward()
+    head_w = torch.randn(E, K, H, generator=g, requires_grad=True)
+    head_b = torch.randn(E, K, generator=g, requires_grad=True)
+    w_hidden, w_heads = torch.randn(E, T, B, H, generator=g), torch.randn(E, T, B, K, generator=g)
+    out, heads = StackedReluRNNHeads.apply(pre.reshape(-1, H), h0, w, head_w, head_b, T)
+    ((out * w_hidden).sum() + (heads.view(E, T, B, K) * w_heads).sum()).backward()
     for e in range(E):
-        p, h, ww = (x.detach()[:, e] if x is pre else x.detach()[e] for x in (pre, h0, w))
-        p.requires_grad_(), h.requires_grad_(), ww.requires_grad_()
-        ref = ReluRecurrence.apply(p, h, ww)
-        (ref * weights[:, e]).sum().backward()
-        assert torch.allclose(out[:, e], ref, atol=1e-5)
-        assert torch.allclose(pre.grad[:, e], p.grad, atol=1e-5)
+        p, h, ww, hw, hb = (x.detach()[e].clone().requires_grad_() for x in (pre, h0, w, head_w, head_b))
+        ref, ref_heads = ReluRNNHeads.apply(p.reshape(-1, H).clone(), h, ww, hw, hb, T, None)
+        ((ref.view(T, B, H) * w_hidden[e]).sum() + (ref_heads.view(T, B, K) * w_heads[e]).sum()).backward()
+        assert torch.allclose(out[e], ref.view(T, B, H), atol=1e-5)
+        assert torch.allclose(heads[e], ref_heads, atol=1e-5)
+        assert torch.allclose(pre.grad[e], p.grad, atol=1e-5)
         assert torch.allclose(h0.grad[e], h.grad, atol=1e-5)
         assert torch.allclose(w.grad[e], ww.grad, atol=1e-4)
+        assert torch.allclose(head_w.grad[e], hw.grad, atol=1e-4)
+        assert torch.allclose(head_b.grad[e], hb.grad, atol=1e-5)
     assert (out == 0).any() and (out > 0).any()  # both ReLU branches exercised
 
 

@@ -9,9 +9,9 @@ Speed (issue 6), with the arithmetic unchanged (up to float summation order wher
   (partner cell), row 200 is zero (partner not shown). The gather's backward is two ``index_add_`` (summation order).
 - :func:`relu_recurrence` runs the recurrence as one in-place ``addmm_`` + ReLU per step; its backward
   (:func:`relu_recurrence_backward`) is one matmul per step (dh_{t-1} = g_t W_hh, accumulated in place) plus a single
-  large matmul for dW_hh = sum_t g_t h_{t-1}^T, instead of autograd's per-step graph. :class:`ReluRecurrence` wraps it
-  (also for E stacked units, the ensemble); :class:`ReluRNNHeads`, the learning pass of one agent, adds the joint heads
-  and computes their gradient inside the step loop (summation order).
+  large matmul for dW_hh = sum_t g_t h_{t-1}^T, instead of autograd's per-step graph. :class:`ReluRNNHeads`, the
+  learning pass of one agent, adds the joint heads and computes their gradient inside the step loop (summation order);
+  :class:`StackedReluRNNHeads` runs the same loops for E stacked units.
 - :class:`RNNPair`: while acting, both agents step as one batched call (same bits as two ``step_index`` calls), and
   the hidden states it records let the first learning epoch skip the recurrence's forward (:meth:`replay_index`).
 - :class:`StackedRNN`: E agents as stacked parameters, one batched product per step for all of them. The ensemble
@@ -43,52 +43,35 @@ def relu_recurrence(pre: torch.Tensor, h0: torch.Tensor, w: torch.Tensor) -> tor
     return pre
 
 
-def relu_recurrence_backward(out: torch.Tensor, h0: torch.Tensor, w: torch.Tensor, grad_at: Callable,
-                             needs_h0: bool, needs_w: bool) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """(dL/dpre, dL/dh0, dL/dW) of :func:`relu_recurrence` given ``grad_at(t, dest)``, which writes dL/dH[t] into
-    ``dest``. Per step, newest first: g[t] = (dL/dH[t] + g[t+1] W) · ReLU'(pre[t]), as an in-place ``addmm_`` and the
-    ReLU mask (0 exactly where the output is 0) applied in place from out[t] (no [T,B,H] mask tensor); then
-    dW = sum_t g_t^T h_{t-1} as one large product over all steps (per unit)."""
+def relu_recurrence_backward(out: torch.Tensor, h0: torch.Tensor, w: torch.Tensor, grad_at: Callable | None,
+                             needs_h0: bool, needs_w: bool,
+                             g: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """(dL/dpre, dL/dh0, dL/dW) of :func:`relu_recurrence`. dL/dH[t] comes from ``grad_at(t, dest)``, which writes it
+    into ``dest`` inside the step loop, or is already in ``g`` (``grad_at`` None; ``g`` then becomes dL/dpre). Per
+    step, newest first: g[t] = (dL/dH[t] + g[t+1] W) · ReLU'(pre[t]), as an in-place ``addmm_`` (``baddbmm_`` for
+    stacked units) and the ReLU mask (0 exactly where the output is 0) applied in place from out[t] (no [T,B,H] mask
+    tensor); then dW = sum_t g_t^T h_{t-1} as one large product over all steps (one unit only: stacked units, whose
+    step-major rows would need copies here, compute it from their own layout, :class:`StackedReluRNNHeads`)."""
     T, H = out.shape[0], out.shape[-1]
     mask = torch.ops.aten.threshold_backward.grad_input
-    g = torch.empty_like(out)
+    if g is None:
+        g = torch.empty_like(out)
     for t in range(T - 1, -1, -1):
         gt = g[t]
-        grad_at(t, gt)
+        if grad_at is not None:
+            grad_at(t, gt)
         if t < T - 1:
             gt.baddbmm_(g[t + 1], w) if w.dim() == 3 else gt.addmm_(g[t + 1], w)
         mask(gt, out[t], 0, grad_input=gt)
     grad_h0 = g[0] @ w if needs_h0 else None
     grad_w = None
     if needs_w:
+        if w.dim() == 3:
+            raise ValueError("relu_recurrence_backward computes dW of one unit only")
         grad_w = g[0].transpose(-1, -2) @ h0
         if T > 1:
-            if w.dim() == 3:
-                E = w.shape[0]
-                grad_w = grad_w.baddbmm_(g[1:].permute(1, 3, 0, 2).reshape(E, H, -1),
-                                         out[:-1].permute(1, 0, 2, 3).reshape(E, -1, H))
-            else:
-                grad_w = grad_w.addmm_(g[1:].reshape(-1, H).t(), out[:-1].reshape(-1, H))
+            grad_w = grad_w.addmm_(g[1:].reshape(-1, H).t(), out[:-1].reshape(-1, H))
     return g, grad_h0, grad_w
-
-
-class ReluRecurrence(torch.autograd.Function):
-    """:func:`relu_recurrence` with its hand-written backward (:func:`relu_recurrence_backward`: one matmul per step
-    plus one large product for dW, instead of autograd's per-step graph). pre [T,B,H], h0 [B,H], w [H,H] -> H [T,B,H];
-    also E independent recurrences at once (:mod:`interbrain.ensemble`): pre [T,E,B,H], h0 [E,B,H], w [E,H,H].
-    ``pre`` is left as it is (the recurrence runs in a copy)."""
-
-    @staticmethod
-    def forward(ctx, pre: torch.Tensor, h0: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        out = relu_recurrence(pre.clone(memory_format=torch.contiguous_format), h0, w)
-        ctx.save_for_backward(out, h0, w)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad_out: torch.Tensor):
-        out, h0, w = ctx.saved_tensors
-        return relu_recurrence_backward(out, h0, w, lambda t, dest: dest.copy_(grad_out[t]),
-                                        ctx.needs_input_grad[1], ctx.needs_input_grad[2])
 
 
 class ReluRNNHeads(torch.autograd.Function):
@@ -152,10 +135,8 @@ class StackedReluRNNHeads(torch.autograd.Function):
         buf = torch.empty(E, steps + 1, B, H, dtype=pre.dtype, device=pre.device)
         buf[:, 0] = h0
         buf[:, 1:] = pre.view(E, steps, B, H)
-        wt = w.transpose(1, 2)
-        for t in range(1, steps + 1):
-            buf[:, t].baddbmm_(buf[:, t - 1], wt).relu_()
         out = buf[:, 1:]
+        relu_recurrence(out.transpose(0, 1), h0, w)  # in place, step by step over the unit-major buffer
         heads = torch.baddbmm(head_b.unsqueeze(1), out.reshape(E, -1, H), head_w.transpose(1, 2))
         ctx.save_for_backward(buf, w, head_w)
         ctx.set_materialize_grads(False)
@@ -173,14 +154,9 @@ class StackedReluRNNHeads(torch.autograd.Function):
             torch.bmm(grad_heads.reshape(E, T * B, -1), head_w, out=g.view(E, T * B, H))
         if grad_hidden is not None:
             g.add_(grad_hidden)
-        mask = torch.ops.aten.threshold_backward.grad_input
-        for t in range(T - 1, -1, -1):
-            gt = g[:, t]
-            if t < T - 1:
-                gt.baddbmm_(g[:, t + 1], w)
-            mask(gt, out[:, t], 0, grad_input=gt)
+        _, grad_h0, _ = relu_recurrence_backward(out.transpose(0, 1), None, w, None, ctx.needs_input_grad[1], False,
+                                                 g=g.transpose(0, 1))
         flat = g.view(E, T * B, H)
-        grad_h0 = torch.bmm(g[:, 0], w) if ctx.needs_input_grad[1] else None
         grad_w = torch.bmm(flat.transpose(1, 2), buf[:, :-1].reshape(E, T * B, H)) if ctx.needs_input_grad[2] else None
         grad_head_w = grad_head_b = None
         if grad_heads is not None:
@@ -414,11 +390,15 @@ class StackedRNN(nn.Module):
         """W_ih x + b_ih + b_hh per unit for observation indices [..., E, B, 2] -> [..., E, B, 256]."""
         return sum_rows(table, (index + self.row_offsets).reshape(-1, 2)).view(*index.shape[:-1], HIDDEN)
 
+    def _joint_heads(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Joint heads per unit (4 logits, then the value): weight [E, 5, 256], bias [E, 5]."""
+        return (torch.cat([self.action_weight, self.value_weight], 1),
+                torch.cat([self.action_bias, self.value_bias], 1))
+
     def heads(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Joint heads per unit: weight^T [E, 256, 5] (4 logits, then the value) and bias [E, 1, 5]."""
-        weight = torch.cat([self.action_weight, self.value_weight], 1).transpose(1, 2)
-        bias = torch.cat([self.action_bias, self.value_bias], 1).unsqueeze(1)
-        return weight, bias
+        """:meth:`_joint_heads` for the acting step's ``baddbmm``: weight^T [E, 256, 5] and bias [E, 1, 5]."""
+        weight, bias = self._joint_heads()
+        return weight.transpose(1, 2), bias.unsqueeze(1)
 
     def step_index(self, index: torch.Tensor, h: torch.Tensor, table, heads, hidden_out: torch.Tensor | None = None,
                    heads_out: torch.Tensor | None = None):
@@ -439,9 +419,7 @@ class StackedRNN(nn.Module):
         rows = index.transpose(0, 1) + self.row_offsets.unsqueeze(1)  # unit-major [E, T, B, 2]
         pre = sum_rows(self.input_table(), rows.reshape(-1, 2))  # [E·T·B, H]
         h0 = pre.new_zeros(E, B, HIDDEN) if state0 is None else state0[0].to(pre.dtype)
-        head_w = torch.cat([self.action_weight, self.value_weight], 1)  # [E, 5, H]
-        head_b = torch.cat([self.action_bias, self.value_bias], 1)  # [E, 5]
-        hidden, heads = StackedReluRNNHeads.apply(pre, h0, self.weight_hh, head_w, head_b, T)
+        hidden, heads = StackedReluRNNHeads.apply(pre, h0, self.weight_hh, *self._joint_heads(), T)
         heads = heads.view(E, T, B, -1).transpose(0, 1)
         return heads[..., :N_ACTIONS], heads[..., N_ACTIONS], hidden.transpose(0, 1)
 
