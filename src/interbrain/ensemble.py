@@ -140,18 +140,6 @@ def _unit_mean(x: torch.Tensor) -> torch.Tensor:
     return x.mean((0, 2))
 
 
-def clip_per_unit(stack: StackedRNN, max_norm: float | None) -> torch.Tensor:
-    """Each unit's global gradient norm over its parameters [E]; with ``max_norm``, scale unit e's gradients by
-    min(1, max_norm / (norm_e + 1e-6)) (``torch.nn.utils.clip_grad_norm_`` per unit)."""
-    grads = [p.grad for p in stack.parameters() if p.grad is not None]
-    norms = torch.stack([g.reshape(g.shape[0], -1).square().sum(1) for g in grads]).sum(0).sqrt()
-    if max_norm is not None:
-        coef = (max_norm / (norms + 1e-6)).clamp(max=1.0)
-        for g in grads:
-            g.mul_(coef.view(-1, *([1] * (g.dim() - 1))))
-    return norms
-
-
 def update_ensemble(stacks: dict[str, StackedRNN], optimizers: dict[str, torch.optim.Optimizer], batch: Rollout,
                     cfg, update: int, E: int, unit_ids: list[str]) -> list[dict]:
     """:func:`interbrain.ppo.update_clipped` for E units: returns each unit's learner stats."""
@@ -175,7 +163,7 @@ def update_ensemble(stacks: dict[str, StackedRNN], optimizers: dict[str, torch.o
                     update, unit_ids)
         total.backward()
         for a in AGENTS:
-            stats[a]["grad_norm"] = clip_per_unit(stacks[a], cfg.grad_clip)
+            stats[a]["grad_norm"] = stacks[a].clip_grad_norms(cfg.grad_clip)
             optimizers[a].step()
     host = {a: {k: v.detach().cpu().tolist() for k, v in stats[a].items()} for a in AGENTS}
     return [{a: {k: float(v[e]) for k, v in host[a].items()} for a in AGENTS} for e in range(E)]

@@ -471,8 +471,7 @@ def _update_rllib_stacked(stack, agents, optimizers, batch: Rollout, cfg: PPOCon
             loss.sum().backward()
             opt.step()
             kls.append(last["approx_kl"])
-    grads = [p.grad for p in stack.parameters() if p.grad is not None]  # the last minibatch's, as the plain loop logs
-    last["grad_norm"] = torch.stack([g.reshape(E, -1).square().sum(1) for g in grads]).sum(0).sqrt()
+    last["grad_norm"] = stack.clip_grad_norms(None)  # the last minibatch's (nothing clipped), as the plain loop logs
     stack.write_to(unit_agents)
     stack.store_adam(opt, unit_opts, unit_agents)
     mean_kl = torch.stack(kls).mean(0).tolist()

@@ -109,8 +109,8 @@ class Agent(nn.Module):
     def stacked(cls, agents: list["Agent"]) -> nn.Module | None:
         """E agents of this architecture as one module of stacked parameters ([E, ...]) whose ``sequence_index`` runs
         all of them at once (index [T, E, B, 2], state0 with [E, B, ...] tensors), with per-unit ([E])
-        ``recurrent_weight_norm``/``input_weight_norm``/``aux_loss``, ``write_to(agents)`` and
-        ``load_adam``/``store_adam`` (see :class:`interbrain.agents.rnn.StackedRNN`); or None (not available)."""
+        ``recurrent_weight_norm``/``input_weight_norm``/``aux_loss``, per-unit ``clip_grad_norms(max_norm)``,
+        ``write_to(agents)`` and ``load_adam``/``store_adam`` (see :class:`interbrain.agents.rnn.StackedRNN`); or None (not available)."""
         return None
 
     def readout(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

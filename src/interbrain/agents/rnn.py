@@ -423,6 +423,17 @@ class StackedRNN(nn.Module):
         heads = heads.view(E, T, B, -1).transpose(0, 1)
         return heads[..., :N_ACTIONS], heads[..., N_ACTIONS], hidden.transpose(0, 1)
 
+    def clip_grad_norms(self, max_norm: float | None) -> torch.Tensor:
+        """Each unit's global gradient norm over its parameters [E]; with ``max_norm``, scale unit e's gradients by
+        min(1, max_norm / (norm_e + 1e-6)) (``torch.nn.utils.clip_grad_norm_`` per unit)."""
+        grads = [p.grad for p in self.parameters() if p.grad is not None]
+        norms = torch.stack([g.reshape(g.shape[0], -1).square().sum(1) for g in grads]).sum(0).sqrt()
+        if max_norm is not None:
+            coef = (max_norm / (norms + 1e-6)).clamp(max=1.0)
+            for g in grads:
+                g.mul_(coef.view(-1, *([1] * (g.dim() - 1))))
+        return norms
+
     def recurrent_weight_norm(self) -> torch.Tensor:
         return FrobeniusNorm.apply(self.weight_hh)  # [E]
 
