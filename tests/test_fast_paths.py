@@ -97,7 +97,7 @@ def test_rnn_pair_step_is_bitwise_the_two_agents_own_steps():
     with torch.no_grad():
         for t in range(12):
             index = torch.stack([random_index(1, B, seed=10 * t + i)[0] for i in range(2)])
-            h = pair.step(index, h, hidden[t], heads[t])
+            h = pair.step(index + pair.row_offsets, h, hidden[t], heads[t])  # as observation_index(offsets=) gives it
             for i, agent in enumerate(agents):
                 logits, value, h_i, states[i] = agent.step_index(index[i], states[i])
                 assert torch.equal(hidden[t, i], h_i) and torch.equal(h[i], h_i)
@@ -263,6 +263,102 @@ def test_core_step_equals_the_full_step(visibility):
                      ("chaser_new_field", c.new_field[0]), ("explorer_new_field", c.new_field[1])):
             assert torch.equal(getattr(info, k), v), k
         assert torch.equal(full.chaser_pos, core.chaser_pos) and torch.equal(full.explorer_pos, core.explorer_pos)
+
+
+def _move_settle_vs_step_core(cfg, B, episodes=None, seed=3):
+    """T moves then one settle against step_core step by step, from the same spawns and actions."""
+    core, lazy = ChaseEnv(cfg, B, episodes=episodes), ChaseEnv(cfg, B, episodes=episodes)
+    core.reset(torch.Generator().manual_seed(seed + 1))
+    lazy.reset(torch.Generator().manual_seed(seed + 1))
+    T = cfg.horizon
+    actions = torch.randint(0, 4, (T, 2, B), generator=torch.Generator().manual_seed(seed))
+    pairs = torch.empty(T + 1, B, dtype=torch.long)
+    pairs[0] = lazy.pair
+    steps, obs, fov_post = [], [], []
+    for t in range(T):
+        assert torch.equal(lazy.observation_index(), core.observation_index())
+        obs.append(core.observation_index())
+        steps.append(core.step_core(actions[t, 0], actions[t, 1]))
+        fov_post.append(core.fov())
+        assert lazy.move(actions[t], pairs[t + 1]).data_ptr() == pairs[t + 1].data_ptr()  # written in place
+        assert torch.equal(lazy.pair, core.pair) and lazy.t == core.t
+    settled = lazy.settle(pairs, actions)
+    for i, name in enumerate(settled._fields):
+        assert torch.equal(settled[i], torch.stack([s[i] for s in steps])), name
+    assert torch.equal(lazy.visited, core.visited) and torch.equal(lazy.cells, core.cells)
+    assert torch.equal(lazy.chaser_pos, core.chaser_pos) and torch.equal(lazy.explorer_pos, core.explorer_pos)
+    assert torch.equal(lazy.observation_index(pairs[:-1]), torch.stack(obs, 1))  # agent-major [2, T, B, 2]
+    assert torch.equal(lazy.fov(pairs[1:]), torch.stack(fov_post))
+    return settled
+
+
+@pytest.mark.parametrize("visibility", ["partial", "full", "none"])
+@pytest.mark.parametrize("task", ["social", "non_social"])
+def test_move_then_settle_equals_the_core_step_by_step(task, visibility):
+    """The rollout's environment path (issue 6): only the moves inside the loop (``move``), rewards, collisions, new
+    fields and visited cells for the whole rollout afterwards (``settle``); the same values as ``step_core`` step by
+    step, which ``test_core_step_equals_the_full_step`` ties to the full step and test_env to the scalar reference."""
+    settled = _move_settle_vs_step_core(EnvConfig(task=task, visibility=visibility), 64)
+    assert settled.collision.any() and settled.new_field.any() and (~settled.new_field).any()
+
+
+def test_move_then_settle_with_per_episode_configs():
+    combos = [("social", "partial"), ("non_social", "none"), ("mutual", "full"), ("social_alt", "partial")]
+    episodes = [EnvConfig(task=combos[i % 4][0], visibility=combos[i % 4][1]) for i in range(32)]
+    _move_settle_vs_step_core(EnvConfig(), 32, episodes=episodes, seed=5)
+
+
+def test_settle_new_field_and_rewards_by_hand():
+    """One scripted episode: the chaser spawns on (0,0) and goes right, left, right, up (a wall bump): only its first
+    move lands on a new cell. The explorer spawns on (5,5) and goes down, down, up, up: new, new, then (6,5) and its
+    spawn cell again, both visited. Social rewards (SPEC §2): chaser 0.1, then -0.1 x3; explorer 1, 1, -0.5, -0.5."""
+    env = ChaseEnv(EnvConfig(task="social", visibility="full", horizon=4), 1)
+    env.reset(None, chaser_pos=torch.tensor([[0, 0]]), explorer_pos=torch.tensor([[5, 5]]))
+    actions = torch.tensor([[1, 2], [3, 2], [1, 0], [0, 0]]).view(4, 2, 1)  # (chaser, explorer) per step
+    pairs = torch.empty(5, 1, dtype=torch.long)
+    pairs[0] = env.pair
+    for t in range(4):
+        env.move(actions[t], pairs[t + 1])
+    cells = [(p // 100, p % 100) for p in pairs.view(-1).tolist()]
+    assert cells == [(0, 55), (1, 65), (0, 75), (1, 65), (1, 55)]
+    settled = env.settle(pairs, actions)
+    assert settled.new_field[:, 0, 0].tolist() == [True, False, False, False]
+    assert settled.new_field[:, 1, 0].tolist() == [True, True, False, False]
+    assert settled.rewards[:, 0, 0].tolist() == pytest.approx([0.1, -0.1, -0.1, -0.1])
+    assert settled.rewards[:, 1, 0].tolist() == pytest.approx([1.0, 1.0, -0.5, -0.5])
+    assert not settled.collision.any() and not settled.blocked.any()
+    assert env.visited[0, 0].nonzero().view(-1).tolist() == [0, 1]
+    assert env.visited[1, 0].nonzero().view(-1).tolist() == [55, 65, 75]
+
+
+def test_stale_environment_refuses_reads_until_settled():
+    env = ChaseEnv(EnvConfig(), 4)
+    env.reset(torch.Generator().manual_seed(0))
+    pairs = torch.empty(3, 4, dtype=torch.long)
+    pairs[0] = env.pair
+    actions = torch.zeros(2, 2, 4, dtype=torch.long)
+    env.move(actions[0], pairs[1])
+    for read in (lambda: env.chaser_pos, lambda: env.explorer_visited,
+                 lambda: env.step_core(actions[0, 0], actions[0, 1]), lambda: env.step(actions[0, 0], actions[0, 1])):
+        with pytest.raises(InterbrainError, match="without settle"):
+            read()
+    env.move(actions[1], pairs[2])
+    with pytest.raises(InterbrainError, match="settle needs"):
+        env.settle(pairs[:2], actions[:1])  # one move short
+    env.settle(pairs, actions)
+    assert env.chaser_pos.shape == (4, 2)
+    with pytest.raises(InterbrainError, match="settle needs"):
+        env.settle(pairs, actions)  # nothing moved since
+
+
+def test_observation_index_with_offsets():
+    """observation_index(offsets=) is the index plus the offsets, contiguous; the table follows the offsets' values."""
+    env = ChaseEnv(EnvConfig(visibility="partial"), 16)
+    env.reset(torch.Generator().manual_seed(2))
+    for offsets in (torch.tensor([0, 100, 201, 301]).view(2, 1, 2), torch.tensor([5, 6, 7, 8]).view(2, 1, 2)):
+        for _ in range(2):  # the second call reads the table cached by identity
+            got = env.observation_index(offsets=offsets)
+            assert got.is_contiguous() and torch.equal(got, env.observation_index() + offsets)
 
 
 @torch.no_grad()

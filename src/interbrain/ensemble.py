@@ -41,8 +41,8 @@ from interbrain.env import ChaseEnv
 from interbrain.errors import InterbrainError, NonFiniteError
 from interbrain.io import append_jsonl, ensure_dir
 from interbrain.provenance import now, resolve_device
-from interbrain.ppo import (AGENTS, EVENT_KEYS, Z_SAMPLE_EVERY, Rollout, act_and_step, advantages_and_returns,
-                            check_finite, gumbel_noise, policy_loss, rollout_metrics)
+from interbrain.ppo import (AGENTS, EVENT_KEYS, Z_SAMPLE_EVERY, Rollout, act_and_move, advantages_and_returns,
+                            check_finite, gumbel_noise, policy_loss, rollout_metrics, settle_rollout)
 
 ENSEMBLE_ARCHS = ("rnn",)
 
@@ -94,25 +94,24 @@ def collect_ensemble_rollout(env: ChaseEnv, spawn_envs: list[ChaseEnv], stacks: 
     T, dev = env.config.horizon, env.device
     noise = torch.stack([torch.stack([gumbel_noise((T, B, 4), action_gens[e][a], dev) for e in range(E)], 1)
                          for a in AGENTS], 1).view(T, 2, E * B, 4)
-    obs_index = torch.empty(T, 2, E * B, 2, dtype=torch.long, device=dev)
     logits = torch.empty(T, 2, E * B, 4, device=dev)
     values = torch.empty(T, 2, E * B, device=dev)
     actions = torch.empty(T, 2, E * B, dtype=torch.long, device=dev)
-    rewards = torch.empty(T, 2, E * B, device=dev)
-    events = torch.empty(len(EVENT_KEYS), T, E * B, dtype=torch.bool, device=dev)
+    pairs = torch.empty(T + 1, E * B, dtype=torch.long, device=dev)
+    pairs[0] = env.pair
     tables = {a: stacks[a].input_table() for a in AGENTS}
     heads = {a: stacks[a].heads() for a in AGENTS}
     h = {a: torch.zeros(E, B, HIDDEN, device=dev) for a in AGENTS}
     z_hidden = {a: [] for a in AGENTS}
     for t in range(T):
         index = env.observation_index()
-        obs_index[t] = index
         for i, a in enumerate(AGENTS):
             lg, v, h[a] = stacks[a].step_index(index[i].view(E, B, 2), h[a], tables[a], heads[a])
             logits[t, i], values[t, i] = lg.view(E * B, 4), v.view(E * B)
             if t % Z_SAMPLE_EVERY == 0:
                 z_hidden[a].append(h[a])
-        act_and_step(env, t, logits, noise, actions, rewards, events)
+        act_and_move(env, t, logits, noise, actions, pairs)
+    obs_index, rewards, events = settle_rollout(env, pairs, actions)
     logp = torch.log_softmax(logits, -1).gather(-1, actions[..., None]).squeeze(-1)
     z_norm = {}
     for a in AGENTS:
@@ -121,8 +120,8 @@ def collect_ensemble_rollout(env: ChaseEnv, spawn_envs: list[ChaseEnv], stacks: 
         z_norm[a] = torch.matmul(torch.matmul(hs, w.transpose(1, 2)), w).norm(dim=-1).view(-1, E * B)
     done = (torch.arange(T, device=dev) + 1 >= T)[:, None].expand(T, E * B)
     per_agent = lambda joint: {a: joint[:, i] for i, a in enumerate(AGENTS)}  # noqa: E731
-    return Rollout(per_agent(obs_index), per_agent(actions), per_agent(logp), per_agent(logits), per_agent(values),
-                   per_agent(rewards), done, dict(zip(EVENT_KEYS, events)), env.distance(), z_norm)
+    return Rollout(dict(zip(AGENTS, obs_index)), per_agent(actions), per_agent(logp), per_agent(logits),
+                   per_agent(values), per_agent(rewards), done, dict(zip(EVENT_KEYS, events)), env.distance(), z_norm)
 
 
 def unit_rollout(batch: Rollout, e: int, B: int) -> Rollout:

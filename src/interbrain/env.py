@@ -72,7 +72,8 @@ class StepInfo:
 
 
 class CoreStep(NamedTuple):
-    """What the training step returns (:meth:`ChaseEnv.step_core`); row 0 the chaser, row 1 the explorer."""
+    """What the training step returns (:meth:`ChaseEnv.step_core`); row 0 the chaser, row 1 the explorer. From
+    :meth:`ChaseEnv.settle`, every field has a leading time axis [T, ...]."""
 
     rewards: Tensor  # float [2, B]
     collision: Tensor  # bool [B], the shared collision flag
@@ -168,8 +169,11 @@ def _device_tables(device: torch.device) -> tuple:
     hit = _DEVICE_TABLES.get(device)
     if hit is None:
         t = _tables()
-        hit = _DEVICE_TABLES[device] = tuple(t[k].to(device) for k in ("sq_dist", "in_fov", "row_col", "transition",
-                                                                         "partner_shown"))
+        t["partner_shown"] = t["partner_shown"].permute(2, 0, 1, 3).reshape(2, -1, 2).contiguous()  # [2, 30,000, 2]
+        hit = tuple(t[k].to(device) for k in ("sq_dist", "in_fov", "row_col", "transition", "partner_shown"))
+        flags = (hit[3][:, 2] + 2 * hit[3][:, 3] + 2 * hit[3][:, 4]).to(torch.uint8)  # bits: blocked c, e; collision
+        # the next pair alone (move) and the flags as one byte (settle): small tables, for the rollout's lookups
+        hit = _DEVICE_TABLES[device] = hit + (hit[3][:, 5].contiguous(), flags)
     return hit
 
 
@@ -202,16 +206,24 @@ class ChaseEnv:
         self._reward_table = _reward_rows(config.task).to(self.device)[:, None, :].expand(2, batch, 4)
         if episodes is not None:
             self._set_episodes(config, episodes)
-        self._sq_dist, self._in_fov, self._row_col, self._transition, shown = _device_tables(self.device)
-        # observation indices by row 10,000 · visibility mode + pair; each episode reads its mode's block
-        self._obs_rows = shown.view(-1, 2, 2)
-        mode = self._episode_modes if episodes is not None else VISIBILITY_MODES.index(self.visibility)
-        self._obs_offset = torch.as_tensor(mode, device=self.device) * N_CELLS * N_CELLS
+        self._sq_dist, self._in_fov, self._row_col, self._transition, shown, self._next_pair, self._step_flags = \
+            _device_tables(self.device)
+        # observation indices, agent-major [2, rows, 2], by row 10,000 · visibility mode + pair; each episode reads
+        # its mode's block (one mode for the whole batch: its block alone, offset None)
+        if episodes is not None:
+            self._obs_rows = shown
+            self._obs_offset = torch.as_tensor(self._episode_modes, device=self.device) * N_CELLS * N_CELLS
+        else:
+            mode = VISIBILITY_MODES.index(self.visibility)
+            block = shown[:, mode * N_CELLS * N_CELLS:(mode + 1) * N_CELLS * N_CELLS]
+            self._obs_rows, self._obs_offset = block.contiguous(), None
         self._visited_offset = (torch.arange(2 * batch, device=self.device) * N_CELLS).view(2, batch)
         self.cells: Tensor | None = None  # long [2, B]: chaser, explorer flat cells
         self.pair: Tensor | None = None  # long [B]: 100 · chaser cell + explorer cell
         self.visited: Tensor | None = None
         self.t = 0
+        self._moved_since = None  # step count at the first move() not yet settled (cells and visited are stale)
+        self._offset_tables: dict = {}  # offsets -> observation table (observation_index(offsets=)); "last" -> both
 
     def _set_episodes(self, config: EnvConfig, episodes: list[EnvConfig]) -> None:
         if len(episodes) != self.batch:
@@ -227,18 +239,22 @@ class ChaseEnv:
 
     @property
     def chaser_pos(self) -> Tensor | None:
+        self._require_settled()
         return None if self.cells is None else self._row_col[self.cells[0]]
 
     @property
     def explorer_pos(self) -> Tensor | None:
+        self._require_settled()
         return None if self.cells is None else self._row_col[self.cells[1]]
 
     @property
     def chaser_visited(self) -> Tensor | None:
+        self._require_settled()
         return None if self.visited is None else self.visited[0]
 
     @property
     def explorer_visited(self) -> Tensor | None:
+        self._require_settled()
         return None if self.visited is None else self.visited[1]
 
     # --- reset -----------------------------------------------------------------------------------
@@ -279,6 +295,7 @@ class ChaseEnv:
         self.visited = torch.zeros(2, B, N_CELLS, dtype=torch.bool, device=self.device)
         self.visited.scatter_(2, self.cells.unsqueeze(2), True)
         self.t = 0
+        self._moved_since = None
 
     def _check_positions(self, key: str, pos) -> Tensor:
         pos = torch.as_tensor(pos).detach().cpu()
@@ -296,15 +313,21 @@ class ChaseEnv:
         if self.cells is None:
             raise InterbrainError("the environment has not been reset; call reset(generator) first")
 
+    def _require_settled(self) -> None:
+        if self._moved_since is not None:
+            raise InterbrainError(f"the environment has moved since step {self._moved_since} without settle(); "
+                                  "its cells and visited fields are stale")
+
     # --- state readouts --------------------------------------------------------------------------
     @property
     def done(self) -> bool:
         return self.t >= self.horizon
 
-    def fov(self) -> Tensor:
-        """Physical field of view on s_t (SPEC §1.3): Chebyshev distance <= 3; symmetric; independent of visibility."""
+    def fov(self, pairs: Tensor | None = None) -> Tensor:
+        """Physical field of view on s_t (SPEC §1.3): Chebyshev distance <= 3; symmetric; independent of visibility.
+        Of recorded ``pairs`` (long [..., B], as :meth:`move` writes them) instead of s_t when given."""
         self._require_state()
-        return self._in_fov[self.pair]
+        return self._in_fov[self.pair if pairs is None else pairs]
 
     def distance(self) -> Tensor:
         """Euclidean distance between the agents' cells on s_t, float32 [B]."""
@@ -320,12 +343,34 @@ class ChaseEnv:
         chaser_obs, explorer_obs = obs_from_index(self.observation_index())
         return chaser_obs, explorer_obs
 
-    def observation_index(self) -> Tensor:
+    def observation_index(self, pairs: Tensor | None = None, offsets: Tensor | None = None) -> Tensor:
         """Both agents' observations as indices, long [2, B, 2]: ``[agent][episode] = (own cell, partner cell or
-        NOT_VISIBLE)`` with agent 0 the chaser; :func:`obs_from_index` turns it into the float observation."""
+        NOT_VISIBLE)`` with agent 0 the chaser; :func:`obs_from_index` turns it into the float observation. Of
+        recorded ``pairs`` (long [..., B], as :meth:`move` writes them) instead of s_t when given: [2, ..., B, 2].
+        Contiguous: one row lookup per episode (and step) in the table of its visibility mode.
+
+        ``offsets`` (long, broadcastable to [2, 1, 2]) are added to the index, from a table built once per offsets
+        value: a batched pair step's rows in its stacked input table (:class:`~interbrain.agents.rnn.RNNPair`)."""
         self._require_state()
-        # one row lookup per episode in the table of its visibility mode; [B, agent, 2] -> [agent, B, 2] (a view)
-        return self._obs_rows[self.pair + self._obs_offset].transpose(0, 1)
+        pairs = self.pair if pairs is None else pairs
+        at = pairs if self._obs_offset is None else pairs + self._obs_offset
+        table = self._obs_rows if offsets is None else self._offset_obs_rows(offsets)
+        if at.dim() == 1:  # s_t: the rollout loop's call
+            return torch.index_select(table, 1, at)
+        return torch.index_select(table, 1, at.reshape(-1)).view(2, *at.shape, 2)
+
+    def _offset_obs_rows(self, offsets: Tensor) -> Tensor:
+        """The observation table plus ``offsets``, cached by value (and the last one by identity: no host read per
+        step)."""
+        last = self._offset_tables.get("last")
+        if last is not None and last[0] is offsets:
+            return last[1]
+        key = tuple(offsets.flatten().tolist())
+        table = self._offset_tables.get(key)
+        if table is None:
+            table = self._offset_tables[key] = (self._obs_rows + offsets.view(2, 1, 2)).contiguous()
+        self._offset_tables["last"] = (offsets, table)
+        return table
 
     # --- step ------------------------------------------------------------------------------------
     def _check_actions(self, chaser_action: Tensor, explorer_action: Tensor) -> tuple[Tensor, Tensor]:
@@ -356,6 +401,7 @@ class ChaseEnv:
         ``done`` stays True.
         """
         self._require_state()
+        self._require_settled()
         ca, ea = self._check_actions(chaser_action, explorer_action)
         if self.done:
             return self._inert_info()
@@ -392,7 +438,50 @@ class ChaseEnv:
         """The training path of :meth:`step`: the same transition, returning only the :class:`CoreStep` flags. Actions
         are trusted (long [B] on the device, ids 0..3, as sampled by the learner): no checks, no host
         synchronisation. Must not be called after ``done``."""
+        self._require_settled()
         return self._advance(chaser_action, explorer_action)
+
+    def move(self, actions: Tensor, out: Tensor) -> Tensor:
+        """The rollout loop's step (issue 6): steps 1-3 of SPEC §1.2 and the step count only, as one row lookup of the
+        next pair; no rewards, events or visited fields. ``actions`` long [2, B] (chaser, explorer; trusted, as for
+        :meth:`step_core`); the new pair (100 · chaser cell + explorer cell, long [B]) is written into ``out`` and
+        becomes s_{t+1}. The caller keeps the pairs and actions of every move and hands them to :meth:`settle`, which
+        computes the rest at once; until then the cells and visited fields are stale (reading them raises)."""
+        code = torch.add(torch.add(actions[1], actions[0], alpha=N_ACTIONS), self.pair, alpha=N_ACTIONS * N_ACTIONS)
+        if self._moved_since is None:
+            self._moved_since = self.t
+        self.pair = torch.index_select(self._next_pair, 0, code, out=out)
+        self.t += 1
+        return out
+
+    def settle(self, pairs: Tensor, actions: Tensor) -> CoreStep:
+        """After T :meth:`move` calls from s_t0: ``pairs`` long [T+1, B] (s_t0's pair, then each move's ``out``) and
+        ``actions`` long [T, 2, B] -> the :class:`CoreStep` of every move, each field [T, ...], the same values
+        :meth:`step_core` would have returned step by step; the cells and visited fields are brought up to date.
+
+        New field (SPEC §1.2 step 4): an agent's landing cell is new iff it stands there for the first time, counting
+        the cells visited before t0 as time 0 (a blocked or bumped agent stays on a visited cell)."""
+        self._require_state()
+        T, B = actions.shape[0], self.batch
+        if self._moved_since is None or self.t - self._moved_since != T or tuple(pairs.shape) != (T + 1, B):
+            raise InterbrainError(f"settle needs the pairs [T+1, {B}] and actions [T, 2, {B}] of the {self.t} - "
+                                  f"{self._moved_since} moves since the last settle; got pairs {list(pairs.shape)}, "
+                                  f"actions {list(actions.shape)}")
+        code = torch.add(torch.add(actions[:, 1], actions[:, 0], alpha=N_ACTIONS), pairs[:-1],
+                         alpha=N_ACTIONS * N_ACTIONS)
+        bits = self._step_flags[code]  # [T, B]: chaser blocked, explorer blocked, collision (1, 2, 4)
+        flags = (bits.unsqueeze(0) & torch.tensor([1, 2, 4], dtype=torch.uint8, device=self.device).view(3, 1, 1)) > 0
+        landing = torch.stack([pairs[1:] // N_CELLS, pairs[1:] % N_CELLS]).transpose(1, 2)  # [2, B, T]: c', e'
+        step = torch.arange(1, T + 1, device=self.device).expand(2, B, T)
+        first = torch.where(self.visited, 0, T + 1)  # [2, B, 100]: the first step on each cell (0: before t0)
+        first.scatter_reduce_(2, landing, step, reduce="amin")
+        new_field = (first.gather(2, landing) == step).permute(2, 0, 1)  # [T, 2, B]
+        self.visited.copy_(first <= T)
+        code = torch.add(new_field.long(), flags[2].unsqueeze(1), alpha=2)  # new_field + 2 · collision, [T, 2, B]
+        rewards = self._reward_table.unsqueeze(0).expand(T, -1, -1, -1).gather(3, code.unsqueeze(3)).squeeze(3)
+        self.cells = landing[:, :, -1]
+        self._moved_since = None
+        return CoreStep(rewards, flags[2], flags[:2].transpose(0, 1), new_field)
 
     def _advance(self, ca: Tensor, ea: Tensor) -> CoreStep:
         """Steps 1-4 and 7 of SPEC §1.2 plus the rewards; moves the agents and returns the core flags."""

@@ -35,7 +35,7 @@ Z_SAMPLE_EVERY = 10  # ||z_t|| is logged on every 10th step (SPEC §4.6)
 class Rollout:
     """Time-major buffers of one update's episodes. ``obs_index[a]`` is [T,B,2] (own cell, partner cell or 100 = not
     shown; :func:`interbrain.env.obs_from_index` gives the float observation); the rest [T,B] unless noted. The
-    per-agent tensors are views of joint [T, 2, B, ...] buffers (chaser 0, explorer 1)."""
+    per-agent tensors are views of joint [T, 2, B, ...] buffers (chaser 0, explorer 1; ``obs_index``: [2, T, B, 2])."""
 
     obs_index: dict[str, torch.Tensor]
     actions: dict[str, torch.Tensor]
@@ -57,7 +57,7 @@ def gumbel_noise(shape: tuple, generator: torch.Generator, device: torch.device)
     """Gumbel(0, 1) noise from a dedicated generator; drawing [T, ...] at once consumes the generator's stream exactly
     as T draws of [...] would, so a rollout's actions do not depend on how the noise is batched."""
     u = torch.rand(shape, generator=generator, device=device)
-    return -torch.log(-torch.log(u.clamp_min(1e-20)))
+    return u.clamp_min_(1e-20).log_().neg_().log_().neg_()  # -log(-log(u)), in place
 
 
 def sample_actions(logits: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -68,15 +68,20 @@ def sample_actions(logits: torch.Tensor, generator: torch.Generator) -> torch.Te
 EVENT_KEYS = ("collision", "chaser_new_field", "explorer_new_field", "fov_post")  # rows of a rollout's events buffer
 
 
-def act_and_step(env: ChaseEnv, t: int, logits, noise, actions, rewards, events) -> None:
+def act_and_move(env: ChaseEnv, t: int, logits, noise, actions, pairs) -> None:
     """Step t of a rollout, after both agents wrote ``logits[t]`` [2,B,4]: Gumbel-max actions from the pre-drawn
-    ``noise[t]``, the environment's core step, and its rewards and events (:data:`EVENT_KEYS`) into the buffers."""
-    torch.argmax(logits[t] + noise[t], dim=-1, out=actions[t])
-    core = env.step_core(actions[t, 0], actions[t, 1])
-    rewards[t] = core.rewards
-    events[0, t] = core.collision
-    events[1:3, t] = core.new_field
-    events[3, t] = env.fov()
+    ``noise[t]`` into ``actions[t]``, and the environment's move (:meth:`ChaseEnv.move`) into ``pairs[t + 1]``. The
+    rewards and events of the whole rollout come afterwards from :func:`settle_rollout`."""
+    torch.argmax(torch.add(logits[t], noise[t]), dim=-1, out=actions[t])
+    env.move(actions[t], pairs[t + 1])
+
+
+def settle_rollout(env: ChaseEnv, pairs: torch.Tensor, actions: torch.Tensor):
+    """After a rollout's moves: (observation index [2,T,B,2] (agent-major), rewards [T,2,B], events [4,T,B] in
+    :data:`EVENT_KEYS` order) from the visited pairs [T+1,B] and the actions [T,2,B] (:meth:`ChaseEnv.settle`)."""
+    core = env.settle(pairs, actions)
+    events = torch.stack([core.collision, core.new_field[:, 0], core.new_field[:, 1], env.fov(pairs[1:])])
+    return env.observation_index(pairs[:-1]), core.rewards, events
 
 
 def _per_agent(joint: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -90,26 +95,24 @@ def collect_rollout(env: ChaseEnv, agents: dict[str, Agent], env_gen: torch.Gene
     """Play one update's ``num_envs`` episodes. Per step: the observation index of both agents, the agents' step
     (chaser first: each agent's ``step_index``, or both as one batched call when the chaser offers a
     :meth:`~interbrain.agents.base.Agent.pair_with` step), Gumbel-max actions from noise drawn up front, and the
-    environment's core step, all written into preallocated joint buffers; log-probabilities and ||z|| samples are
-    computed once afterwards. A pair step that replays also records the hidden states for the first learning epoch."""
+    environment's move, all written into preallocated joint buffers; the rewards, events, observation record,
+    log-probabilities and ||z|| samples are computed once afterwards. A pair step that replays also records the hidden
+    states for the first learning epoch."""
     env.reset(env_gen)
-    T, B, dev = env.config.horizon, env.batch, env.chaser_pos.device
+    T, B, dev = env.config.horizon, env.batch, env.device
     noise = torch.stack([gumbel_noise((T, B, 4), action_gens[a], dev) for a in AGENTS], 1)  # [T,2,B,4]
-    obs_index = torch.empty(T, 2, B, 2, dtype=torch.long, device=dev)
     heads = torch.empty(T, 2, B, N_ACTIONS + 1, device=dev)  # the joint heads: 4 logits, then the value
     logits, values = heads[..., :N_ACTIONS], heads[..., N_ACTIONS]
     actions = torch.empty(T, 2, B, dtype=torch.long, device=dev)
-    rewards = torch.empty(T, 2, B, device=dev)
-    events = torch.empty(len(EVENT_KEYS), T, B, dtype=torch.bool, device=dev)
+    pairs = torch.empty(T + 1, B, dtype=torch.long, device=dev)  # s_0 .. s_T as 100 · chaser cell + explorer cell
+    pairs[0] = env.pair
     pair = agents[AGENTS[0]].pair_with(agents[AGENTS[1]], T) if seq_len is None else None
     if pair is not None:
         hidden = torch.empty(2, T, B, HIDDEN, device=dev)  # agent-major: each agent's [T,B,256] is contiguous
-        h = pair.initial_state(B)
+        h, offsets = pair.initial_state(B), pair.row_offsets
         for t in range(T):
-            index = env.observation_index()
-            obs_index[t] = index
-            h = pair.step(index, h, hidden[:, t], heads[t])
-            act_and_step(env, t, logits, noise, actions, rewards, events)
+            h = pair.step(env.observation_index(offsets=offsets), h, hidden[:, t], heads[t])
+            act_and_move(env, t, logits, noise, actions, pairs)
         z_hidden = {a: hidden[i, ::Z_SAMPLE_EVERY].reshape(-1, HIDDEN) for i, a in enumerate(AGENTS)}
         states = dict(zip(AGENTS, pair.states(h)))
         replay = {a: (key, hidden[i]) for i, (a, key) in enumerate(zip(AGENTS, pair.keys))} if pair.replays else {}
@@ -120,7 +123,6 @@ def collect_rollout(env: ChaseEnv, agents: dict[str, Agent], env_gen: torch.Gene
         seq_states = {a: [] for a in AGENTS}
         for t in range(T):
             index = env.observation_index()
-            obs_index[t] = index
             if seq_len is not None and t % seq_len == 0:
                 for a in AGENTS:
                     seq_states[a].append(tuple(s.clone() if torch.is_tensor(s) else s for s in states[a]))
@@ -128,9 +130,10 @@ def collect_rollout(env: ChaseEnv, agents: dict[str, Agent], env_gen: torch.Gene
                 logits[t, i], values[t, i], h, states[a] = agents[a].step_index(index[i], states[a])
                 if t % Z_SAMPLE_EVERY == 0:
                     z_list[a].append(h)
-            act_and_step(env, t, logits, noise, actions, rewards, events)
+            act_and_move(env, t, logits, noise, actions, pairs)
         z_hidden = {a: torch.cat(z_list[a]) for a in AGENTS}
         replay = {}
+    obs_index, rewards, events = settle_rollout(env, pairs, actions)
     boot = {}
     if bootstrap:
         index = env.observation_index()
@@ -142,9 +145,9 @@ def collect_rollout(env: ChaseEnv, agents: dict[str, Agent], env_gen: torch.Gene
         w = agents[a].action_head.weight
         z_norm[a] = ((z_hidden[a] @ w.t()) @ w).norm(dim=-1)
     done = (torch.arange(T, device=dev) + 1 >= T)[:, None].expand(T, B)  # the shared time limit ends every episode
-    return Rollout(_per_agent(obs_index), _per_agent(actions), _per_agent(logp), _per_agent(logits), _per_agent(values),
-                   _per_agent(rewards), done, dict(zip(EVENT_KEYS, events)), env.distance(), z_norm, seq_states, boot,
-                   replay)
+    return Rollout(dict(zip(AGENTS, obs_index)), _per_agent(actions), _per_agent(logp), _per_agent(logits),
+                   _per_agent(values), _per_agent(rewards), done, dict(zip(EVENT_KEYS, events)), env.distance(), z_norm,
+                   seq_states, boot, replay)
 
 
 # ------------------------------------------------------------------------------------------------ GAE

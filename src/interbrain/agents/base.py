@@ -94,10 +94,11 @@ class Agent(nn.Module):
     def pair_with(self, partner: "Agent", steps: int):
         """An object that steps this agent (chaser) and ``partner`` (explorer) as one batched call while acting, for
         ``steps`` steps from the zero state, with ``keys`` (:func:`param_key` of both agents when built), ``replays``
-        (whether the recorded hidden states may feed :meth:`replay_index`), ``initial_state(B)``,
-        ``step(index [2,B,2], state, hidden_out [2,B,256], heads_out [2,B,5]) -> state`` (on CPU the same bits as each
-        agent's :meth:`step_index`) and ``states(state)`` (each agent's own state, for a bootstrap step); or None (the rollout
-        then calls each agent's :meth:`step_index`)."""
+        (whether the recorded hidden states may feed :meth:`replay_index`), ``row_offsets`` (None, or long [2, 1, 2]
+        that the rollout adds to the observation index it hands to ``step``: ``ChaseEnv.observation_index(offsets=)``),
+        ``initial_state(B)``, ``step(index [2,B,2], state, hidden_out [2,B,256], heads_out [2,B,5]) -> state`` (on CPU
+        the same bits as each agent's :meth:`step_index`) and ``states(state)`` (each agent's own state, for a bootstrap
+        step); or None (the rollout then calls each agent's :meth:`step_index`)."""
         return None
 
     def replay_index(self, index: torch.Tensor, hidden: torch.Tensor):

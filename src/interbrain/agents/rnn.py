@@ -25,6 +25,7 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from interbrain.agents.base import (HIDDEN, INDEX_OFFSETS, N_ACTIONS, N_CELLS, OBS_DIM, Agent, FrobeniusNorm, gather_index,
@@ -261,9 +262,11 @@ class RNNAgent(Agent):
 
 
 class RNNPair:
-    """Both agents of a pair acting as one batched call (issue 6): a :class:`StackedRNN` of the two, stepped with
-    :meth:`StackedRNN.step_index` (one gather from the two stacked input tables, one ``baddbmm`` for the two
-    recurrences and one for the two joint heads). On CPU ``baddbmm`` runs each agent's product as the ``addmm`` of
+    """Both agents of a pair acting as one batched call (issue 6): a :class:`StackedRNN` of the two, stepped as
+    :meth:`StackedRNN.step_index` steps it (one gather from the two stacked input tables, one ``baddbmm`` for the two
+    recurrences and one for the two joint heads), written out flat: the rollout's loop runs it every step. The
+    environment adds :attr:`row_offsets` to the observation index (``observation_index(offsets=...)``), so the step
+    gets the table rows directly. On CPU ``baddbmm`` runs each agent's product as the ``addmm`` of
     :meth:`RNNAgent.step_index` does, so the results are the same bits (``tests/test_fast_paths.py``); on CUDA the
     batched kernel may round differently, and the first learning epoch then replays the states the agents actually
     acted on. Built from the current weights (no gradient); rebuild it after they change."""
@@ -272,18 +275,24 @@ class RNNPair:
 
     def __init__(self, *agents: RNNAgent):
         with torch.no_grad():
-            self.stack = StackedRNN(list(agents)).requires_grad_(False)
-            self.table, self.heads = self.stack.input_table(), self.stack.heads()
+            stack = StackedRNN(list(agents)).requires_grad_(False)
+            self.table, (self.head_weight, self.head_bias) = stack.input_table(), stack.heads()
+            self.weight_hh = stack.weight_hh.transpose(1, 2)
+        self.row_offsets = stack.row_offsets  # [2, 1, 2]: each agent's rows in the stacked table
         self.keys = [param_key(a) for a in agents]
 
     def initial_state(self, batch: int) -> torch.Tensor:
         return self.table.new_zeros(len(self.keys), batch, HIDDEN)
 
-    def step(self, index: torch.Tensor, h: torch.Tensor, hidden_out: torch.Tensor,
+    def step(self, rows: torch.Tensor, h: torch.Tensor, hidden_out: torch.Tensor,
              heads_out: torch.Tensor) -> torch.Tensor:
-        """index [2, B, 2], h [2, B, 256] -> the new h, written into ``hidden_out`` [2, B, 256] (which must not share
-        memory with ``h``) and returned; the joint heads (4 logits, then the value) written into ``heads_out`` [2, B, 5]."""
-        return self.stack.step_index(index, h, self.table, self.heads, hidden_out, heads_out)[2]
+        """rows [2, B, 2] (the observation index plus :attr:`row_offsets`, contiguous), h [2, B, 256] -> the new h,
+        written into ``hidden_out`` [2, B, 256] (which must not share memory with ``h``) and returned; the joint heads
+        (4 logits, then the value) written into ``heads_out`` [2, B, 5]."""
+        x = F.embedding_bag(rows.view(-1, 2), self.table, mode="sum").view(h.shape)  # sum_rows without autograd
+        h = torch.baddbmm(x, h, self.weight_hh, out=hidden_out).relu_()
+        torch.baddbmm(self.head_bias, h, self.head_weight, out=heads_out)
+        return h
 
     def states(self, h: torch.Tensor) -> list[tuple]:
         return [(h[i],) for i in range(len(self.keys))]
@@ -332,8 +341,9 @@ class StackedRNN(nn.Module):
     def __init__(self, agents: list[nn.Module]):
         super().__init__()
         self.units = len(agents)
+        named = [dict(a.named_parameters()) for a in agents]
         for name, source in self.SOURCES.items():
-            params = [self._layout(name, dict(a.named_parameters())[source].detach()) for a in agents]
+            params = [self._layout(name, n[source].detach()) for n in named]
             self.register_parameter(name, nn.Parameter(torch.stack(params).contiguous()))
         # row of (unit e, own cell r) = 201 e + r, of (unit e, partner cell c or 100) = 201 e + 100 + c; a buffer, so
         # it lives on the device (no host-to-device copy per step)

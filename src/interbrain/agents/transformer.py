@@ -278,6 +278,7 @@ class TransformerPair:
     the current weights (no gradient); rebuild it after they change."""
 
     replays = False  # nothing to replay: the learning pass is a causal pass, not a recurrence
+    row_offsets = None  # step takes the plain observation index
 
     def __init__(self, *agents: TransformerAgent):
         self.agents = agents
