@@ -261,6 +261,9 @@ class RNNAgent(Agent):
         return torch.linalg.matrix_norm(self.rnn.weight_ih_l0)
 
 
+_PAIR_OFFSETS: dict[torch.device, torch.Tensor] = {}
+
+
 class RNNPair:
     """Both agents of a pair acting as one batched call (issue 6): a :class:`StackedRNN` of the two, stepped as
     :meth:`StackedRNN.step_index` steps it (one gather from the two stacked input tables, one ``baddbmm`` for the two
@@ -278,7 +281,9 @@ class RNNPair:
             stack = StackedRNN(list(agents)).requires_grad_(False)
             self.table, (self.head_weight, self.head_bias) = stack.input_table(), stack.heads()
             self.weight_hh = stack.weight_hh.transpose(1, 2)
-        self.row_offsets = stack.row_offsets  # [2, 1, 2]: each agent's rows in the stacked table
+        # [2, 1, 2]: each agent's rows in the stacked table; one tensor per device, so the environment's table of
+        # offset observation rows is found by identity (no host read per rollout)
+        self.row_offsets = _PAIR_OFFSETS.setdefault(stack.row_offsets.device, stack.row_offsets)
         self.keys = [param_key(a) for a in agents]
 
     def initial_state(self, batch: int) -> torch.Tensor:
