@@ -125,7 +125,7 @@ def test_transformer_pair_step_is_bitwise_the_two_agents_own_steps(size):
     with torch.no_grad():
         for t in range(W):
             index = torch.stack([random_index(1, B, seed=10 * t + i)[0] for i in range(2)])
-            state = pair.step(index, state, hidden[t], heads[t])
+            state = pair.step(index + pair.row_offsets, state, hidden[t], heads[t])  # observation_index(offsets=)
             for i, twin in enumerate(twins):
                 logits, value, h_i, own[i] = twin.step_index(index[i], own[i])
                 assert torch.equal(hidden[t, i], h_i)

@@ -94,11 +94,12 @@ class Agent(nn.Module):
     def pair_with(self, partner: "Agent", steps: int):
         """An object that steps this agent (chaser) and ``partner`` (explorer) as one batched call while acting, for
         ``steps`` steps from the zero state, with ``keys`` (:func:`param_key` of both agents when built), ``replays``
-        (whether the recorded hidden states may feed :meth:`replay_index`), ``row_offsets`` (None, or long [2, 1, 2]
-        that the rollout adds to the observation index it hands to ``step``: ``ChaseEnv.observation_index(offsets=)``),
-        ``initial_state(B)``, ``step(index [2,B,2], state, hidden_out [2,B,256], heads_out [2,B,5]) -> state`` (on CPU
-        the same bits as each agent's :meth:`step_index`) and ``states(state)`` (each agent's own state, for a bootstrap
-        step); or None (the rollout then calls each agent's :meth:`step_index`)."""
+        (whether the recorded hidden states may feed :meth:`replay_index`), ``row_offsets`` (:func:`stacked_row_offsets`
+        of its two stacked input tables), ``initial_state(B)``, ``step(rows [2,B,2], state, hidden_out [2,B,256],
+        heads_out [2,B,5]) -> state`` (rows: the observation index plus ``row_offsets``, as
+        ``ChaseEnv.observation_index(offsets=row_offsets)`` gives it; on CPU the same bits as each agent's
+        :meth:`step_index`) and ``states(state)`` (each agent's own state, for a bootstrap step); or None (the rollout
+        then calls each agent's :meth:`step_index`)."""
         return None
 
     def replay_index(self, index: torch.Tensor, hidden: torch.Tensor):
@@ -208,6 +209,22 @@ def index_offsets(device: torch.device) -> torch.Tensor:
     hit = _OFFSETS_ON.get(device)
     if hit is None:
         hit = _OFFSETS_ON[device] = INDEX_OFFSETS.to(device)
+    return hit
+
+
+_STACKED_ROWS_ON: dict[tuple, torch.Tensor] = {}
+
+
+def stacked_row_offsets(units: int, device: torch.device) -> torch.Tensor:
+    """[units, 1, 2]: the rows of unit e's own-cell and partner-cell blocks in input tables stacked unit after unit
+    (:func:`index_table`'s 201 rows each): 201 e + :data:`INDEX_OFFSETS`. One tensor per (units, device), so a
+    batched pair step's offsets are the same object every rollout (``ChaseEnv.observation_index(offsets=)`` finds
+    its table by identity)."""
+    key = (units, torch.device(device))
+    hit = _STACKED_ROWS_ON.get(key)
+    if hit is None:
+        rows = torch.arange(units).view(-1, 1, 1) * (2 * N_CELLS + 1) + INDEX_OFFSETS.view(1, 1, 2)
+        hit = _STACKED_ROWS_ON[key] = rows.to(device)
     return hit
 
 

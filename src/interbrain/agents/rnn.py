@@ -28,8 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from interbrain.agents.base import (HIDDEN, INDEX_OFFSETS, N_ACTIONS, N_CELLS, OBS_DIM, Agent, FrobeniusNorm, gather_index,
-                                    gather_rows, index_table, param_key, register, sum_rows)
+from interbrain.agents.base import (HIDDEN, N_ACTIONS, N_CELLS, OBS_DIM, Agent, FrobeniusNorm, gather_index, gather_rows,
+                                    index_table, param_key, register, stacked_row_offsets, sum_rows)
 from interbrain.config import AgentConfig
 from interbrain.errors import InterbrainError
 
@@ -261,9 +261,6 @@ class RNNAgent(Agent):
         return torch.linalg.matrix_norm(self.rnn.weight_ih_l0)
 
 
-_PAIR_OFFSETS: dict[torch.device, torch.Tensor] = {}
-
-
 class RNNPair:
     """Both agents of a pair acting as one batched call (issue 6): a :class:`StackedRNN` of the two, stepped as
     :meth:`StackedRNN.step_index` steps it (one gather from the two stacked input tables, one ``baddbmm`` for the two
@@ -281,9 +278,7 @@ class RNNPair:
             stack = StackedRNN(list(agents)).requires_grad_(False)
             self.table, (self.head_weight, self.head_bias) = stack.input_table(), stack.heads()
             self.weight_hh = stack.weight_hh.transpose(1, 2)
-        # [2, 1, 2]: each agent's rows in the stacked table; one tensor per device, so the environment's table of
-        # offset observation rows is found by identity (no host read per rollout)
-        self.row_offsets = _PAIR_OFFSETS.setdefault(stack.row_offsets.device, stack.row_offsets)
+        self.row_offsets = stacked_row_offsets(2, self.table.device)  # each agent's rows in the stacked table
         self.keys = [param_key(a) for a in agents]
 
     def initial_state(self, batch: int) -> torch.Tensor:
@@ -352,8 +347,7 @@ class StackedRNN(nn.Module):
             self.register_parameter(name, nn.Parameter(torch.stack(params).contiguous()))
         # row of (unit e, own cell r) = 201 e + r, of (unit e, partner cell c or 100) = 201 e + 100 + c; a buffer, so
         # it lives on the device (no host-to-device copy per step)
-        rows = torch.arange(self.units).view(-1, 1, 1) * (2 * N_CELLS + 1) + INDEX_OFFSETS.view(1, 1, 2)
-        self.register_buffer("row_offsets", rows.to(self.weight_hh.device), persistent=False)
+        self.register_buffer("row_offsets", stacked_row_offsets(self.units, self.weight_hh.device), persistent=False)
 
     @staticmethod
     def _layout(name: str, x: torch.Tensor) -> torch.Tensor:

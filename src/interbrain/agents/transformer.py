@@ -28,8 +28,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from interbrain.agents.base import (HIDDEN, OBS_DIM, Agent, check_size, index_offsets, index_table, init_heads, param_key,
-                                    register)
+from interbrain.agents.base import (HIDDEN, OBS_DIM, Agent, check_size, index_table, init_heads, param_key, register,
+                                    stacked_row_offsets)
 from interbrain.config import AgentConfig
 from interbrain.errors import InterbrainError
 
@@ -278,7 +278,6 @@ class TransformerPair:
     the current weights (no gradient); rebuild it after they change."""
 
     replays = False  # nothing to replay: the learning pass is a causal pass, not a recurrence
-    row_offsets = None  # step takes the plain observation index
 
     def __init__(self, *agents: TransformerAgent):
         self.agents = agents
@@ -296,9 +295,7 @@ class TransformerPair:
             self.proj = None if first.hidden_proj is None else self._linear([a.hidden_proj for a in agents])
             heads = [a._joint_heads() for a in agents]
             self.heads = (torch.stack([w for w, _ in heads]).transpose(1, 2), torch.stack([b for _, b in heads]).unsqueeze(1))
-        dev = self.table.device
-        self.offsets = (torch.arange(n, device=dev).view(-1, 1, 1) * (self.table.shape[0] // n)
-                        + index_offsets(dev).view(1, 1, 2))
+        self.row_offsets = stacked_row_offsets(n, self.table.device)  # each agent's rows in the stacked table
         self.keys = [param_key(a) for a in agents]
 
     @staticmethod
@@ -328,7 +325,7 @@ class TransformerPair:
             raise InterbrainError(f"the transformer pair step covers steps 0..{self.window - 1}; got step {t}")
         n, B, _ = index.shape
         d, dh = self.d_model, self.d_model // HEADS
-        e = F.embedding_bag((index + self.offsets).reshape(-1, 2), self.table, mode="sum").view(n, B, d)
+        e = F.embedding_bag(index.view(-1, 2), self.table, mode="sum").view(n, B, d)  # index: rows, row_offsets added
         emb[:, :, t] = e
         x = e + self.pos[:, t].unsqueeze(1)
         for i, block in enumerate(self.blocks):
