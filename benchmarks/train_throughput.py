@@ -6,6 +6,8 @@ Prints one JSON document with:
 - ``machine``, ``device`` and this device's dense matmul throughput (``matmul_gflops``: 1024^3 float32 products,
   at ``--threads`` torch threads on CPU);
 - ``env_only_steps_per_s_batch40``: the vectorised environment alone (full step with every event);
+  ``env_rollout_path_steps_per_s_batch40``: the environment as a training rollout drives it (per step the observation
+  index and ``ChaseEnv.move``; per 100-step episode batch the reset and ``settle_rollout``: rewards, events, record);
 - ``updates``: per (arch, size, preset): seconds per update (median of ``--repeats`` after ``--warmup``), env steps/s,
   the rollout's share of the update, the update's floating-point work and that work as a fraction of the device's
   matmul throughput (``matmul_fraction`` = GFLOP per update / seconds / ``matmul_gflops``: 1.0 would be an update
@@ -54,7 +56,7 @@ from interbrain.checkpoint import save_checkpoint
 from interbrain.config import EnvConfig, make_train_config
 from interbrain.ensemble import EnsembleTrainer
 from interbrain.env import ChaseEnv
-from interbrain.ppo import collect_rollout, update_clipped, update_rllib
+from interbrain.ppo import collect_rollout, settle_rollout, update_clipped, update_rllib
 from interbrain.provenance import now, package_versions, resolve_device
 from interbrain.rollout import rollout_checkpoint
 from interbrain.train import Trainer
@@ -91,6 +93,25 @@ def env_steps_per_s(device: torch.device, batch: int = 40, steps: int = 2000) ->
         env.step(acts[i, 0], acts[i, 1])
     sync(device)
     return steps * batch / (time.perf_counter() - t)
+
+
+def env_rollout_path_steps_per_s(device: torch.device, batch: int = 40, episodes: int = 20) -> float:
+    env = ChaseEnv(EnvConfig(task="social"), batch, device)
+    T = env.horizon
+    g = torch.Generator().manual_seed(0)
+    acts = torch.randint(0, 4, (T, 2, batch), generator=g).to(device)
+    pairs = torch.empty(T + 1, batch, dtype=torch.long, device=device)
+    sync(device)
+    t = time.perf_counter()
+    for _ in range(episodes):
+        env.reset(g)
+        pairs[0] = env.pair
+        for i in range(T):
+            env.observation_index()
+            env.move(acts[i], pairs[i + 1])
+        settle_rollout(env, pairs, acts)
+    sync(device)
+    return episodes * T * batch / (time.perf_counter() - t)
 
 
 def rnn_analytic_gflop(epochs: int, steps: int = 4000, hidden: int = 256, heads: int = 5) -> float:
@@ -245,6 +266,7 @@ def main() -> None:
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor(),
         "matmul_gflops": peak,
         "env_only_steps_per_s_batch40": env_steps_per_s(device),
+        "env_rollout_path_steps_per_s_batch40": env_rollout_path_steps_per_s(device),
         "updates": results,
     }
     if args.ensemble:
