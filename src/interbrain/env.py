@@ -171,7 +171,8 @@ def _device_tables(device: torch.device) -> tuple:
         t = _tables()
         t["partner_shown"] = t["partner_shown"].permute(2, 0, 1, 3).reshape(2, -1, 2).contiguous()  # [2, 30,000, 2]
         hit = tuple(t[k].to(device) for k in ("sq_dist", "in_fov", "row_col", "transition", "partner_shown"))
-        flags = (hit[3][:, 2] + 2 * hit[3][:, 3] + 2 * hit[3][:, 4]).to(torch.uint8)  # bits: blocked c, e; collision
+        # one byte per row: 1 chaser blocked, 2 explorer blocked, 4 collision (column 4 holds 2 · collision)
+        flags = (hit[3][:, 2] + 2 * hit[3][:, 3] + 2 * hit[3][:, 4]).to(torch.uint8)
         # the next pair alone (move) and the flags as one byte (settle): small tables, for the rollout's lookups
         hit = _DEVICE_TABLES[device] = hit + (hit[3][:, 5].contiguous(), flags)
     return hit
@@ -185,6 +186,10 @@ class ChaseEnv:
     Internally the agents' cells are flat indices ``cells`` (long [2,B]: chaser, explorer) and ``visited`` is one
     bool [2,B,100] buffer (``chaser_visited``/``explorer_visited`` are views of it); moves, distances and the field
     of view are table lookups (:func:`_tables`).
+
+    Three ways to step: :meth:`step` (checked, every event of SPEC §1.2), :meth:`step_core` (the same transition,
+    trusted actions, core flags only) and, for a training rollout, :meth:`move` per step (the pair of cells only)
+    followed by one :meth:`settle` that computes the core flags of every move at once.
     """
 
     def __init__(self, config: EnvConfig, batch: int, device: torch.device | str = "cpu",
@@ -463,10 +468,11 @@ class ChaseEnv:
         the cells visited before t0 as time 0 (a blocked or bumped agent stays on a visited cell)."""
         self._require_state()
         T, B = actions.shape[0], self.batch
-        if self._moved_since is None or self.t - self._moved_since != T or tuple(pairs.shape) != (T + 1, B):
-            raise InterbrainError(f"settle needs the pairs [T+1, {B}] and actions [T, 2, {B}] of the {self.t} - "
-                                  f"{self._moved_since} moves since the last settle; got pairs {list(pairs.shape)}, "
-                                  f"actions {list(actions.shape)}")
+        moved = 0 if self._moved_since is None else self.t - self._moved_since
+        if moved == 0 or moved != T or tuple(pairs.shape) != (T + 1, B):
+            raise InterbrainError(f"settle needs the pairs [{moved + 1}, {B}] and actions [{moved}, 2, {B}] of the "
+                                  f"{moved} moves since the last settle; got pairs {list(pairs.shape)}, actions "
+                                  f"{list(actions.shape)}")
         code = torch.add(torch.add(actions[:, 1], actions[:, 0], alpha=N_ACTIONS), pairs[:-1],
                          alpha=N_ACTIONS * N_ACTIONS)
         bits = self._step_flags[code]  # [T, B]: chaser blocked, explorer blocked, collision (1, 2, 4)
