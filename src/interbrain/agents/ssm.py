@@ -47,14 +47,19 @@ def chunked_linear_scan(a: torch.Tensor, b: torch.Tensor, s0: torch.Tensor) -> t
     N = T // C
     a = a.reshape(N, C, *a.shape[1:])
     b = b.reshape(N, C, *b.shape[1:])
-    local = [b[:, 0]]
+    # steps and chunks are taken with unbind, not indexing: an indexed slice's backward fills a zero tensor of the
+    # whole input for every slice (here [N, C, B, H] per step), unbind's stacks the slices' gradients
+    a_steps, b_steps = a.unbind(1), b.unbind(1)
+    local = [b_steps[0]]
     for i in range(1, C):
-        local.append(a[:, i] * local[-1] + b[:, i])
+        local.append(a_steps[i] * local[-1] + b_steps[i])
+    local_last = local[-1].unbind(0)  # each chunk's state from a zero state
     local = torch.stack(local, dim=1)  # [N, C, ...]
     prod = torch.cumprod(a, dim=1)  # [N, C, ...]: prod_{j<=i} a_j inside the chunk
+    prod_last = prod.select(1, C - 1).unbind(0)
     starts = [s0]  # the state entering each chunk
     for k in range(N - 1):
-        starts.append(local[k, -1] + prod[k, -1] * starts[-1])
+        starts.append(local_last[k] + prod_last[k] * starts[-1])
     starts = torch.stack(starts, dim=0).unsqueeze(1)  # [N, 1, ...]
     return (local + prod * starts).reshape(T, *a.shape[2:])
 
