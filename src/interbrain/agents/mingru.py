@@ -27,12 +27,38 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from interbrain.agents.base import HIDDEN, OBS_DIM, Agent, check_size, init_heads, register
+from interbrain.agents.base import HIDDEN, OBS_DIM, Agent, check_size, gather_index, index_table, init_heads, register
 from interbrain.agents.ssm import chunked_linear_scan
 from interbrain.config import AgentConfig
 
 
-class MinGRULayer(nn.Module):
+class InputGatedLayer(nn.Module):
+    """A layer ``h_t = a_t ⊙ h_{t-1} + b_t`` whose coefficients depend on the input only, through the Linear maps of
+    :meth:`input_maps` (:meth:`coefficients_from` turns their outputs into (a, b)); shared by `mingru` and `minlstm`."""
+
+    def input_maps(self) -> tuple[nn.Linear, ...]:
+        raise NotImplementedError
+
+    def coefficients_from(self, *pre: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def input_weight(self) -> torch.Tensor:
+        return torch.cat([m.weight for m in self.input_maps()])
+
+    def coefficients(self, x: torch.Tensor, pre: tuple[torch.Tensor, ...] | None = None):
+        """(a, b) from the input ``x``, or from the input maps' outputs ``pre`` when given (the index-gather path)."""
+        return self.coefficients_from(*(pre if pre is not None else [m(x) for m in self.input_maps()]))
+
+    def step(self, x: torch.Tensor, h: torch.Tensor, pre: tuple[torch.Tensor, ...] | None = None) -> torch.Tensor:
+        a, b = self.coefficients(x, pre)
+        return a * h + b
+
+    def sequence(self, x: torch.Tensor, h0: torch.Tensor, pre: tuple[torch.Tensor, ...] | None = None) -> torch.Tensor:
+        a, b = self.coefficients(x, pre)
+        return chunked_linear_scan(a, b, h0)
+
+
+class MinGRULayer(InputGatedLayer):
     """``h_t = (1 - z_t) ⊙ h_{t-1} + z_t ⊙ h̃_t`` with ``z_t = σ(W_z x_t + b_z)``, ``h̃_t = W_h x_t + b_h``."""
 
     def __init__(self, d_in: int, width: int):
@@ -44,21 +70,12 @@ class MinGRULayer(nn.Module):
         nn.init.xavier_uniform_(self.gate.weight, gain=0.5)
         nn.init.constant_(self.gate.bias, -1.0)
 
-    def input_weight(self) -> torch.Tensor:
-        return torch.cat([self.gate.weight, self.cand.weight])
+    def input_maps(self) -> tuple[nn.Linear, ...]:
+        return (self.gate, self.cand)
 
-    def coefficients(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(a, b) of the linear recurrence ``h_t = a_t ⊙ h_{t-1} + b_t``."""
-        z = torch.sigmoid(self.gate(x))
-        return 1.0 - z, z * self.cand(x)
-
-    def step(self, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-        a, b = self.coefficients(x)
-        return a * h + b
-
-    def sequence(self, x: torch.Tensor, h0: torch.Tensor) -> torch.Tensor:
-        a, b = self.coefficients(x)
-        return chunked_linear_scan(a, b, h0)
+    def coefficients_from(self, gate: torch.Tensor, cand: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        z = torch.sigmoid(gate)
+        return 1.0 - z, z * cand
 
 
 class StackedMinRNN(Agent):
@@ -81,18 +98,34 @@ class StackedMinRNN(Agent):
         return (torch.zeros(batch, self.width, device=device, dtype=dtype),
                 torch.zeros(batch, HIDDEN, device=device, dtype=dtype))
 
-    def step(self, obs, state):
+    def step(self, obs, state, *, pre: tuple[torch.Tensor, ...] | None = None):
+        """One step from ``obs``, or from layer 1's input-map outputs ``pre`` when given (index path)."""
         h1, h2 = state
-        h1 = self.layer1.step(obs, h1)
+        h1 = self.layer1.step(obs, h1, pre)
         h2 = self.layer2.step(h1, h2)
         logits, value = self.readout(h2)
         return logits, value, h2, (h1, h2)
 
-    def sequence(self, obs, state0=None):
-        h1, h2 = self.initial_state(obs.shape[1], obs.device) if state0 is None else state0
-        hidden = self.layer2.sequence(self.layer1.sequence(obs, h1), h2)
+    def sequence(self, obs, state0=None, *, pre: tuple[torch.Tensor, ...] | None = None):
+        batch = (obs if pre is None else pre[0]).shape[1]
+        device = (obs if pre is None else pre[0]).device
+        h1, h2 = self.initial_state(batch, device) if state0 is None else state0
+        hidden = self.layer2.sequence(self.layer1.sequence(obs, h1, pre), h2)
         logits, value = self.readout(hidden)
         return logits, value, hidden
+
+    # --- observation indices: layer 1's input maps as one gather of two rows of their joint table --------------
+    def _layer1_pre(self, index: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        maps = self.layer1.input_maps()
+        params = tuple(p for m in maps for p in (m.weight, m.bias))
+        table = self.cached("input_table", params, lambda: torch.cat([index_table(m.weight, m.bias) for m in maps], 1))
+        return gather_index(index, table).split(self.width, -1)
+
+    def step_index(self, index, state):
+        return self.step(None, state, pre=self._layer1_pre(index))
+
+    def sequence_index(self, index, state0=None):
+        return self.sequence(None, state0, pre=self._layer1_pre(index))
 
     def with_hidden(self, state, hidden):
         return (state[0], hidden)

@@ -25,11 +25,10 @@ import torch
 from torch import nn
 
 from interbrain.agents.base import register
-from interbrain.agents.mingru import StackedMinRNN
-from interbrain.agents.ssm import chunked_linear_scan
+from interbrain.agents.mingru import InputGatedLayer, StackedMinRNN
 
 
-class MinLSTMLayer(nn.Module):
+class MinLSTMLayer(InputGatedLayer):
     """``h_t = f′_t ⊙ h_{t-1} + i′_t ⊙ h̃_t`` with input-only gates normalised to f′ + i′ = 1."""
 
     def __init__(self, d_in: int, width: int):
@@ -43,23 +42,15 @@ class MinLSTMLayer(nn.Module):
             nn.init.xavier_uniform_(gate.weight, gain=0.5)
             nn.init.constant_(gate.bias, bias)
 
-    def input_weight(self) -> torch.Tensor:
-        return torch.cat([self.forget.weight, self.input.weight, self.cand.weight])
+    def input_maps(self) -> tuple[nn.Linear, ...]:
+        return (self.forget, self.input, self.cand)
 
-    def coefficients(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(a, b) of the linear recurrence ``h_t = a_t ⊙ h_{t-1} + b_t``."""
-        f = torch.sigmoid(self.forget(x))
-        i = torch.sigmoid(self.input(x))
+    def coefficients_from(self, forget: torch.Tensor, input: torch.Tensor,
+                          cand: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        f = torch.sigmoid(forget)
+        i = torch.sigmoid(input)
         total = f + i
-        return f / total, (i / total) * self.cand(x)
-
-    def step(self, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-        a, b = self.coefficients(x)
-        return a * h + b
-
-    def sequence(self, x: torch.Tensor, h0: torch.Tensor) -> torch.Tensor:
-        a, b = self.coefficients(x)
-        return chunked_linear_scan(a, b, h0)
+        return f / total, (i / total) * cand
 
 
 @register("minlstm")
