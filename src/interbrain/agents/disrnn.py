@@ -125,15 +125,31 @@ class DisRNNAgent(Agent):
         """Noise-free observation drive of the update nets [..., L, n] (through the multipliers) and Σ_{j,i} μ_{j,i}²
         [...] of the observation bottlenecks, from a float observation [..., 200] or an index [..., 2]."""
         L, n = self.latents, self.width
-        table = (self.obs_multiplier.t().unsqueeze(-1) * self.obs_weight).transpose(0, 1)  # [200, L, n]: input j
-        m2 = self.obs_multiplier.square().sum(1)  # [200]
         if index is None:
+            table, m2 = self._obs_table()
             return (obs @ table.reshape(OBS_DIM, L * n)).unflatten(-1, (L, n)), obs.square() @ m2
         # index: x is two-hot (own cell, partner cell or none), so gathering rows is exact; row 200 = not shown
-        table = torch.cat([table, table.new_zeros(1, L, n)])
-        m2 = torch.cat([m2, m2.new_zeros(1)])
+        table, m2 = self.cached("obs_index_table", (self.obs_multiplier, self.obs_weight), self._obs_index_table)
         own, partner = index[..., 0], index[..., 1] + N_CELLS
         return table[own] + table[partner], m2[own] + m2[partner]
+
+    def _obs_table(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """[200, L, n]: input j's multiplied weights into every update net; [200]: Σ_i m_{j,i}²."""
+        table = (self.obs_multiplier.t().unsqueeze(-1) * self.obs_weight).transpose(0, 1)
+        return table, self.obs_multiplier.square().sum(1)
+
+    def _obs_index_table(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`_obs_table` with a zero row 200 ("partner not shown") for index gathers."""
+        table, m2 = self._obs_table()
+        return torch.cat([table, table.new_zeros(1, *table.shape[1:])]), torch.cat([m2, m2.new_zeros(1)])
+
+    def _recurrent_weights(self) -> tuple:
+        """What every step of :meth:`_run` multiplies by: the latent inputs' multiplied weights [L(j), L·n], the
+        hidden layers' (bias [L, 1, n], weight [L, n, n]) and the output bias [L, 1, 2] (cached while acting)."""
+        L, n = self.latents, self.width
+        latent_table = (self.latent_in_multiplier.t().unsqueeze(-1) * self.latent_weight).transpose(0, 1)  # [L(j),L,n]
+        layers = [(b.unsqueeze(1), w) for b, w in zip(self.layer_bias.unbind(0), self.layer_weight.unbind(0))]
+        return latent_table.reshape(L, L * n), layers, self.out_bias.unsqueeze(1)
 
     def _run(self, drive: torch.Tensor, z: torch.Tensor, noisy: bool):
         """Latents for T steps from ``z`` [B, L] and the observation drive [T, B, L, n] of :meth:`_obs_terms`.
@@ -149,20 +165,25 @@ class DisRNNAgent(Agent):
             eps = torch.randn(L, T * B, OBS_DIM + L, device=drive.device, dtype=drive.dtype)
             drive = drive + torch.bmm(eps, scaled).view(L, T, B, n).transpose(0, 1)
             eps_z = torch.randn(T, B, L, device=drive.device, dtype=drive.dtype) * sig["latent"]
-        latent_table = (self.latent_in_multiplier.t().unsqueeze(-1) * self.latent_weight).transpose(0, 1)  # [L(j),L,n]
-        latent_table = latent_table.reshape(L, L * n)
+        latent_table, layers, out_bias = self.cached(
+            "recurrent_weights", (self.latent_in_multiplier, self.latent_weight, self.layer_bias, self.layer_weight,
+                                  self.out_bias), self._recurrent_weights)
+        # per-step slices with unbind, not indexing: an indexed slice's backward fills a zero tensor of the whole
+        # input (here the [T, L, B, n] drive) for every step; unbind's stacks the slices' gradients
+        drive_steps = drive.unbind(0)
+        noise_steps = eps_z.unbind(0) if noisy else None
         zs, means, prevs = [], [], []
         for t in range(T):
-            s = drive[t] + (z @ latent_table).view(B, L, n).transpose(0, 1)  # [L, B, n]
-            for layer in range(LAYERS):
-                s = s + F.leaky_relu(torch.baddbmm(self.layer_bias[layer].unsqueeze(1), s, self.layer_weight[layer]))
-            out = torch.baddbmm(self.out_bias.unsqueeze(1), s, self.out_weight)  # [L, B, 2]
-            w = torch.sigmoid(out[..., 0]).t()
-            u = MAX_LATENT * torch.tanh(out[..., 1].t() / MAX_LATENT)
+            s = drive_steps[t] + (z @ latent_table).view(B, L, n).transpose(0, 1)  # [L, B, n]
+            for bias, weight in layers:
+                s = s + F.leaky_relu(torch.baddbmm(bias, s, weight))
+            gate, target = torch.baddbmm(out_bias, s, self.out_weight).unbind(-1)  # each [L, B]
+            w = torch.sigmoid(gate).t()
+            u = MAX_LATENT * torch.tanh(target.t() / MAX_LATENT)
             mean = z + w * (u - z)  # (1 - w)·z + w·u
             prevs.append(z)
             means.append(mean)
-            z = mean + eps_z[t] if noisy else mean
+            z = mean + noise_steps[t] if noisy else mean
             zs.append(z)
         return torch.stack(zs), torch.stack(prevs), torch.stack(means)
 
