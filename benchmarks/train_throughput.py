@@ -8,7 +8,8 @@ Prints one JSON document with:
 - ``env_only_steps_per_s_batch40``: the vectorised environment alone (full step with every event);
   ``env_rollout_path_steps_per_s_batch40``: the environment as a training rollout drives it (per step the observation
   index and ``ChaseEnv.move``; per 100-step episode batch the reset and ``settle_rollout``: rewards, events, record);
-- ``updates``: per (arch, size, preset): seconds per update (median of ``--repeats`` after ``--warmup``), env steps/s,
+- ``updates``: per (arch, size, preset): seconds per update (median of ``--repeats`` after ``--warmup``) and, when
+  ``rnn`` ran too, that time over the RNN's (``vs_rnn``, same size and preset), env steps/s,
   the rollout's share of the update, the update's floating-point work and that work as a fraction of the device's
   matmul throughput (``matmul_fraction`` = GFLOP per update / seconds / ``matmul_gflops``: 1.0 would be an update
   that is nothing but dense matmuls at full speed); ``rollout_overhead_fraction``: the share of the rollout's time
@@ -52,6 +53,7 @@ from pathlib import Path
 import torch
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
+from interbrain.agents import ARCHITECTURES
 from interbrain.checkpoint import save_checkpoint
 from interbrain.config import EnvConfig, make_train_config
 from interbrain.ensemble import EnsembleTrainer
@@ -243,7 +245,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="auto", help="auto (CUDA when present) | cpu | cuda[:N]")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 = one Snakemake training job per core)")
-    p.add_argument("--archs", default="rnn,mlp,ssm,transformer")
+    p.add_argument("--archs", default=",".join(ARCHITECTURES), help="comma-separated (default: every architecture, "
+                   "rnn first: the others' ratios are to it)")
     p.add_argument("--sizes", default="std,matched")
     p.add_argument("--presets", default="paper,fast")
     p.add_argument("--warmup", type=int, default=2)
@@ -258,6 +261,10 @@ def main() -> None:
     peak = matmul_gflops(device)
     results = [time_update(arch, size, preset, args.warmup, args.repeats, device, peak)
                for arch in args.archs.split(",") for size in args.sizes.split(",") for preset in args.presets.split(",")]
+    rnn = {(r["size"], r["preset"]): r["seconds_per_update"] for r in results if r["arch"] == "rnn"}
+    for r in results:  # issue 6: every other architecture within 3x of the RNN (same run, size and preset)
+        if (r["size"], r["preset"]) in rnn:
+            r["vs_rnn"] = r["seconds_per_update"] / rnn[(r["size"], r["preset"])]
     out = {
         "benchmark": "train_throughput", "date": now(), "torch_threads": args.threads,
         "machine": {"processor": platform.processor() or platform.machine(), "cpu_count": torch.get_num_threads(),
