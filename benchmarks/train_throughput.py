@@ -245,8 +245,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="auto", help="auto (CUDA when present) | cpu | cuda[:N]")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 = one Snakemake training job per core)")
-    p.add_argument("--archs", default=",".join(ARCHITECTURES), help="comma-separated (default: every architecture, "
-                   "rnn first: the others' ratios are to it)")
+    p.add_argument("--archs", default=",".join(ARCHITECTURES), help="comma-separated (default: every architecture; "
+                   "include rnn for the vs_rnn ratios)")
     p.add_argument("--sizes", default="std,matched")
     p.add_argument("--presets", default="paper,fast")
     p.add_argument("--warmup", type=int, default=2)

@@ -265,13 +265,22 @@ def test_core_step_equals_the_full_step(visibility):
         assert torch.equal(full.chaser_pos, core.chaser_pos) and torch.equal(full.explorer_pos, core.explorer_pos)
 
 
-def _move_settle_vs_step_core(cfg, B, episodes=None, seed=3):
-    """T moves then one settle against step_core step by step, from the same spawns and actions."""
-    core, lazy = ChaseEnv(cfg, B, episodes=episodes), ChaseEnv(cfg, B, episodes=episodes)
-    core.reset(torch.Generator().manual_seed(seed + 1))
-    lazy.reset(torch.Generator().manual_seed(seed + 1))
-    T = cfg.horizon
-    actions = torch.randint(0, 4, (T, 2, B), generator=torch.Generator().manual_seed(seed))
+def _move_settle_vs_step_core(cfg, B, episodes=None, seed=3, core_steps=0, T=None, envs=None):
+    """T moves then one settle against step_core step by step, from the same spawns and actions; ``core_steps`` steps
+    of step_core on both first (cells visited before the moves), ``envs`` to continue from a previous call."""
+    if envs is None:
+        core, lazy = ChaseEnv(cfg, B, episodes=episodes), ChaseEnv(cfg, B, episodes=episodes)
+        core.reset(torch.Generator().manual_seed(seed + 1))
+        lazy.reset(torch.Generator().manual_seed(seed + 1))
+    else:
+        core, lazy = envs
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(core_steps):
+        ca, ea = torch.randint(0, 4, (B,), generator=g), torch.randint(0, 4, (B,), generator=g)
+        core.step_core(ca, ea)
+        lazy.step_core(ca, ea)
+    T = cfg.horizon - core.t if T is None else T
+    actions = torch.randint(0, 4, (T, 2, B), generator=g)
     pairs = torch.empty(T + 1, B, dtype=torch.long)
     pairs[0] = lazy.pair
     steps, obs, fov_post = [], [], []
@@ -289,7 +298,7 @@ def _move_settle_vs_step_core(cfg, B, episodes=None, seed=3):
     assert torch.equal(lazy.chaser_pos, core.chaser_pos) and torch.equal(lazy.explorer_pos, core.explorer_pos)
     assert torch.equal(lazy.observation_index(pairs[:-1]), torch.stack(obs, 1))  # agent-major [2, T, B, 2]
     assert torch.equal(lazy.fov(pairs[1:]), torch.stack(fov_post))
-    return settled
+    return settled, (core, lazy)
 
 
 @pytest.mark.parametrize("visibility", ["partial", "full", "none"])
@@ -298,7 +307,7 @@ def test_move_then_settle_equals_the_core_step_by_step(task, visibility):
     """The rollout's environment path (issue 6): only the moves inside the loop (``move``), rewards, collisions, new
     fields and visited cells for the whole rollout afterwards (``settle``); the same values as ``step_core`` step by
     step, which ``test_core_step_equals_the_full_step`` ties to the full step and test_env to the scalar reference."""
-    settled = _move_settle_vs_step_core(EnvConfig(task=task, visibility=visibility), 64)
+    settled, _ = _move_settle_vs_step_core(EnvConfig(task=task, visibility=visibility), 64)
     assert settled.collision.any() and settled.new_field.any() and (~settled.new_field).any()
 
 
@@ -306,6 +315,15 @@ def test_move_then_settle_with_per_episode_configs():
     combos = [("social", "partial"), ("non_social", "none"), ("mutual", "full"), ("social_alt", "partial")]
     episodes = [EnvConfig(task=combos[i % 4][0], visibility=combos[i % 4][1]) for i in range(32)]
     _move_settle_vs_step_core(EnvConfig(), 32, episodes=episodes, seed=5)
+
+
+def test_settle_after_core_steps_one_move_and_twice_in_a_row():
+    """Cells visited before the first move count as visited; a single move settles; settles follow one another."""
+    cfg = EnvConfig(task="social", visibility="partial")
+    _, envs = _move_settle_vs_step_core(cfg, 48, seed=7, core_steps=30, T=1)
+    _, envs = _move_settle_vs_step_core(cfg, 48, seed=8, T=25, envs=envs)
+    settled, _ = _move_settle_vs_step_core(cfg, 48, seed=9, core_steps=4, envs=envs)  # to the horizon
+    assert envs[1].done and settled.rewards.shape == (cfg.horizon - 60, 2, 48)
 
 
 def test_settle_new_field_and_rewards_by_hand():
@@ -359,6 +377,8 @@ def test_observation_index_with_offsets():
         for _ in range(2):  # the second call reads the table cached by identity
             got = env.observation_index(offsets=offsets)
             assert got.is_contiguous() and torch.equal(got, env.observation_index() + offsets)
+    offsets.add_(1)  # changed in place: looked up again, not the cached table
+    assert torch.equal(env.observation_index(offsets=offsets), env.observation_index() + offsets)
 
 
 @torch.no_grad()

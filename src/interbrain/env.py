@@ -165,7 +165,10 @@ _DEVICE_TABLES: dict[torch.device, tuple] = {}
 
 
 def _device_tables(device: torch.device) -> tuple:
-    """The lookup tables of :func:`_tables` on ``device``, built and copied once per process and device."""
+    """The lookup tables of :func:`_tables` on ``device``, built and copied once per process and device: ``sq_dist``,
+    ``in_fov``, ``row_col``, ``transition``, ``partner_shown`` agent-major ([2, 3 · 10,000, 2]), then two tables
+    for the rollout's lookups: the next pair alone (:meth:`ChaseEnv.move`) and the transition's flags as one byte
+    (:meth:`ChaseEnv.settle`)."""
     hit = _DEVICE_TABLES.get(device)
     if hit is None:
         t = _tables()
@@ -354,8 +357,8 @@ class ChaseEnv:
         recorded ``pairs`` (long [..., B], as :meth:`move` writes them) instead of s_t when given: [2, ..., B, 2].
         Contiguous: one row lookup per episode (and step) in the table of its visibility mode.
 
-        ``offsets`` (long, broadcastable to [2, 1, 2]) are added to the index, from a table built once per offsets
-        value: a batched pair step's rows in its stacked input table (:class:`~interbrain.agents.rnn.RNNPair`)."""
+        ``offsets`` (long, 4 values: [2, 1, 2]) are added to the index, from a table built once per offsets value: a
+        batched pair step's rows in its stacked input table (:func:`~interbrain.agents.base.stacked_row_offsets`)."""
         self._require_state()
         pairs = self.pair if pairs is None else pairs
         at = pairs if self._obs_offset is None else pairs + self._obs_offset
@@ -365,16 +368,16 @@ class ChaseEnv:
         return torch.index_select(table, 1, at.reshape(-1)).view(2, *at.shape, 2)
 
     def _offset_obs_rows(self, offsets: Tensor) -> Tensor:
-        """The observation table plus ``offsets``, cached by value (and the last one by identity: no host read per
-        step)."""
+        """The observation table plus ``offsets``, cached by value (and the last one by identity and version: no host
+        read per step, and an offsets tensor changed in place is looked up again)."""
         last = self._offset_tables.get("last")
-        if last is not None and last[0] is offsets:
-            return last[1]
+        if last is not None and last[0] is offsets and last[1] == offsets._version:
+            return last[2]
         key = tuple(offsets.flatten().tolist())
         table = self._offset_tables.get(key)
         if table is None:
             table = self._offset_tables[key] = (self._obs_rows + offsets.view(2, 1, 2)).contiguous()
-        self._offset_tables["last"] = (offsets, table)
+        self._offset_tables["last"] = (offsets, offsets._version, table)
         return table
 
     # --- step ------------------------------------------------------------------------------------
@@ -450,8 +453,11 @@ class ChaseEnv:
         """The rollout loop's step (issue 6): steps 1-3 of SPEC §1.2 and the step count only, as one row lookup of the
         next pair; no rewards, events or visited fields. ``actions`` long [2, B] (chaser, explorer; trusted, as for
         :meth:`step_core`); the new pair (100 · chaser cell + explorer cell, long [B]) is written into ``out`` and
-        becomes s_{t+1}. The caller keeps the pairs and actions of every move and hands them to :meth:`settle`, which
-        computes the rest at once; until then the cells and visited fields are stale (reading them raises)."""
+        becomes s_{t+1}; ``self.pair`` is then ``out`` itself, so the caller must not overwrite it before the next
+        move or reset. The caller keeps the pairs and actions of every move and hands them to :meth:`settle`, which
+        computes the rest at once; until then the cells and visited fields are stale (``chaser_pos``,
+        ``explorer_pos``, ``*_visited``, :meth:`step` and :meth:`step_core` raise). Must not be called after
+        ``done``."""
         code = torch.add(torch.add(actions[1], actions[0], alpha=N_ACTIONS), self.pair, alpha=N_ACTIONS * N_ACTIONS)
         if self._moved_since is None:
             self._moved_since = self.t
@@ -476,7 +482,7 @@ class ChaseEnv:
         code = torch.add(torch.add(actions[:, 1], actions[:, 0], alpha=N_ACTIONS), pairs[:-1],
                          alpha=N_ACTIONS * N_ACTIONS)
         bits = self._step_flags[code]  # [T, B]: chaser blocked, explorer blocked, collision (1, 2, 4)
-        flags = (bits.unsqueeze(0) & torch.tensor([1, 2, 4], dtype=torch.uint8, device=self.device).view(3, 1, 1)) > 0
+        flags = torch.stack([bits & 1, bits & 2, bits & 4]) > 0  # [3, T, B]
         landing = torch.stack([pairs[1:] // N_CELLS, pairs[1:] % N_CELLS]).transpose(1, 2)  # [2, B, T]: c', e'
         step = torch.arange(1, T + 1, device=self.device).expand(2, B, T)
         first = torch.where(self.visited, 0, T + 1)  # [2, B, 100]: the first step on each cell (0: before t0)

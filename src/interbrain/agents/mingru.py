@@ -81,7 +81,7 @@ class MinGRULayer(InputGatedLayer):
 class StackedMinRNN(Agent):
     """Two input-gated linear recurrence layers (``layer_cls``), layer 2 of width 256; ``hidden`` = layer 2's h_t."""
 
-    layer_cls: type[nn.Module] = MinGRULayer
+    layer_cls: type[InputGatedLayer] = MinGRULayer
     widths: dict[str, int] = {}  # size -> layer-1 width
     carries_hidden = True
 

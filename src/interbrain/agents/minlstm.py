@@ -45,10 +45,10 @@ class MinLSTMLayer(InputGatedLayer):
     def input_maps(self) -> tuple[nn.Linear, ...]:
         return (self.forget, self.input, self.cand)
 
-    def coefficients_from(self, forget: torch.Tensor, input: torch.Tensor,
+    def coefficients_from(self, forget: torch.Tensor, in_gate: torch.Tensor,
                           cand: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         f = torch.sigmoid(forget)
-        i = torch.sigmoid(input)
+        i = torch.sigmoid(in_gate)
         total = f + i
         return f / total, (i / total) * cand
 

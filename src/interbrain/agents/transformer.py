@@ -319,13 +319,14 @@ class TransformerPair:
         caches = [new(n * batch, HEADS, W, d // HEADS) for _ in range(2 * LAYERS)]
         return (0, new(n, batch, W, d), caches)
 
-    def step(self, index: torch.Tensor, state: tuple, hidden_out: torch.Tensor, heads_out: torch.Tensor) -> tuple:
+    def step(self, rows: torch.Tensor, state: tuple, hidden_out: torch.Tensor, heads_out: torch.Tensor) -> tuple:
+        """rows [2, B, 2]: the observation index plus :attr:`row_offsets` (``observation_index(offsets=)``)."""
         t, emb, caches = state
         if t >= self.window:
             raise InterbrainError(f"the transformer pair step covers steps 0..{self.window - 1}; got step {t}")
-        n, B, _ = index.shape
+        n, B, _ = rows.shape
         d, dh = self.d_model, self.d_model // HEADS
-        e = F.embedding_bag(index.view(-1, 2), self.table, mode="sum").view(n, B, d)  # index: rows, row_offsets added
+        e = F.embedding_bag(rows.view(-1, 2), self.table, mode="sum").view(n, B, d)
         emb[:, :, t] = e
         x = e + self.pos[:, t].unsqueeze(1)
         for i, block in enumerate(self.blocks):
