@@ -145,6 +145,12 @@ def _transition(move: Tensor) -> Tensor:
                        -1).reshape(-1, len(cols))
 
 
+def _transition_row(pair: Tensor, chaser_action: Tensor, explorer_action: Tensor) -> Tensor:
+    """The row 16 p + 4 a_c + a_e of :func:`_transition` (and of the tables indexed like it) for pairs p and actions
+    of any one shape."""
+    return torch.add(torch.add(explorer_action, chaser_action, alpha=N_ACTIONS), pair, alpha=N_ACTIONS * N_ACTIONS)
+
+
 def _partner_shown(in_fov: Tensor) -> Tensor:
     """[3, 10,000, 2, 2]: per visibility mode (0 partial, 1 full, 2 none) and pair 100 c + e, both agents' observation
     index ((c, e or NOT_VISIBLE), (e, c or NOT_VISIBLE)) (SPEC §1.3)."""
@@ -231,7 +237,8 @@ class ChaseEnv:
         self.visited: Tensor | None = None
         self.t = 0
         self._moved_since = None  # step count at the first move() not yet settled (cells and visited are stale)
-        self._offset_tables: dict = {}  # offsets -> observation table (observation_index(offsets=)); "last" -> both
+        self._offset_tables: dict = {}  # offsets values -> observation table (observation_index(offsets=))
+        self._last_offsets: tuple | None = None  # (offsets, its version, its table): the last lookup
 
     def _set_episodes(self, config: EnvConfig, episodes: list[EnvConfig]) -> None:
         if len(episodes) != self.batch:
@@ -370,14 +377,14 @@ class ChaseEnv:
     def _offset_obs_rows(self, offsets: Tensor) -> Tensor:
         """The observation table plus ``offsets``, cached by value (and the last one by identity and version: no host
         read per step, and an offsets tensor changed in place is looked up again)."""
-        last = self._offset_tables.get("last")
+        last = self._last_offsets
         if last is not None and last[0] is offsets and last[1] == offsets._version:
             return last[2]
         key = tuple(offsets.flatten().tolist())
         table = self._offset_tables.get(key)
         if table is None:
             table = self._offset_tables[key] = (self._obs_rows + offsets.view(2, 1, 2)).contiguous()
-        self._offset_tables["last"] = (offsets, offsets._version, table)
+        self._last_offsets = (offsets, offsets._version, table)
         return table
 
     # --- step ------------------------------------------------------------------------------------
@@ -458,7 +465,7 @@ class ChaseEnv:
         computes the rest at once; until then the cells and visited fields are stale (``chaser_pos``,
         ``explorer_pos``, ``*_visited``, :meth:`step` and :meth:`step_core` raise). Must not be called after
         ``done``."""
-        code = torch.add(torch.add(actions[1], actions[0], alpha=N_ACTIONS), self.pair, alpha=N_ACTIONS * N_ACTIONS)
+        code = _transition_row(self.pair, actions[0], actions[1])
         if self._moved_since is None:
             self._moved_since = self.t
         self.pair = torch.index_select(self._next_pair, 0, code, out=out)
@@ -479,8 +486,7 @@ class ChaseEnv:
             raise InterbrainError(f"settle needs the pairs [{moved + 1}, {B}] and actions [{moved}, 2, {B}] of the "
                                   f"{moved} moves since the last settle; got pairs {list(pairs.shape)}, actions "
                                   f"{list(actions.shape)}")
-        code = torch.add(torch.add(actions[:, 1], actions[:, 0], alpha=N_ACTIONS), pairs[:-1],
-                         alpha=N_ACTIONS * N_ACTIONS)
+        code = _transition_row(pairs[:-1], actions[:, 0], actions[:, 1])
         bits = self._step_flags[code]  # [T, B]: chaser blocked, explorer blocked, collision (1, 2, 4)
         flags = torch.stack([bits & 1, bits & 2, bits & 4]) > 0  # [3, T, B]
         landing = torch.stack([pairs[1:] // N_CELLS, pairs[1:] % N_CELLS]).transpose(1, 2)  # [2, B, T]: c', e'
@@ -498,7 +504,7 @@ class ChaseEnv:
     def _advance(self, ca: Tensor, ea: Tensor) -> CoreStep:
         """Steps 1-4 and 7 of SPEC §1.2 plus the rewards; moves the agents and returns the core flags."""
         # 1-3. both moves and the collision flags: one row of the transition table (see _transition)
-        row = self._transition[torch.add(torch.add(ea, ca, alpha=N_ACTIONS), self.pair, alpha=N_ACTIONS * N_ACTIONS)]
+        row = self._transition[_transition_row(self.pair, ca, ea)]
         cols = row.t()  # c', e', chaser blocked, explorer blocked, 2 · collision, pair'
         flags = cols[2:5].bool()
         # 4. new field: own landing cell not yet visited (a blocked or bumped agent stays on a visited cell).

@@ -107,9 +107,8 @@ class StackedMinRNN(Agent):
         return logits, value, h2, (h1, h2)
 
     def sequence(self, obs, state0=None, *, pre: tuple[torch.Tensor, ...] | None = None):
-        batch = (obs if pre is None else pre[0]).shape[1]
-        device = (obs if pre is None else pre[0]).device
-        h1, h2 = self.initial_state(batch, device) if state0 is None else state0
+        first = obs if pre is None else pre[0]
+        h1, h2 = self.initial_state(first.shape[1], first.device) if state0 is None else state0
         hidden = self.layer2.sequence(self.layer1.sequence(obs, h1, pre), h2)
         logits, value = self.readout(hidden)
         return logits, value, hidden

@@ -25,7 +25,6 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from interbrain.agents.base import (HIDDEN, N_ACTIONS, N_CELLS, OBS_DIM, Agent, FrobeniusNorm, gather_index, gather_rows,
@@ -261,11 +260,23 @@ class RNNAgent(Agent):
         return torch.linalg.matrix_norm(self.rnn.weight_ih_l0)
 
 
+def step_rows(rows: torch.Tensor, h: torch.Tensor, table: torch.Tensor, weight_hh_t: torch.Tensor, heads,
+              hidden_out: torch.Tensor | None = None, heads_out: torch.Tensor | None = None):
+    """One acting step of E stacked units from their input-table rows: rows [E, B, 2] (the observation index plus each
+    unit's row offset), h [E, B, 256], ``table`` the stacked input table, ``weight_hh_t`` W_hh^T [E, 256, 256],
+    ``heads`` the joint heads (weight^T [E, 256, 5], bias [E, 1, 5]) -> (the joint heads [E, B, 5]: 4 logits, then
+    the value; the new h [E, B, 256]), written into ``heads_out``/``hidden_out`` when given (``hidden_out`` must not
+    share memory with h). Each unit's products are those of :meth:`RNNAgent.step_index` (``baddbmm`` with the bias: on
+    CPU the same bits)."""
+    h = torch.baddbmm(sum_rows(table, rows.reshape(-1, 2)).view(h.shape), h, weight_hh_t, out=hidden_out).relu_()
+    weight, bias = heads
+    return torch.baddbmm(bias, h, weight, out=heads_out), h
+
+
 class RNNPair:
-    """Both agents of a pair acting as one batched call (issue 6): a :class:`StackedRNN` of the two, stepped as
-    :meth:`StackedRNN.step_index` steps it (one gather from the two stacked input tables, one ``baddbmm`` for the two
-    recurrences and one for the two joint heads), written out flat: the rollout's loop runs it every step. The
-    environment adds :attr:`row_offsets` to the observation index (``observation_index(offsets=...)``), so the step
+    """Both agents of a pair acting as one batched call (issue 6): a :class:`StackedRNN` of the two, stepped by
+    :func:`step_rows` as :meth:`StackedRNN.step_index` steps it (one gather from the two stacked input tables, one
+    ``baddbmm`` for the two recurrences and one for the two joint heads). The environment adds :attr:`row_offsets` to the observation index (``observation_index(offsets=...)``), so the step
     gets the table rows directly. On CPU ``baddbmm`` runs each agent's product as the ``addmm`` of
     :meth:`RNNAgent.step_index` does, so the results are the same bits (``tests/test_fast_paths.py``); on CUDA the
     batched kernel may round differently, and the first learning epoch then replays the states the agents actually
@@ -276,7 +287,7 @@ class RNNPair:
     def __init__(self, *agents: RNNAgent):
         with torch.no_grad():
             stack = StackedRNN(list(agents)).requires_grad_(False)
-            self.table, (self.head_weight, self.head_bias) = stack.input_table(), stack.heads()
+            self.table, self.heads = stack.input_table(), stack.heads()
             self.weight_hh = stack.weight_hh.transpose(1, 2)
         self.row_offsets = stacked_row_offsets(2, self.table.device)  # each agent's rows in the stacked table
         self.keys = [param_key(a) for a in agents]
@@ -289,10 +300,7 @@ class RNNPair:
         """rows [2, B, 2] (the observation index plus :attr:`row_offsets`, contiguous), h [2, B, 256] -> the new h,
         written into ``hidden_out`` [2, B, 256] (which must not share memory with ``h``) and returned; the joint heads
         (4 logits, then the value) written into ``heads_out`` [2, B, 5]."""
-        x = F.embedding_bag(rows.view(-1, 2), self.table, mode="sum").view(h.shape)  # sum_rows without autograd
-        h = torch.baddbmm(x, h, self.weight_hh, out=hidden_out).relu_()
-        torch.baddbmm(self.head_bias, h, self.head_weight, out=heads_out)
-        return h
+        return step_rows(rows, h, self.table, self.weight_hh, self.heads, hidden_out, heads_out)[1]
 
     def states(self, h: torch.Tensor) -> list[tuple]:
         return [(h[i],) for i in range(len(self.keys))]
@@ -395,10 +403,6 @@ class StackedRNN(nn.Module):
         """[E·201, 256]: unit e's :meth:`RNNAgent.input_table` in rows 201 e .. 201 e + 200."""
         return StackedInputTable.apply(self.input_rows, self.bias_ih, self.bias_hh)
 
-    def gather(self, index: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
-        """W_ih x + b_ih + b_hh per unit for observation indices [..., E, B, 2] -> [..., E, B, 256]."""
-        return sum_rows(table, (index + self.row_offsets).reshape(-1, 2)).view(*index.shape[:-1], HIDDEN)
-
     def _joint_heads(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Joint heads per unit (4 logits, then the value): weight [E, 5, 256], bias [E, 5]."""
         return (torch.cat([self.action_weight, self.value_weight], 1),
@@ -414,10 +418,9 @@ class StackedRNN(nn.Module):
         """One step of every unit while acting: index [E, B, 2], h [E, B, 256] -> logits, value, h (written into
         ``hidden_out``/``heads_out`` when given: [E, B, 256] not sharing memory with h, [E, B, 5]). ``table`` and
         ``heads`` are :meth:`input_table` and :meth:`heads`, built once per rollout. Each unit's products are those of
-        :meth:`RNNAgent.step_index` (``baddbmm`` with the bias: on CPU the same bits)."""
-        h = torch.baddbmm(self.gather(index, table), h, self.weight_hh.transpose(1, 2), out=hidden_out).relu_()
-        weight, bias = heads
-        out = torch.baddbmm(bias, h, weight, out=heads_out)
+        :meth:`RNNAgent.step_index` (:func:`step_rows`)."""
+        out, h = step_rows(index + self.row_offsets, h, table, self.weight_hh.transpose(1, 2), heads, hidden_out,
+                           heads_out)
         return out[..., :N_ACTIONS], out[..., N_ACTIONS], h
 
     def sequence_index(self, index: torch.Tensor, state0=None):
