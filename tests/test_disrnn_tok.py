@@ -173,6 +173,26 @@ def test_tok_transformer_sequence_continues_any_state(t0):
     torch.testing.assert_close(h_tail, h_all[t0:], **TOL)
 
 
+@pytest.mark.parametrize("S", [1, 2, 3, 4])
+def test_tok_transformer_last_block_for_last_tokens_equals_the_full_causal_block(S):
+    """The learning pass runs its last block for each step's last token only (last_tokens_block): the outputs and
+    every gradient (block parameters and input) equal the full causal block's, read at those tokens."""
+    from interbrain.agents.tok_transformer import last_tokens_block
+
+    torch.manual_seed(S)
+    block = make_agent("tok_transformer", "matched", window=20).blocks[-1]
+    x = torch.randn(3, 7 * S, 64, requires_grad=True)
+    full = block.causal(x)[:, S - 1::S]
+    weights = torch.randn_like(full)
+    grads_full = torch.autograd.grad((full * weights).sum(), [x, *block.parameters()])
+    mine = last_tokens_block(block, x, S)
+    grads_mine = torch.autograd.grad((mine * weights).sum(), [x, *block.parameters()])
+    torch.testing.assert_close(mine, full, rtol=1e-5, atol=1e-5)
+    for g_mine, g_full in zip(grads_mine, grads_full):
+        torch.testing.assert_close(g_mine, g_full, rtol=1e-4, atol=1e-5)
+    assert grads_mine[0][:, -1].abs().sum() > 0  # the last token reaches the output
+
+
 # --- causality and memory ------------------------------------------------------------------------------
 CAUSAL_CASES = [("disrnn", {}), ("tok_transformer", {}), ("tok_transformer", {"tok_mode": "concat"}),
                 ("tok_transformer", {"tok_compute": 0})]

@@ -46,7 +46,7 @@ from torch.nn import functional as F
 
 from interbrain.agents.base import HIDDEN, N_CELLS, OBS_DIM, Agent, check_size, init_heads, register
 from interbrain.agents.transformer import (CHUNK_ELEMENTS, HEADS, LAYERS, SIZES, CausalBlock, WindowedContext,
-                                          append_along)
+                                          append_along, attend)
 from interbrain.config import AgentConfig
 from interbrain.errors import InterbrainError
 
@@ -63,15 +63,32 @@ def index_from_obs(obs: torch.Tensor) -> torch.Tensor:
 
 
 def cached_block(block: CausalBlock, x: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                 capacity: int | None = None):
+                 capacity: int | None = None, last_only: bool = False):
     """A step's S new tokens ``x`` [N, S, d] through ``block``: token j attends to the cached keys/values and to the
-    new tokens 0..j. Returns ``(out [N, S, d], k, v)`` with the caches extended (see ``append_along``)."""
+    new tokens 0..j. Returns ``(out [N, S, d], k, v)`` with the caches extended (see ``append_along``); with
+    ``last_only`` (the last block, whose other outputs nothing reads), out is the last token's only, [N, 1, d]."""
     q, k, v = block._qkv(x)
     n, S = k_cache.shape[2], x.shape[1]
     k = append_along(k_cache, k, 2, capacity)
     v = append_along(v_cache, v, 2, capacity)
+    if last_only:  # the last token attends to every cached and new token
+        return block._finish(x[:, -1:], attend(q[:, :, -1:], k, v)), k, v
     mask = torch.ones(S, n + S, dtype=torch.bool, device=x.device).tril(n)
-    return block._finish(x, F.scaled_dot_product_attention(q, k, v, attn_mask=mask)), k, v
+    return block._finish(x, attend(q, k, v, mask)), k, v
+
+
+def last_tokens_block(block: CausalBlock, x: torch.Tensor, S: int) -> torch.Tensor:
+    """The last block of a causal pass over n steps of S tokens (``x`` [N, n·S, d]) for the only tokens whose output
+    is read, the last of each step: [N, n, d]. Every token's key and value are computed; the queries, the attention
+    output and the MLP only for those n tokens, each attending to the tokens up to itself (what ``block.causal`` gives
+    it: the same values to float tolerance, a third of the work for S = 3)."""
+    if S == 1:  # every token is a step's last
+        return block.causal(x)
+    q, k, v = block._qkv(x)
+    L = x.shape[1]
+    ends = torch.arange(S, L + 1, S, device=x.device)  # token j of step i's last token ((i+1)·S - 1) sees keys < ends[i]
+    allowed = torch.arange(L, device=x.device) < ends.unsqueeze(1)  # [n, L]
+    return block._finish(x[:, S - 1::S], F.scaled_dot_product_attention(q[:, :, S - 1::S], k, v, attn_mask=allowed))
 
 
 @register("tok_transformer")
@@ -146,9 +163,9 @@ class TokTransformerAgent(WindowedContext, Agent):
     def _causal_pass(self, tok: torch.Tensor) -> torch.Tensor:
         """Residual of every step's last token [N, n, d] for blocks [N, n, S, d] at step positions 0..n-1 (n <= W)."""
         x = self._positioned(tok)
-        for block in self.blocks:
+        for block in self.blocks[:-1]:
             x = block.causal(x)
-        return x[:, self.block_len - 1::self.block_len]
+        return last_tokens_block(self.blocks[-1], x, self.block_len)
 
     def _window_last(self, tok: torch.Tensor) -> torch.Tensor:
         """Residual [N, d] of the last token of each window's blocks [N, n, S, d], positions 0..n-1."""
@@ -190,7 +207,8 @@ class TokTransformerAgent(WindowedContext, Agent):
             x = self.tokens(index.unsqueeze(1))[:, 0] + self.position_embedding(t, t + 1)  # [B, S, d]
             new_cache = []
             for i, block in enumerate(self.blocks):
-                x, k, v = cached_block(block, x, cache[2 * i], cache[2 * i + 1], W * self.block_len)
+                x, k, v = cached_block(block, x, cache[2 * i], cache[2 * i + 1], W * self.block_len,
+                                       last_only=i == len(self.blocks) - 1)
                 new_cache += [k, v]
             if t + 1 == W:  # from now on every step recomputes its window from `ids`
                 new_cache = [c[:, :, :0] for c in new_cache]

@@ -59,6 +59,18 @@ def append_along(prefix: torch.Tensor, new: torch.Tensor, dim: int, capacity: in
     return base.narrow(dim, 0, n + m)
 
 
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor | None = None) -> torch.Tensor:
+    """Softmax attention of a step's few queries over a KV cache (acting): q [N, heads, S, dh], k and v
+    [N, heads, L, dh], ``allowed`` (bool [S, L], None: all) -> [N, heads, S, dh], as two batched products around a
+    softmax. On CPU, for S of 1 or 3 and dh 16 this is faster than ``scaled_dot_product_attention``'s flash kernel,
+    whose per-(row, head) set-up dominates there (issue 6); the result equals it to float tolerance, and both
+    attention agents' own step and their pair step use it, so these stay bit for bit equal."""
+    scores = torch.matmul(q, k.transpose(2, 3)).mul_(q.shape[-1] ** -0.5)
+    if allowed is not None:
+        scores.masked_fill_(~allowed, float("-inf"))
+    return torch.matmul(torch.softmax(scores, -1), v)
+
+
 class CausalBlock(nn.Module):
     """One pre-LN block: ``x += Attn(LN(x)); x += MLP(LN(x))``."""
 
@@ -101,7 +113,7 @@ class CausalBlock(nn.Module):
         q, k, v = self._qkv(x)
         k = append_along(k_cache, k, 2, capacity)
         v = append_along(v_cache, v, 2, capacity)
-        return self._finish(x, F.scaled_dot_product_attention(q, k, v)), k, v
+        return self._finish(x, attend(q, k, v)), k, v
 
 
 class WindowedContext:
@@ -272,8 +284,8 @@ class TransformerPair:
     KV-cache phase: a training episode of horizon <= window never leaves it). Per step: one gather from the two
     stacked input tables; per block, the products of both agents as one ``baddbmm`` each (the same bits as each
     agent's ``Linear``: ``addmm`` per batch on CPU), each LayerNorm as the plain normalisation followed by one
-    ``addcmul`` with the stacked affine weights (the same bits as the affine kernel), and one attention call over
-    both agents' 2·B rows (per-row, so the same bits); the KV caches and the input-embedding history are preallocated
+    ``addcmul`` with the stacked affine weights (the same bits as the affine kernel), and one :func:`attend` over
+    both agents' 2·B rows (batched products per row and head, so the same bits); the KV caches and the input-embedding history are preallocated
     for the whole episode. ``tests/test_fast_paths.py`` checks the bits against each agent's ``step_index``. Built from
     the current weights (no gradient); rebuild it after they change."""
 
@@ -335,7 +347,7 @@ class TransformerPair:
             k_cache, v_cache = caches[2 * i], caches[2 * i + 1]
             k_cache[:, :, t] = k[:, :, 0]
             v_cache[:, :, t] = v[:, :, 0]
-            attended = F.scaled_dot_product_attention(q, k_cache[:, :, :t + 1], v_cache[:, :, :t + 1])
+            attended = attend(q, k_cache[:, :, :t + 1], v_cache[:, :, :t + 1])
             x = x + torch.baddbmm(block["attn_out"][1], attended.transpose(1, 2).reshape(n, B, d), block["attn_out"][0])
             inner = torch.baddbmm(block["mlp_in"][1], self._layer_norm(x, block["ln_mlp"]), block["mlp_in"][0]).relu_()
             x = x + torch.baddbmm(block["mlp_out"][1], inner, block["mlp_out"][0])
