@@ -4,7 +4,10 @@ architecture x preset, the batched ensemble, the environment alone, the analysis
 Prints one JSON document with:
 
 - ``machine``, ``device`` and this device's dense matmul throughput (``matmul_gflops``: 1024^3 float32 products,
-  at ``--threads`` torch threads on CPU);
+  at ``--threads`` torch threads on CPU, as ``torch.mm`` runs them, i.e. MKL on CPU, the kernels every product of the
+  code runs on); on CPU also the same product through oneDNN (``onednn_matmul_gflops``), which can be much faster
+  where MKL takes a slower code path (on AMD processors MKL runs AVX2 kernels, oneDNN AVX-512 ones), and
+  ``hardware_gflops``, the faster of the two;
 - ``env_only_steps_per_s_batch40``: the vectorised environment alone (full step with every event);
   ``env_rollout_path_steps_per_s_batch40``: the environment as a training rollout drives it (per step the observation
   index and ``ChaseEnv.move``; per 100-step episode batch the reset and ``settle_rollout``: rewards, events, record);
@@ -12,7 +15,8 @@ Prints one JSON document with:
   ``rnn`` ran too, that time over the RNN's (``vs_rnn``, same size and preset), env steps/s,
   the rollout's share of the update, the update's floating-point work and that work as a fraction of the device's
   matmul throughput (``matmul_fraction`` = GFLOP per update / seconds / ``matmul_gflops``: 1.0 would be an update
-  that is nothing but dense matmuls at full speed); ``rollout_overhead_fraction``: the share of the rollout's time
+  that is nothing but dense matmuls at full speed; ``hardware_fraction``: the same against ``hardware_gflops``);
+  ``rollout_overhead_fraction``: the share of the rollout's time
   that is not matrix work, taking its counted matrix work (``rollout_gflop``) at the full ``matmul_gflops`` rate (an
   upper bound on the overhead: the rollout's small per-step products run below that rate);
 - ``ensemble`` (``--ensemble E``): E ``rnn`` units of one preset trained as one batch (:mod:`interbrain.ensemble`)
@@ -79,6 +83,24 @@ def matmul_gflops(device: torch.device, n: int = 1024, repeats: int = 20) -> flo
     for _ in range(repeats):
         a @ b
     sync(device)
+    return 2 * n**3 * repeats / (time.perf_counter() - t) / 1e9
+
+
+def onednn_matmul_gflops(device: torch.device, n: int = 1024, repeats: int = 20) -> float | None:
+    """The same 1024^3 float32 product through oneDNN (``torch.ops.mkldnn._linear_pointwise``), which torch does not
+    use for float32 matmuls (they go to MKL). Where MKL takes a slower code path than the processor offers (on AMD
+    processors MKL runs its AVX2 kernels, oneDNN its AVX-512 ones) this is the higher, truer hardware limit. None on
+    CUDA or where this torch has no oneDNN."""
+    linear = getattr(torch.ops.mkldnn, "_linear_pointwise", None)
+    if device.type != "cpu" or linear is None or not torch.backends.mkldnn.is_available():
+        return None
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    product = lambda: linear(a, b, None, "none", [], "")  # noqa: E731  (a b^T)
+    if not torch.allclose(product(), a @ b.t(), rtol=1e-4, atol=1e-3):
+        return None
+    t = time.perf_counter()
+    for _ in range(repeats):
+        product()
     return 2 * n**3 * repeats / (time.perf_counter() - t) / 1e9
 
 
@@ -261,6 +283,10 @@ def main() -> None:
     peak = matmul_gflops(device)
     results = [time_update(arch, size, preset, args.warmup, args.repeats, device, peak)
                for arch in args.archs.split(",") for size in args.sizes.split(",") for preset in args.presets.split(",")]
+    onednn = onednn_matmul_gflops(device)
+    hardware = max(peak, onednn or 0.0)
+    for r in results:  # the same work against the faster of the two measured products
+        r["hardware_fraction"] = r["gflop_per_update"] / r["seconds_per_update"] / hardware
     rnn = {(r["size"], r["preset"]): r["seconds_per_update"] for r in results if r["arch"] == "rnn"}
     for r in results:  # issue 6: every other architecture within 3x of the RNN (same run, size and preset)
         if (r["size"], r["preset"]) in rnn:
@@ -272,6 +298,8 @@ def main() -> None:
         "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor(),
         "matmul_gflops": peak,
+        "onednn_matmul_gflops": onednn,
+        "hardware_gflops": hardware,
         "env_only_steps_per_s_batch40": env_steps_per_s(device),
         "env_rollout_path_steps_per_s_batch40": env_rollout_path_steps_per_s(device),
         "updates": results,

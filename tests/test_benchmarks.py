@@ -43,3 +43,14 @@ def test_cpu_attention_is_counted():
     with bench.flop_counter() as counter:
         out.sum().backward()
     assert counter.get_total_flops() == 5 * forward // 2
+
+
+def test_onednn_peak_is_measured_on_cpu_only():
+    """The oneDNN rate times the product a b^T (checked against torch.mm inside) on CPU; other devices get None."""
+    assert bench.onednn_matmul_gflops(torch.device("cuda"), n=8, repeats=1) is None
+    rate = bench.onednn_matmul_gflops(torch.device("cpu"), n=64, repeats=2)
+    if torch.backends.mkldnn.is_available():
+        assert rate is not None and rate > 0
+    linear = torch.ops.mkldnn._linear_pointwise
+    a, b = torch.randn(5, 7), torch.randn(3, 7)
+    torch.testing.assert_close(linear(a, b, None, "none", [], ""), a @ b.t())

@@ -33,6 +33,7 @@ from typing import Callable, ClassVar
 import torch
 from torch import nn
 
+from interbrain.agents.linear import Linear, linear
 from interbrain.config import AgentConfig
 from interbrain.env import obs_from_index
 from interbrain.errors import InterbrainError
@@ -65,8 +66,8 @@ class Agent(nn.Module):
     def __init__(self, config: AgentConfig):
         super().__init__()
         self.config = config
-        self.action_head = nn.Linear(HIDDEN, N_ACTIONS)
-        self.value_head = nn.Linear(HIDDEN, 1)
+        self.action_head = Linear(HIDDEN, N_ACTIONS)
+        self.value_head = Linear(HIDDEN, 1)
         self._derived: dict[str, tuple] = {}  # see `cached`
 
     # --- contract -------------------------------------------------------------------------------
@@ -120,7 +121,7 @@ class Agent(nn.Module):
         backward instead of twice that."""
         weight, bias = self.cached("heads", (self.action_head.weight, self.action_head.bias, self.value_head.weight,
                                              self.value_head.bias), self._joint_heads)
-        out = torch.nn.functional.linear(hidden, weight, bias)
+        out = linear(hidden, weight, bias)
         return out[..., :N_ACTIONS], out[..., N_ACTIONS]
 
     def _joint_heads(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -312,7 +313,7 @@ class TorchRNNAgent(Agent):
     def _build_projection(self) -> None:
         self.carries_hidden = self.width == HIDDEN
         if not self.carries_hidden:
-            self.proj = nn.Linear(self.width, HIDDEN)
+            self.proj = Linear(self.width, HIDDEN)
             nn.init.kaiming_uniform_(self.proj.weight, nonlinearity="relu")
             nn.init.zeros_(self.proj.bias)
 

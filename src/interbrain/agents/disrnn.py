@@ -52,6 +52,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from interbrain.agents.base import HIDDEN, N_CELLS, OBS_DIM, Agent, check_size, init_heads, register
+from interbrain.agents.linear import Linear
 from interbrain.config import AgentConfig
 
 LATENTS = 10
@@ -99,7 +100,7 @@ class DisRNNAgent(Agent):
         self.latent_in_multiplier = nn.Parameter(torch.ones(L, L))
         self.latent_sigma_param = nn.Parameter(torch.rand(L) * 0.05)
         self.latent_init = nn.Parameter(torch.rand(L) * 0.2 - 0.1)
-        self.hidden_proj = nn.Linear(L, HIDDEN)
+        self.hidden_proj = Linear(L, HIDDEN)
         nn.init.kaiming_uniform_(self.hidden_proj.weight, nonlinearity="relu")
         nn.init.zeros_(self.hidden_proj.bias)
         init_heads(self)

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from interbrain.agents.base import HIDDEN, OBS_DIM, Agent, check_size, gather_index, index_table, init_heads, register
+from interbrain.agents.linear import Linear
 from interbrain.agents.ssm import chunked_linear_scan
 from interbrain.config import AgentConfig
 
@@ -63,8 +64,8 @@ class MinGRULayer(InputGatedLayer):
 
     def __init__(self, d_in: int, width: int):
         super().__init__()
-        self.gate = nn.Linear(d_in, width)
-        self.cand = nn.Linear(d_in, width)
+        self.gate = Linear(d_in, width)
+        self.cand = Linear(d_in, width)
         nn.init.xavier_uniform_(self.cand.weight)
         nn.init.zeros_(self.cand.bias)
         nn.init.xavier_uniform_(self.gate.weight, gain=0.5)

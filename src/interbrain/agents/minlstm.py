@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from interbrain.agents.base import register
+from interbrain.agents.linear import Linear
 from interbrain.agents.mingru import InputGatedLayer, StackedMinRNN
 
 
@@ -33,9 +34,9 @@ class MinLSTMLayer(InputGatedLayer):
 
     def __init__(self, d_in: int, width: int):
         super().__init__()
-        self.forget = nn.Linear(d_in, width)
-        self.input = nn.Linear(d_in, width)
-        self.cand = nn.Linear(d_in, width)
+        self.forget = Linear(d_in, width)
+        self.input = Linear(d_in, width)
+        self.cand = Linear(d_in, width)
         nn.init.xavier_uniform_(self.cand.weight)
         nn.init.zeros_(self.cand.bias)
         for gate, bias in ((self.forget, 1.0), (self.input, -1.0)):

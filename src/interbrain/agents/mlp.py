@@ -18,6 +18,7 @@ from torch import nn
 
 from interbrain.agents.base import (HIDDEN, N_CELLS, OBS_DIM, Agent, check_size, index_offsets, index_table, init_heads,
                                     register)
+from interbrain.agents.linear import Linear
 from interbrain.config import AgentConfig
 
 FRAMES = 8
@@ -36,8 +37,8 @@ class MLPAgent(Agent):
         super().__init__(config)
         check_size(config, WIDTHS)
         width = WIDTHS[config.size]
-        self.fc1 = nn.Linear(FRAMES * OBS_DIM, width)
-        self.fc2 = nn.Linear(width, HIDDEN)
+        self.fc1 = Linear(FRAMES * OBS_DIM, width)
+        self.fc2 = Linear(width, HIDDEN)
         for layer in (self.fc1, self.fc2):
             nn.init.kaiming_uniform_(layer.weight, nonlinearity="relu")
             nn.init.zeros_(layer.bias)

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from interbrain.agents.base import HIDDEN, OBS_DIM, Agent, check_size, init_heads, register
+from interbrain.agents.linear import Linear
 from interbrain.config import AgentConfig
 
 WIDTHS = {"std": 256, "matched": 128}  # internal width of both layers
@@ -69,9 +70,9 @@ class GatedDiagonalLayer(nn.Module):
 
     def __init__(self, d_in: int, width: int, d_out: int):
         super().__init__()
-        self.inp = nn.Linear(d_in, width)
-        self.decay = nn.Linear(width, width)
-        self.mix = nn.Linear(width, d_out)
+        self.inp = Linear(d_in, width)
+        self.decay = Linear(width, width)
+        self.mix = Linear(width, d_out)
         for layer in (self.inp, self.mix):
             nn.init.xavier_uniform_(layer.weight)
             nn.init.zeros_(layer.bias)

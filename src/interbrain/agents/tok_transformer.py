@@ -45,6 +45,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from interbrain.agents.base import HIDDEN, N_CELLS, OBS_DIM, Agent, check_size, init_heads, register
+from interbrain.agents.linear import Linear
 from interbrain.agents.transformer import (CHUNK_ELEMENTS, HEADS, LAYERS, SIZES, CausalBlock, WindowedContext,
                                           append_along, attend)
 from interbrain.config import AgentConfig
@@ -129,7 +130,7 @@ class TokTransformerAgent(WindowedContext, Agent):
         self.blocks = nn.ModuleList(CausalBlock(d, HEADS, self.mlp_width, out_gain) for _ in range(LAYERS))
         self.final_ln = nn.LayerNorm(d)
         if config.size == "matched":
-            self.hidden_proj = nn.Linear(d, HIDDEN)
+            self.hidden_proj = Linear(d, HIDDEN)
             nn.init.kaiming_uniform_(self.hidden_proj.weight, nonlinearity="relu")
             nn.init.zeros_(self.hidden_proj.bias)
         else:

@@ -30,6 +30,7 @@ from torch.nn import functional as F
 
 from interbrain.agents.base import (HIDDEN, OBS_DIM, Agent, check_size, index_table, init_heads, param_key, register,
                                     stacked_row_offsets)
+from interbrain.agents.linear import Linear
 from interbrain.config import AgentConfig
 from interbrain.errors import InterbrainError
 
@@ -78,11 +79,11 @@ class CausalBlock(nn.Module):
         super().__init__()
         self.heads = heads
         self.ln_attn = nn.LayerNorm(d_model)
-        self.qkv = nn.Linear(d_model, 3 * d_model)
-        self.attn_out = nn.Linear(d_model, d_model)
+        self.qkv = Linear(d_model, 3 * d_model)
+        self.attn_out = Linear(d_model, d_model)
         self.ln_mlp = nn.LayerNorm(d_model)
-        self.mlp_in = nn.Linear(d_model, mlp)
-        self.mlp_out = nn.Linear(mlp, d_model)
+        self.mlp_in = Linear(d_model, mlp)
+        self.mlp_out = Linear(mlp, d_model)
         for layer, gain in ((self.qkv, 1.0), (self.mlp_in, 1.0), (self.attn_out, out_gain), (self.mlp_out, out_gain)):
             nn.init.xavier_uniform_(layer.weight, gain=gain)
             nn.init.zeros_(layer.bias)
@@ -153,7 +154,7 @@ class TransformerAgent(WindowedContext, Agent):
         self.d_model = SIZES[config.size]["d_model"]
         mlp = SIZES[config.size]["mlp"]
         self.mlp_width = mlp
-        self.inp = nn.Linear(OBS_DIM, self.d_model)
+        self.inp = Linear(OBS_DIM, self.d_model)
         nn.init.xavier_uniform_(self.inp.weight)
         nn.init.zeros_(self.inp.bias)
         self.pos_table = nn.Parameter(torch.empty(self.window, self.d_model))
@@ -162,7 +163,7 @@ class TransformerAgent(WindowedContext, Agent):
         self.blocks = nn.ModuleList(CausalBlock(self.d_model, HEADS, mlp, out_gain) for _ in range(LAYERS))
         self.final_ln = nn.LayerNorm(self.d_model)
         if config.size == "matched":
-            self.hidden_proj = nn.Linear(self.d_model, HIDDEN)
+            self.hidden_proj = Linear(self.d_model, HIDDEN)
             nn.init.kaiming_uniform_(self.hidden_proj.weight, nonlinearity="relu")
             nn.init.zeros_(self.hidden_proj.bias)
         else:

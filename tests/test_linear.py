@@ -1,0 +1,96 @@
+"""`interbrain.agents.linear`: the oneDNN dense layer equals torch's (values and every gradient, to float tolerance),
+small inputs keep torch's kernel bit for bit, and the backend choice is fixed, validated and overridable."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from interbrain.agents import linear as L
+from interbrain.errors import InterbrainError
+
+needs_onednn = pytest.mark.skipif(not L.onednn_available(), reason="this torch has no oneDNN")
+
+
+@pytest.fixture
+def backend(monkeypatch):
+    """Set INTERBRAIN_CPU_MATMUL for one test (the choice is cached per process: cleared before and after)."""
+    def use(value: str) -> str:
+        monkeypatch.setenv(L.ENV_VAR, value)
+        L.cpu_backend.cache_clear()
+        return L.cpu_backend()
+    yield use
+    monkeypatch.delenv(L.ENV_VAR, raising=False)
+    L.cpu_backend.cache_clear()
+
+
+@needs_onednn
+@pytest.mark.parametrize("shape,bias", [((300, 64), True), ((3, 100, 64), True), ((4000, 64), False), ((7, 40, 64), True)])
+def test_onednn_linear_equals_torch_values_and_gradients(backend, shape, bias):
+    assert backend("onednn") == "onednn"
+    torch.manual_seed(0)
+    x = torch.randn(*shape, requires_grad=True)
+    w = torch.randn(192, 64, requires_grad=True)
+    b = torch.randn(192, requires_grad=True) if bias else None
+    params = [x, w] + ([b] if bias else [])
+    g = torch.randn(*shape[:-1], 192)
+    ref = F.linear(x, w, b)
+    ref_grads = torch.autograd.grad((ref * g).sum(), params)
+    out = L.linear(x, w, b)
+    grads = torch.autograd.grad((out * g).sum(), params)
+    assert out.shape == ref.shape and out.grad_fn is not None
+    assert "OneDNNLinear" in type(out.grad_fn).__name__ or any(
+        "OneDNNLinear" in type(f[0]).__name__ for f in out.grad_fn.next_functions if f[0] is not None)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-4)
+    for mine, theirs in zip(grads, ref_grads):
+        torch.testing.assert_close(mine, theirs, rtol=1e-5, atol=1e-3)
+
+
+@needs_onednn
+def test_small_inputs_and_other_dtypes_keep_torchs_kernel_bit_for_bit(backend):
+    backend("onednn")
+    torch.manual_seed(1)
+    w, b = torch.randn(192, 64), torch.randn(192)
+    small = torch.randn(L.MIN_ROWS - 1, 64)  # acting sizes: e.g. 40 episodes
+    assert torch.equal(L.linear(small, w, b), F.linear(small, w, b))
+    big64 = torch.randn(L.MIN_ROWS, 64, dtype=torch.float64)
+    assert torch.equal(L.linear(big64, w.double(), b.double()), F.linear(big64, w.double(), b.double()))
+
+
+@needs_onednn
+def test_the_torch_backend_is_torchs_kernel(backend):
+    assert backend("torch") == "torch"
+    x, w = torch.randn(4000, 64), torch.randn(192, 64)
+    assert torch.equal(L.linear(x, w), F.linear(x, w))
+
+
+@needs_onednn
+def test_double_backward_is_refused(backend):
+    backend("onednn")
+    x = torch.randn(L.MIN_ROWS, 8, requires_grad=True)
+    w = torch.randn(3, 8, requires_grad=True)
+    (gx,) = torch.autograd.grad(L.linear(x, w).square().sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError):
+        gx.sum().backward()
+
+
+def test_backend_choice_is_validated(backend):
+    with pytest.raises(InterbrainError, match="INTERBRAIN_CPU_MATMUL='blas' is not one of"):
+        backend("blas")
+    assert backend("auto") in ("torch", "onednn")
+    expected = "onednn" if L.onednn_available() and torch.backends.cpu.get_cpu_capability() == "AVX512" else "torch"
+    assert backend("auto") == expected
+
+
+def test_linear_module_is_nn_linear_with_the_same_parameters_and_init():
+    torch.manual_seed(3)
+    mine = L.Linear(200, 64)
+    torch.manual_seed(3)
+    theirs = nn.Linear(200, 64)
+    assert isinstance(mine, nn.Linear)
+    assert mine.state_dict().keys() == theirs.state_dict().keys()
+    assert all(torch.equal(mine.state_dict()[k], theirs.state_dict()[k]) for k in theirs.state_dict())
+    x = torch.randn(10, 200)
+    assert torch.equal(mine(x), theirs(x))  # 10 rows: torch's kernel
