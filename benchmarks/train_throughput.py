@@ -58,6 +58,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
 from interbrain.agents import ARCHITECTURES
+from interbrain.agents.linear import onednn_available
 from interbrain.checkpoint import save_checkpoint
 from interbrain.config import EnvConfig, make_train_config
 from interbrain.ensemble import EnsembleTrainer
@@ -152,6 +153,10 @@ def _inplace_baddbmm_flop(self_shape, a_shape, b_shape, *args, out_shape=None, *
     return 2 * a_shape[0] * a_shape[1] * a_shape[2] * b_shape[2]
 
 
+def _onednn_linear_flop(x_shape, w_shape, *args, out_shape=None, **kwargs) -> int:
+    return 2 * x_shape[0] * x_shape[1] * w_shape[0]  # x [M, K] @ w [N, K]^T
+
+
 def _cpu_attention_flop(q_shape, k_shape, v_shape, *args, out_shape=None, **kwargs) -> int:
     return sdpa_flop_count(q_shape, k_shape, v_shape)
 
@@ -162,11 +167,13 @@ def _cpu_attention_backward_flop(grad_shape, q_shape, k_shape, v_shape, *args, o
 
 def flop_counter() -> FlopCounterMode:
     """torch's counter, plus what it leaves out: the in-place ``addmm_`` / ``baddbmm_`` (the recurrences' weight
-    gradients are accumulated in place) and the CPU kernels of ``scaled_dot_product_attention`` (counted as torch
-    counts its CUDA kernels: the two products QK^T and PV in full, causal or not)."""
+    gradients are accumulated in place), oneDNN's dense-layer product (:mod:`interbrain.agents.linear`) and the CPU
+    kernels of ``scaled_dot_product_attention`` (counted as torch counts its CUDA kernels: the two products QK^T and
+    PV in full, causal or not)."""
     aten = torch.ops.aten
+    onednn = {torch.ops.mkldnn._linear_pointwise: _onednn_linear_flop} if onednn_available() else {}
     return FlopCounterMode(display=False, custom_mapping={
-        aten.addmm_: _inplace_addmm_flop, aten.baddbmm_: _inplace_baddbmm_flop,
+        **onednn, aten.addmm_: _inplace_addmm_flop, aten.baddbmm_: _inplace_baddbmm_flop,
         aten._scaled_dot_product_flash_attention_for_cpu: _cpu_attention_flop,
         aten._scaled_dot_product_flash_attention_for_cpu_backward: _cpu_attention_backward_flop})
 
