@@ -157,6 +157,17 @@ def _onednn_linear_flop(x_shape, w_shape, *args, out_shape=None, **kwargs) -> in
     return 2 * x_shape[0] * x_shape[1] * w_shape[0]  # x [M, K] @ w [N, K]^T
 
 
+def _onednn_rnn_flop(input_shape, w_ih_shape, w_hh_shape, *args, out_shape=None, **kwargs) -> int:
+    """oneDNN's recurrent layer (torch's CPU LSTM): the gate products of every step, 2·T·B·(|W_ih| + |W_hh|)."""
+    steps_rows = input_shape[0] * input_shape[1]
+    return 2 * steps_rows * (w_ih_shape[0] * w_ih_shape[1] + w_hh_shape[0] * w_hh_shape[1])
+
+
+def _onednn_rnn_backward_flop(input_shape, w_ih_shape, w_hh_shape, *args, out_shape=None, **kwargs) -> int:
+    """Its backward: the input/state gradients and the weight gradients, twice the forward's products."""
+    return 2 * _onednn_rnn_flop(input_shape, w_ih_shape, w_hh_shape)
+
+
 def _cpu_attention_flop(q_shape, k_shape, v_shape, *args, out_shape=None, **kwargs) -> int:
     return sdpa_flop_count(q_shape, k_shape, v_shape)
 
@@ -167,13 +178,14 @@ def _cpu_attention_backward_flop(grad_shape, q_shape, k_shape, v_shape, *args, o
 
 def flop_counter() -> FlopCounterMode:
     """torch's counter, plus what it leaves out: the in-place ``addmm_`` / ``baddbmm_`` (the recurrences' weight
-    gradients are accumulated in place), oneDNN's dense-layer product (:mod:`interbrain.agents.linear`) and the CPU
-    kernels of ``scaled_dot_product_attention`` (counted as torch counts its CUDA kernels: the two products QK^T and
+    gradients are accumulated in place), oneDNN's dense-layer product (:mod:`interbrain.agents.linear`) and recurrent
+    layer (torch's CPU LSTM runs on it), and the CPU kernels of ``scaled_dot_product_attention`` (counted as torch counts its CUDA kernels: the two products QK^T and
     PV in full, causal or not)."""
     aten = torch.ops.aten
     onednn = {torch.ops.mkldnn._linear_pointwise: _onednn_linear_flop} if onednn_available() else {}
     return FlopCounterMode(display=False, custom_mapping={
         **onednn, aten.addmm_: _inplace_addmm_flop, aten.baddbmm_: _inplace_baddbmm_flop,
+        aten.mkldnn_rnn_layer: _onednn_rnn_flop, aten.mkldnn_rnn_layer_backward: _onednn_rnn_backward_flop,
         aten._scaled_dot_product_flash_attention_for_cpu: _cpu_attention_flop,
         aten._scaled_dot_product_flash_attention_for_cpu_backward: _cpu_attention_backward_flop})
 

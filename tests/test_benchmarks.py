@@ -76,3 +76,19 @@ def test_dense_layer_flops_are_counted_on_either_kernel(monkeypatch, backend):
     finally:
         monkeypatch.delenv(L.ENV_VAR)
         L.cpu_backend.cache_clear()
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="torch's CPU LSTM runs on oneDNN only with it")
+def test_cpu_lstm_is_counted():
+    """torch's CPU LSTM (oneDNN's recurrent layer where torch uses it) counts its gate products: 2·T·B·4H·(I + H)
+    forward, twice that backward; torch's own counter leaves the kernel out."""
+    T, B, I, H = 6, 5, 7, 3
+    lstm = torch.nn.LSTM(I, H)
+    x = torch.randn(T, B, I, requires_grad=True)
+    with bench.flop_counter() as counter:
+        out = lstm(x)[0]
+    forward = 2 * T * B * 4 * H * (I + H)
+    assert counter.get_total_flops() == forward
+    with bench.flop_counter() as counter:
+        out.sum().backward()
+    assert counter.get_total_flops() == 2 * forward
