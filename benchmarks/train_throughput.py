@@ -4,8 +4,9 @@ architecture x preset, the batched ensemble, the environment alone, the analysis
 Prints one JSON document with:
 
 - ``machine``, ``device`` and this device's dense matmul throughput (``matmul_gflops``: 1024^3 float32 products,
-  at ``--threads`` torch threads on CPU, as ``torch.mm`` runs them, i.e. MKL on CPU, the kernels every product of the
-  code runs on); on CPU also the same product through oneDNN (``onednn_matmul_gflops``), which can be much faster
+  at ``--threads`` torch threads on CPU, as ``torch.mm`` runs them, i.e. MKL on x86 CPUs, the kernel of the code's
+  small and recurrent products; the large dense-layer products may run on oneDNN, ``interbrain.agents.linear``); on
+  CPU also the same product through oneDNN (``onednn_matmul_gflops``), which can be much faster
   where MKL takes a slower code path (on AMD processors MKL runs AVX2 kernels, oneDNN AVX-512 ones), and
   ``hardware_gflops``, the faster of the two;
 - ``env_only_steps_per_s_batch40``: the vectorised environment alone (full step with every event);

@@ -49,6 +49,17 @@ def test_onednn_linear_equals_torch_values_and_gradients(backend, shape, bias):
 
 
 @needs_onednn
+def test_non_contiguous_bias_is_read_as_its_values(backend):
+    """oneDNN reads a bias as dense memory: a strided or broadcast bias must give F.linear's values."""
+    backend("onednn")
+    torch.manual_seed(2)
+    x, w = torch.randn(300, 64), torch.randn(192, 64)
+    for bias in (torch.randn(384)[::2], torch.randn(1).expand(192), torch.randn(192, 2)[:, 1]):
+        assert not bias.is_contiguous()
+        torch.testing.assert_close(L.linear(x, w, bias), F.linear(x, w, bias), rtol=1e-5, atol=1e-4)
+
+
+@needs_onednn
 def test_small_inputs_and_other_dtypes_keep_torchs_kernel_bit_for_bit(backend):
     backend("onednn")
     torch.manual_seed(1)

@@ -5,6 +5,7 @@ import json
 import pytest
 import torch
 
+from interbrain.agents.linear import onednn_available
 from interbrain.checkpoint import load_checkpoint
 from interbrain.errors import InterbrainError
 from interbrain.train import train
@@ -47,6 +48,34 @@ def test_resume_is_bit_exact(tmp_path, tiny_overrides, arch, preset, kw):
     if arch == "disrnn":  # penalised from update 2 on
         aux = [x["learner"]["chaser"]["aux_loss"] for x in lines]
         assert aux[0] == 0.0 and all(a > 0 for a in aux[1:])
+
+
+@pytest.mark.skipif(not onednn_available(), reason="needs two CPU backends")
+def test_resume_under_another_cpu_backend_warns(tmp_path, tiny_overrides, monkeypatch, capsys):
+    """A resume under another CPU matmul backend (interbrain.agents.linear) cannot be bit for bit the uninterrupted
+    run: it says so on stderr and in the resumed event; under the same backend it says nothing."""
+    from interbrain.agents import linear as L
+
+    def resume_with(first: str, second: str, out):
+        monkeypatch.setenv(L.ENV_VAR, first)
+        L.cpu_backend.cache_clear()
+        _run(out, 2, tiny_overrides, "mlp")
+        monkeypatch.setenv(L.ENV_VAR, second)
+        L.cpu_backend.cache_clear()
+        capsys.readouterr()
+        _run(out, 3, tiny_overrides, "mlp")
+        events = [json.loads(x) for x in (out / "events.jsonl").read_text().splitlines()]
+        return [e for e in events if e["event"] == "resumed"][-1], capsys.readouterr().err
+
+    try:
+        event, err = resume_with("torch", "onednn", tmp_path / "a")
+        assert event["cpu_matmul"] == {"checkpoint": "torch", "now": "onednn"}
+        assert "not bit for bit" in err
+        event, err = resume_with("onednn", "onednn", tmp_path / "b")
+        assert "cpu_matmul" not in event and "not bit for bit" not in err
+    finally:
+        monkeypatch.delenv(L.ENV_VAR)
+        L.cpu_backend.cache_clear()
 
 
 def test_same_seed_same_weights_and_schedule(tmp_path, tiny_overrides):

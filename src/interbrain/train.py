@@ -27,7 +27,7 @@ from interbrain.env import ChaseEnv
 from interbrain.errors import InterbrainError, NonFiniteError
 from interbrain.io import append_jsonl, ensure_dir, write_text_atomic
 from interbrain.ppo import AGENTS, check_finite, collect_rollout, rollout_metrics, update_clipped, update_rllib
-from interbrain.provenance import now, provenance, resolve_device
+from interbrain.provenance import device_info, now, provenance, resolve_device
 
 MAX_ATTEMPTS = 2
 
@@ -223,8 +223,14 @@ class UnitOutput:
         if resume_from is not None:
             trainer = Trainer.from_checkpoint(resume_from, device, self.config)
             _truncate_metrics(self.metrics_path, trainer.update)
-            append_jsonl(self.events, {"event": "resumed", "update": trainer.update, "from": str(resume_from.path),
-                                       "time": now()})
+            event = {"event": "resumed", "update": trainer.update, "from": str(resume_from.path), "time": now()}
+            then, current = resume_from.provenance.get("cpu_matmul"), device_info(device).get("cpu_matmul")
+            if then != current:  # another kernel (interbrain.agents.linear): other float summation order from here on
+                event["cpu_matmul"] = {"checkpoint": then, "now": current}
+                print(f"warning: resuming from {resume_from.path} with CPU matmul backend {current!r} (the "
+                      f"checkpoint's: {then!r}): the continued run is not bit for bit the uninterrupted one",
+                      file=sys.stderr)
+            append_jsonl(self.events, event)
         else:
             trainer = Trainer(self.config, device)
             self.metrics_path.unlink(missing_ok=True)

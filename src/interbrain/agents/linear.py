@@ -9,9 +9,13 @@ learning pass's [4000, 64] x [64, 192] products 2.3x faster (``benchmarks/train_
 learning passes: below that, e.g. while acting on 40 episodes, MKL is as fast or faster), the forward product and
 the input gradient run on oneDNN (``torch.ops.mkldnn._linear_pointwise``); the weight gradient stays one MKL product
 (oneDNN would need two transposed copies first). :class:`Linear` is ``nn.Linear`` computed by it (same parameters,
-names and initialisation). The RNN's own products (:mod:`interbrain.agents.rnn`) are not routed here.
+names and initialisation). The RNN's own products (:mod:`interbrain.agents.rnn`) are not routed here. The batched
+pair steps (``RNNPair``, ``TransformerPair``) keep torch's kernel, so they equal each agent's own step bit for bit for
+acting batches under :data:`MIN_ROWS` episodes (the default 40); steps past an attention agent's window recompute
+windows of B·W rows, which may take oneDNN.
 
-The backend is fixed per process, so fixed seeds stay deterministic: :func:`cpu_backend` reads
+The backend is fixed per process, so fixed seeds stay deterministic (a resume under another backend warns that it
+is not bit for bit the uninterrupted run, :class:`interbrain.train.UnitOutput`): :func:`cpu_backend` reads
 ``INTERBRAIN_CPU_MATMUL`` = ``auto`` (default: oneDNN when torch has it and runs with AVX-512 kernels, else torch's
 own), ``torch`` or ``onednn``. The two differ in float summation order only (results equal to float tolerance,
 ``tests/test_linear.py``).
@@ -53,7 +57,8 @@ def cpu_backend() -> str:
 
 
 def _onednn_product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """x [M, in] @ weight [out, in]^T (+ bias) on oneDNN."""
+    """x [M, in] @ weight [out, in]^T (+ bias) on oneDNN (which reads every operand as dense: made contiguous)."""
+    bias = None if bias is None else bias.contiguous()
     return torch.ops.mkldnn._linear_pointwise(x.contiguous(), weight.contiguous(), bias, "none", [], "")
 
 
