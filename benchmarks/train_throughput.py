@@ -77,15 +77,20 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def matmul_gflops(device: torch.device, n: int = 1024, repeats: int = 20) -> float:
-    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
-    a @ b
+def _product_gflops(product, n: int, repeats: int, device: torch.device) -> float:
+    """GFLOP/s of ``product()``, an n x n x n float32 product, over ``repeats`` calls after one warm-up call."""
+    product()
     sync(device)
     t = time.perf_counter()
     for _ in range(repeats):
-        a @ b
+        product()
     sync(device)
     return 2 * n**3 * repeats / (time.perf_counter() - t) / 1e9
+
+
+def matmul_gflops(device: torch.device, n: int = 1024, repeats: int = 20) -> float:
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+    return _product_gflops(lambda: a @ b, n, repeats, device)
 
 
 def onednn_matmul_gflops(device: torch.device, n: int = 1024, repeats: int = 20) -> float | None:
@@ -93,17 +98,13 @@ def onednn_matmul_gflops(device: torch.device, n: int = 1024, repeats: int = 20)
     use for float32 matmuls (they go to MKL). Where MKL takes a slower code path than the processor offers (on AMD
     processors MKL runs its AVX2 kernels, oneDNN its AVX-512 ones) this is the higher, truer hardware limit. None on
     CUDA or where this torch has no oneDNN."""
-    linear = getattr(torch.ops.mkldnn, "_linear_pointwise", None)
-    if device.type != "cpu" or linear is None or not torch.backends.mkldnn.is_available():
+    if device.type != "cpu" or not onednn_available():
         return None
     a, b = torch.randn(n, n), torch.randn(n, n)
-    product = lambda: linear(a, b, None, "none", [], "")  # noqa: E731  (a b^T)
+    product = lambda: torch.ops.mkldnn._linear_pointwise(a, b, None, "none", [], "")  # noqa: E731  (a b^T)
     if not torch.allclose(product(), a @ b.t(), rtol=1e-4, atol=1e-3):
         return None
-    t = time.perf_counter()
-    for _ in range(repeats):
-        product()
-    return 2 * n**3 * repeats / (time.perf_counter() - t) / 1e9
+    return _product_gflops(product, n, repeats, device)
 
 
 def env_steps_per_s(device: torch.device, batch: int = 40, steps: int = 2000) -> float:
@@ -180,8 +181,8 @@ def _cpu_attention_backward_flop(grad_shape, q_shape, k_shape, v_shape, *args, o
 def flop_counter() -> FlopCounterMode:
     """torch's counter, plus what it leaves out: the in-place ``addmm_`` / ``baddbmm_`` (the recurrences' weight
     gradients are accumulated in place), oneDNN's dense-layer product (:mod:`interbrain.agents.linear`) and recurrent
-    layer (torch's CPU LSTM runs on it), and the CPU kernels of ``scaled_dot_product_attention`` (counted as torch counts its CUDA kernels: the two products QK^T and
-    PV in full, causal or not)."""
+    layer (torch's CPU LSTM runs on it), and the CPU kernels of ``scaled_dot_product_attention`` (counted as torch
+    counts its CUDA kernels: the two products QK^T and PV in full, causal or not)."""
     aten = torch.ops.aten
     onednn = {torch.ops.mkldnn._linear_pointwise: _onednn_linear_flop} if onednn_available() else {}
     return FlopCounterMode(display=False, custom_mapping={

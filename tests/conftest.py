@@ -10,3 +10,18 @@ torch.set_num_threads(int(os.environ.get("INTERBRAIN_TEST_THREADS", "1")))
 def tiny_overrides():
     """A small batch so training tests run in seconds; the learning rule is unchanged."""
     return {"num_envs": 8}
+
+
+@pytest.fixture
+def cpu_matmul(monkeypatch):
+    """``use(value)`` sets INTERBRAIN_CPU_MATMUL for one test and returns the backend it resolves to (the choice is
+    cached per process: cleared on each use and after the test)."""
+    from interbrain.agents import linear
+
+    def use(value: str) -> str:
+        monkeypatch.setenv(linear.ENV_VAR, value)
+        linear.cpu_backend.cache_clear()
+        return linear.cpu_backend()
+    yield use
+    monkeypatch.delenv(linear.ENV_VAR, raising=False)
+    linear.cpu_backend.cache_clear()

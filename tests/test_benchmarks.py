@@ -57,25 +57,20 @@ def test_onednn_peak_is_measured_on_cpu_only():
 
 
 @pytest.mark.parametrize("backend", ["torch", "onednn"])
-def test_dense_layer_flops_are_counted_on_either_kernel(monkeypatch, backend):
+def test_dense_layer_flops_are_counted_on_either_kernel(cpu_matmul, backend):
     """A Linear's forward and backward count 3 x 2·M·K·N (product, input gradient, weight gradient) whichever kernel
     runs them (interbrain.agents.linear), so the counted work of an update does not depend on the backend."""
     from interbrain.agents import linear as L
 
     if backend == "onednn" and not L.onednn_available():
         pytest.skip("this torch has no oneDNN")
-    monkeypatch.setenv(L.ENV_VAR, backend)
-    L.cpu_backend.cache_clear()
-    try:
-        M, K, N = 300, 64, 192
-        x = torch.randn(M, K, requires_grad=True)
-        layer = L.Linear(K, N)
-        with bench.flop_counter() as counter:
-            layer(x).sum().backward()
-        assert counter.get_total_flops() == 3 * 2 * M * K * N
-    finally:
-        monkeypatch.delenv(L.ENV_VAR)
-        L.cpu_backend.cache_clear()
+    assert cpu_matmul(backend) == backend
+    M, K, N = 300, 64, 192
+    x = torch.randn(M, K, requires_grad=True)
+    layer = L.Linear(K, N)
+    with bench.flop_counter() as counter:
+        layer(x).sum().backward()
+    assert counter.get_total_flops() == 3 * 2 * M * K * N
 
 
 @pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="torch's CPU LSTM runs on oneDNN only with it")

@@ -14,22 +14,10 @@ from interbrain.errors import InterbrainError
 needs_onednn = pytest.mark.skipif(not L.onednn_available(), reason="this torch has no oneDNN")
 
 
-@pytest.fixture
-def backend(monkeypatch):
-    """Set INTERBRAIN_CPU_MATMUL for one test (the choice is cached per process: cleared before and after)."""
-    def use(value: str) -> str:
-        monkeypatch.setenv(L.ENV_VAR, value)
-        L.cpu_backend.cache_clear()
-        return L.cpu_backend()
-    yield use
-    monkeypatch.delenv(L.ENV_VAR, raising=False)
-    L.cpu_backend.cache_clear()
-
-
 @needs_onednn
 @pytest.mark.parametrize("shape,bias", [((300, 64), True), ((3, 100, 64), True), ((4000, 64), False), ((7, 40, 64), True)])
-def test_onednn_linear_equals_torch_values_and_gradients(backend, shape, bias):
-    assert backend("onednn") == "onednn"
+def test_onednn_linear_equals_torch_values_and_gradients(cpu_matmul, shape, bias):
+    assert cpu_matmul("onednn") == "onednn"
     torch.manual_seed(0)
     x = torch.randn(*shape, requires_grad=True)
     w = torch.randn(192, 64, requires_grad=True)
@@ -49,9 +37,9 @@ def test_onednn_linear_equals_torch_values_and_gradients(backend, shape, bias):
 
 
 @needs_onednn
-def test_non_contiguous_bias_is_read_as_its_values(backend):
+def test_non_contiguous_bias_is_read_as_its_values(cpu_matmul):
     """oneDNN reads a bias as dense memory: a strided or broadcast bias must give F.linear's values."""
-    backend("onednn")
+    cpu_matmul("onednn")
     torch.manual_seed(2)
     x, w = torch.randn(300, 64), torch.randn(192, 64)
     for bias in (torch.randn(384)[::2], torch.randn(1).expand(192), torch.randn(192, 2)[:, 1]):
@@ -60,8 +48,8 @@ def test_non_contiguous_bias_is_read_as_its_values(backend):
 
 
 @needs_onednn
-def test_small_inputs_and_other_dtypes_keep_torchs_kernel_bit_for_bit(backend):
-    backend("onednn")
+def test_small_inputs_and_other_dtypes_keep_torchs_kernel_bit_for_bit(cpu_matmul):
+    cpu_matmul("onednn")
     torch.manual_seed(1)
     w, b = torch.randn(192, 64), torch.randn(192)
     small = torch.randn(L.MIN_ROWS - 1, 64)  # acting sizes: e.g. 40 episodes
@@ -71,15 +59,15 @@ def test_small_inputs_and_other_dtypes_keep_torchs_kernel_bit_for_bit(backend):
 
 
 @needs_onednn
-def test_the_torch_backend_is_torchs_kernel(backend):
-    assert backend("torch") == "torch"
+def test_the_torch_backend_is_torchs_kernel(cpu_matmul):
+    assert cpu_matmul("torch") == "torch"
     x, w = torch.randn(4000, 64), torch.randn(192, 64)
     assert torch.equal(L.linear(x, w), F.linear(x, w))
 
 
 @needs_onednn
-def test_double_backward_is_refused(backend):
-    backend("onednn")
+def test_double_backward_is_refused(cpu_matmul):
+    cpu_matmul("onednn")
     x = torch.randn(L.MIN_ROWS, 8, requires_grad=True)
     w = torch.randn(3, 8, requires_grad=True)
     (gx,) = torch.autograd.grad(L.linear(x, w).square().sum(), x, create_graph=True)
@@ -87,12 +75,12 @@ def test_double_backward_is_refused(backend):
         gx.sum().backward()
 
 
-def test_backend_choice_is_validated(backend):
+def test_backend_choice_is_validated(cpu_matmul):
     with pytest.raises(InterbrainError, match="INTERBRAIN_CPU_MATMUL='blas' is not one of"):
-        backend("blas")
-    assert backend("auto") in ("torch", "onednn")
+        cpu_matmul("blas")
+    assert cpu_matmul("auto") in ("torch", "onednn")
     expected = "onednn" if L.onednn_available() and torch.backends.cpu.get_cpu_capability() == "AVX512" else "torch"
-    assert backend("auto") == expected
+    assert cpu_matmul("auto") == expected
 
 
 def test_linear_module_is_nn_linear_with_the_same_parameters_and_init():

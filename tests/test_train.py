@@ -51,31 +51,24 @@ def test_resume_is_bit_exact(tmp_path, tiny_overrides, arch, preset, kw):
 
 
 @pytest.mark.skipif(not onednn_available(), reason="needs two CPU backends")
-def test_resume_under_another_cpu_backend_warns(tmp_path, tiny_overrides, monkeypatch, capsys):
+def test_resume_under_another_cpu_backend_warns(tmp_path, tiny_overrides, cpu_matmul, capsys):
     """A resume under another CPU matmul backend (interbrain.agents.linear) cannot be bit for bit the uninterrupted
     run: it says so on stderr and in the resumed event; under the same backend it says nothing."""
-    from interbrain.agents import linear as L
 
     def resume_with(first: str, second: str, out):
-        monkeypatch.setenv(L.ENV_VAR, first)
-        L.cpu_backend.cache_clear()
+        cpu_matmul(first)
         _run(out, 2, tiny_overrides, "mlp")
-        monkeypatch.setenv(L.ENV_VAR, second)
-        L.cpu_backend.cache_clear()
+        cpu_matmul(second)
         capsys.readouterr()
         _run(out, 3, tiny_overrides, "mlp")
         events = [json.loads(x) for x in (out / "events.jsonl").read_text().splitlines()]
         return [e for e in events if e["event"] == "resumed"][-1], capsys.readouterr().err
 
-    try:
-        event, err = resume_with("torch", "onednn", tmp_path / "a")
-        assert event["cpu_matmul"] == {"checkpoint": "torch", "now": "onednn"}
-        assert "not bit for bit" in err
-        event, err = resume_with("onednn", "onednn", tmp_path / "b")
-        assert "cpu_matmul" not in event and "not bit for bit" not in err
-    finally:
-        monkeypatch.delenv(L.ENV_VAR)
-        L.cpu_backend.cache_clear()
+    event, err = resume_with("torch", "onednn", tmp_path / "a")
+    assert event["cpu_matmul"] == {"checkpoint": "torch", "now": "onednn"}
+    assert "not bit for bit" in err
+    event, err = resume_with("onednn", "onednn", tmp_path / "b")
+    assert "cpu_matmul" not in event and "not bit for bit" not in err
 
 
 def test_same_seed_same_weights_and_schedule(tmp_path, tiny_overrides):

@@ -286,8 +286,8 @@ class TransformerPair:
     stacked input tables; per block, the products of both agents as one ``baddbmm`` each (the same bits as each
     agent's ``Linear``: ``addmm`` per batch on CPU), each LayerNorm as the plain normalisation followed by one
     ``addcmul`` with the stacked affine weights (the same bits as the affine kernel), and one :func:`attend` over
-    both agents' 2·B rows (batched products per row and head, so the same bits); the KV caches and the input-embedding history are preallocated
-    for the whole episode. ``tests/test_fast_paths.py`` checks the bits against each agent's ``step_index``. Built from
+    both agents' 2·B rows (batched products per row and head, so the same bits); the KV caches and the
+    input-embedding history are preallocated for the whole episode. ``tests/test_fast_paths.py`` checks the bits against each agent's ``step_index``. Built from
     the current weights (no gradient); rebuild it after they change."""
 
     replays = False  # nothing to replay: the learning pass is a causal pass, not a recurrence
