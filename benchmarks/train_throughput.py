@@ -20,7 +20,7 @@ Prints one JSON document with:
   ``rollout_overhead_fraction``: the share of the rollout's time
   that is not matrix work, taking its counted matrix work (``rollout_gflop``) at the full ``matmul_gflops`` rate (an
   upper bound on the overhead: the rollout's small per-step products run below that rate);
-- ``ensemble`` (``--ensemble E``): E ``rnn`` units of one preset trained as one batch (:mod:`interbrain.ensemble`)
+- ``ensemble`` (``--ensemble E[,E2...]``): E ``rnn`` units of one preset trained as one batch (:mod:`interbrain.ensemble`)
   against the same E units one after another: aggregate env steps/s of each;
 - ``analysis_rollout``: one 25 x 500 self-play rollout with hidden states (``interbrain.rollout``) per architecture;
 - ``dag_build_paper_s``: ``snakemake -n --configfile configs/paper.yaml`` (DAG of the 80-unit study).
@@ -40,7 +40,7 @@ rollout's own, recorded while acting under the same weights and replayed (``RNNA
 ``fast``. (The counted figure is slightly lower still: the backward needs no dh for t = 0.)
 
     python benchmarks/train_throughput.py [--device auto] [--threads 1] [--archs rnn,mlp] [--presets paper,fast]
-                                          [--sizes std,matched] [--ensemble 4] [--no-rollout] [--no-dag]
+                                          [--sizes std,matched] [--ensemble 4[,20,...]] [--no-rollout] [--no-dag]
 """
 
 from __future__ import annotations
@@ -294,7 +294,8 @@ def main() -> None:
     p.add_argument("--presets", default="paper,fast")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--ensemble", type=int, default=4, help="units in the ensemble comparison (0: skip)")
+    p.add_argument("--ensemble", default="4", help="units in the ensemble comparison, comma-separated for several "
+                   "ensemble sizes, e.g. 20,80 (0: skip)")
     p.add_argument("--ensemble-presets", default="fast,paper")
     p.add_argument("--no-rollout", action="store_true", help="skip the analysis-rollout timing")
     p.add_argument("--no-dag", action="store_true", help="skip the paper DAG build timing")
@@ -325,9 +326,10 @@ def main() -> None:
         "env_rollout_path_steps_per_s_batch40": env_rollout_path_steps_per_s(device),
         "updates": results,
     }
-    if args.ensemble:
-        out["ensemble"] = [time_ensemble(args.ensemble, preset, 1, max(args.repeats // 2, 1), device)
-                           for preset in args.ensemble_presets.split(",")]
+    sizes = [int(e) for e in args.ensemble.split(",") if int(e) > 0]
+    if sizes:
+        out["ensemble"] = [time_ensemble(units, preset, 1, max(args.repeats // 2, 1), device)
+                           for preset in args.ensemble_presets.split(",") for units in sizes]
     if not args.no_rollout:
         out["analysis_rollout"] = [time_analysis_rollout(arch, device) for arch in args.archs.split(",")]
     if not args.no_dag:

@@ -165,3 +165,30 @@ def test_ensemble_on_cuda_equals_each_unit_alone_on_cuda():
         alone = [p.step() for p in plain]
         for a, b in zip(alone, ens.step()):
             assert a["rollout"] == pytest.approx(b["rollout"], rel=1e-4, abs=1e-5)
+
+
+def test_cuda_graphs_need_a_cuda_device():
+    with pytest.raises(InterbrainError, match="cuda_graphs=True needs a CUDA device; the units are on cpu"):
+        EnsembleTrainer([Trainer(_config(t, s), torch.device("cpu")) for t, s in UNITS], cuda_graphs=True)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("preset", ["fast", "paper"])
+def test_ensemble_cuda_graphs_equal_the_eager_ensemble(preset):
+    """The captured acting loop and learning epochs (replayed from the second update on; ``paper`` replays the
+    learning graph four times per update, so its gradients must be overwritten, not accumulated) give the eager
+    ensemble's numbers on the same GPU."""
+    cuda = torch.device("cuda")
+    eager = EnsembleTrainer([Trainer(_config(t, s, updates=4, preset=preset), cuda) for t, s in UNITS],
+                            cuda_graphs=False)
+    graphed = EnsembleTrainer([Trainer(_config(t, s, updates=4, preset=preset), cuda) for t, s in UNITS])
+    assert graphed.cuda_graphs and not eager.cuda_graphs
+    for _ in range(4):
+        for a, b in zip(eager.step(), graphed.step()):
+            assert a["rollout"] == pytest.approx(b["rollout"], rel=1e-5, abs=1e-6)
+            for role in ("chaser", "explorer"):
+                assert a["learner"][role] == pytest.approx(b["learner"][role], rel=1e-4, abs=1e-5)
+    assert graphed._acting_graph is not None and graphed._learning_graph is not None
+    for role in ("chaser", "explorer"):
+        for (name, w), v in zip(eager.stacks[role].named_parameters(), graphed.stacks[role].parameters()):
+            assert _close(w, v, 1e-5), (role, name)

@@ -407,6 +407,23 @@ def test_spawns_identical_on_cpu_and_cuda():
     assert torch.equal(out[0][0], out[1][0]) and torch.equal(out[0][1], out[1][1])
 
 
+
+@pytest.mark.parametrize("spawn", ["full", "official"])
+def test_draw_spawns_are_the_spawns_reset_draws(spawn):
+    """An ensemble draws each unit's spawns with draw_spawns and resets its joint environment with them: the same
+    cells (explorer redraws included: 256 episodes of a 10x10 grid always have some) and the same generator state
+    afterwards as the unit's own reset."""
+    env = ChaseEnv(EnvConfig(spawn=spawn), batch=256)
+    g1, g2 = torch.Generator().manual_seed(11), torch.Generator().manual_seed(11)
+    for _ in range(3):
+        env.reset(g1)
+        chaser, explorer = env.draw_spawns(g2)
+        assert torch.equal(chaser, env.chaser_pos) and torch.equal(explorer, env.explorer_pos)
+        assert not (chaser == explorer).all(-1).any()
+        assert torch.equal(g1.get_state(), g2.get_state())
+    assert int(env.chaser_pos.max()) == (9 if spawn == "full" else 8)
+    assert env.draw_spawns(g2, explorer=False)[1] is None
+
 # --- scalar reference and random invariants --------------------------------------------------------
 DELTA = {0: (-1, 0), 1: (0, 1), 2: (1, 0), 3: (0, -1)}
 

@@ -283,21 +283,17 @@ class ChaseEnv:
         identical on CPU and CUDA. ``chaser_pos`` / ``explorer_pos`` (long [B,2]) replace the draw of that agent
         (scripted tests). Each spawn cell is marked visited.
         """
+        B = self.batch
         if chaser_pos is None or explorer_pos is None:
             if not isinstance(generator, torch.Generator) or generator.device.type != "cpu":
                 raise InterbrainError(f"reset needs a CPU torch.Generator to draw spawns, got {generator!r}")
-        high = GRID if self.config.spawn == "full" else GRID - 1
-        B = self.batch
         if chaser_pos is None:
-            chaser = torch.randint(0, high, (B, 2), generator=generator)
+            chaser, explorer = self.draw_spawns(generator, explorer=explorer_pos is None)
         else:
             chaser = self._check_positions("chaser_pos", chaser_pos)
         if explorer_pos is None:
-            explorer = torch.randint(0, high, (B, 2), generator=generator)
-            same = (explorer == chaser).all(-1)
-            while same.any():  # redraw only the episodes whose explorer landed on the chaser
-                explorer[same] = torch.randint(0, high, (int(same.sum()), 2), generator=generator)
-                same = (explorer == chaser).all(-1)
+            if chaser_pos is not None:
+                explorer = self._draw_explorer(generator, chaser)
         else:
             explorer = self._check_positions("explorer_pos", explorer_pos)
             clash = (explorer == chaser).all(-1)
@@ -311,6 +307,23 @@ class ChaseEnv:
         self.visited.scatter_(2, self.cells.unsqueeze(2), True)
         self.t = 0
         self._moved_since = None
+
+    def draw_spawns(self, generator: torch.Generator, explorer: bool = True) -> tuple[Tensor, Tensor | None]:
+        """The spawn cells :meth:`reset` draws from ``generator`` (a CPU ``torch.Generator``), as CPU tensors long
+        [B, 2] (chaser, explorer; explorer None with ``explorer=False``), without touching the environment: a batched
+        ensemble draws each unit's spawns with its own generator and resets its joint environment with them."""
+        high = GRID if self.config.spawn == "full" else GRID - 1
+        chaser = torch.randint(0, high, (self.batch, 2), generator=generator)
+        return chaser, self._draw_explorer(generator, chaser) if explorer else None
+
+    def _draw_explorer(self, generator: torch.Generator, chaser: Tensor) -> Tensor:
+        high = GRID if self.config.spawn == "full" else GRID - 1
+        explorer = torch.randint(0, high, (self.batch, 2), generator=generator)
+        same = (explorer == chaser).all(-1)
+        while same.any():  # redraw only the episodes whose explorer landed on the chaser
+            explorer[same] = torch.randint(0, high, (int(same.sum()), 2), generator=generator)
+            same = (explorer == chaser).all(-1)
+        return explorer
 
     def _check_positions(self, key: str, pos) -> Tensor:
         pos = torch.as_tensor(pos).detach().cpu()
@@ -465,12 +478,22 @@ class ChaseEnv:
         computes the rest at once; until then the cells and visited fields are stale (``chaser_pos``,
         ``explorer_pos``, ``*_visited``, :meth:`step` and :meth:`step_core` raise). Must not be called after
         ``done``."""
-        code = _transition_row(self.pair, actions[0], actions[1])
+        self.moved(self.next_pair(self.pair, actions, out), 1)
+        return out
+
+    def next_pair(self, pair: Tensor, actions: Tensor, out: Tensor) -> Tensor:
+        """:meth:`move`'s arithmetic without its bookkeeping: the pairs after ``actions`` (long [2, B]) from ``pair``
+        (long [B]), written into ``out`` and returned. A loop of these (a CUDA graph of the acting loop,
+        :mod:`interbrain.ensemble`) is followed by one :meth:`moved`."""
+        return torch.index_select(self._next_pair, 0, _transition_row(pair, actions[0], actions[1]), out=out)
+
+    def moved(self, last: Tensor, steps: int) -> None:
+        """Record ``steps`` moves made by :meth:`next_pair` ending at the pairs ``last`` (long [B], which becomes
+        s_t, as :meth:`move`'s ``out``)."""
         if self._moved_since is None:
             self._moved_since = self.t
-        self.pair = torch.index_select(self._next_pair, 0, code, out=out)
-        self.t += 1
-        return out
+        self.pair = last
+        self.t += steps
 
     def settle(self, pairs: Tensor, actions: Tensor) -> CoreStep:
         """After T :meth:`move` calls from s_t0: ``pairs`` long [T+1, B] (s_t0's pair, then each move's ``out``) and

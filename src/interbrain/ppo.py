@@ -318,10 +318,13 @@ def _grad_norm_and_clip(params: list[torch.Tensor], max_norm: float | None) -> t
 
 
 def check_finite(named: dict[str, torch.Tensor], update: int) -> None:
-    """One host sync for the whole set; on failure, name the first non-finite tensor."""
+    """One host sync for the whole set; on failure, name the first non-finite tensor. The tensors may lie on several
+    devices (on a GPU, Adam keeps its step count on the CPU); the flags are gathered on the first one's."""
     if not named:
         return
-    flags = torch.stack([torch.isfinite(t).all() for t in named.values()])
+    flags = [torch.isfinite(t).all() for t in named.values()]
+    device = flags[0].device
+    flags = torch.stack([f if f.device == device else f.to(device) for f in flags])
     if bool(flags.all()):
         return
     bad = [name for name, ok in zip(named, flags.tolist()) if not ok]
