@@ -506,8 +506,11 @@ def test_stacked_rllib_update_equals_the_agent_by_agent_loop(tiny_overrides, mon
             assert (p - q).norm() < 1e-3 * learned, (a, name)
             m_p, m_s = p_tr.optimizers[a].state[p], s_tr.optimizers[a].state[q]
             assert float(m_p["step"]) == float(m_s["step"]) == 2 * cfg.ppo.epochs * n_mb
-            for k in ("exp_avg", "exp_avg_sq"):  # (entrywise, rarely visited cells' near-zero moments carry float noise)
-                assert (m_s[k] - m_p[k]).norm() < 1e-3 * m_p[k].norm(), (a, name, k)
+            # entrywise, rarely visited cells' near-zero moments carry float noise: 1.1e-3 of the norm for W_ih's
+            # first moment on an Intel Xeon with torch 2.11 (the GPU machine's host), under 1e-3 here; a swapped or
+            # shared unit would differ by the moments' whole size
+            for k in ("exp_avg", "exp_avg_sq"):
+                assert (m_s[k] - m_p[k]).norm() < 3e-3 * m_p[k].norm(), (a, name, k)
 
 
 def test_stacked_adam_state_round_trip_copies():
