@@ -553,3 +553,23 @@ def test_frobenius_norm_matches_matrix_norm_and_its_gradient():
     torch.testing.assert_close(FrobeniusNorm.apply(w), torch.linalg.matrix_norm(w), rtol=1e-14, atol=0)
     torch.testing.assert_close(mine, ref, rtol=1e-14, atol=0)
     assert torch.isfinite(mine).all() and (mine[1] == 0).all()
+
+
+@pytest.mark.parametrize("k", [2, 16])
+def test_bag_sum_is_embedding_bag_with_its_offsets_made_once(k):
+    """bag_sum calls embedding_bag's kernel with cached offsets: the functional form's values and table gradient, bit
+    for bit, for 2 rows per bag (the observation gathers) and 16 (the mlp's 8 frames)."""
+    from interbrain.agents.base import bag_sum
+
+    g = torch.Generator().manual_seed(k)
+    table = torch.randn(201, 32, generator=g, requires_grad=True)
+    for n in (5, 40, 5):  # a new size, then a cached one again
+        rows = torch.randint(0, 201, (n, k), generator=g)
+        want = torch.nn.functional.embedding_bag(rows, table, mode="sum")
+        got = bag_sum(table, rows)
+        assert torch.equal(got, want)
+        assert torch.allclose(got, table[rows].sum(1), atol=1e-5)  # what the bags mean
+        w = torch.randn(n, 32, generator=g)
+        gw, = torch.autograd.grad((want * w).sum(), table)
+        gg, = torch.autograd.grad((got * w).sum(), table)
+        assert torch.equal(gg, gw)

@@ -68,12 +68,14 @@ def sample_actions(logits: torch.Tensor, generator: torch.Generator) -> torch.Te
 EVENT_KEYS = ("collision", "chaser_new_field", "explorer_new_field", "fov_post")  # rows of a rollout's events buffer
 
 
-def act_and_move(env: ChaseEnv, t: int, logits, noise, actions, pairs) -> None:
-    """Step t of a rollout, after both agents wrote ``logits[t]`` [2,B,4]: Gumbel-max actions from the pre-drawn
-    ``noise[t]`` into ``actions[t]``, and the environment's move (:meth:`ChaseEnv.move`) into ``pairs[t + 1]``. The
-    rewards and events of the whole rollout come afterwards from :func:`settle_rollout`."""
-    torch.argmax(torch.add(logits[t], noise[t]), dim=-1, out=actions[t])
-    env.move(actions[t], pairs[t + 1])
+def act_and_move(env: ChaseEnv, logits_t, noise_t, actions_t, pairs_next) -> None:
+    """A rollout's step t, after both agents wrote ``logits_t`` = logits[t] [2,B,4]: Gumbel-max actions from the
+    pre-drawn ``noise_t`` = noise[t] into ``actions_t`` = actions[t], and the environment's move (:meth:`ChaseEnv.move`)
+    into ``pairs_next`` = pairs[t + 1]. The rewards and events of the whole rollout come afterwards from
+    :func:`settle_rollout`. The callers pass each step's views from one ``unbind`` per buffer, made before the loop (an
+    index per step and buffer costs a dispatch each)."""
+    torch.argmax(torch.add(logits_t, noise_t), dim=-1, out=actions_t)
+    env.move(actions_t, pairs_next)
 
 
 def settle_rollout(env: ChaseEnv, pairs: torch.Tensor, actions: torch.Tensor):
@@ -106,13 +108,15 @@ def collect_rollout(env: ChaseEnv, agents: dict[str, Agent], env_gen: torch.Gene
     actions = torch.empty(T, 2, B, dtype=torch.long, device=dev)
     pairs = torch.empty(T + 1, B, dtype=torch.long, device=dev)  # s_0 .. s_T as 100 · chaser cell + explorer cell
     pairs[0] = env.pair
+    lg, nz, act, pr = logits.unbind(0), noise.unbind(0), actions.unbind(0), pairs.unbind(0)  # each step's views
     pair = agents[AGENTS[0]].pair_with(agents[AGENTS[1]], T) if seq_len is None else None
     if pair is not None:
         hidden = torch.empty(2, T, B, HIDDEN, device=dev)  # agent-major: each agent's [T,B,256] is contiguous
         h, offsets = pair.initial_state(B), pair.row_offsets
+        hid, hd = hidden.unbind(1), heads.unbind(0)
         for t in range(T):
-            h = pair.step(env.observation_index(offsets=offsets), h, hidden[:, t], heads[t])
-            act_and_move(env, t, logits, noise, actions, pairs)
+            h = pair.step(env.observation_index(offsets=offsets), h, hid[t], hd[t])
+            act_and_move(env, lg[t], nz[t], act[t], pr[t + 1])
         z_hidden = {a: hidden[i, ::Z_SAMPLE_EVERY].reshape(-1, HIDDEN) for i, a in enumerate(AGENTS)}
         states = dict(zip(AGENTS, pair.states(h)))
         replay = {a: (key, hidden[i]) for i, (a, key) in enumerate(zip(AGENTS, pair.keys))} if pair.replays else {}
@@ -130,7 +134,7 @@ def collect_rollout(env: ChaseEnv, agents: dict[str, Agent], env_gen: torch.Gene
                 logits[t, i], values[t, i], h, states[a] = agents[a].step_index(index[i], states[a])
                 if t % Z_SAMPLE_EVERY == 0:
                     z_list[a].append(h)
-            act_and_move(env, t, logits, noise, actions, pairs)
+            act_and_move(env, lg[t], nz[t], act[t], pr[t + 1])
         z_hidden = {a: torch.cat(z_list[a]) for a in AGENTS}
         replay = {}
     obs_index, rewards, events = settle_rollout(env, pairs, actions)

@@ -16,8 +16,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from interbrain.agents.base import (HIDDEN, N_CELLS, OBS_DIM, Agent, check_size, index_offsets, index_table, init_heads,
-                                    register)
+from interbrain.agents.base import (HIDDEN, N_CELLS, OBS_DIM, Agent, bag_sum, check_size, index_offsets, index_table,
+                                    init_heads, register)
 from interbrain.agents.linear import Linear
 from interbrain.config import AgentConfig
 
@@ -88,7 +88,7 @@ class MLPAgent(Agent):
         windows = padded.unfold(0, FRAMES, 1).transpose(-1, -2)                  # [T, B, 8, 2], oldest first
         rows = windows + _SLOT.to(index.device)
         table = self.cached("frame_tables", (self.fc1.weight, self.fc1.bias), self._frame_tables)
-        pre = torch.nn.functional.embedding_bag(rows.reshape(-1, 2 * FRAMES), table, mode="sum")
+        pre = bag_sum(table, rows.reshape(-1, 2 * FRAMES))
         hidden = torch.relu(self.fc2(torch.relu(pre.view(T, B, -1))))
         logits, value = self.readout(hidden)
         return logits, value, hidden

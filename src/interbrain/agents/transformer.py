@@ -28,8 +28,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from interbrain.agents.base import (HIDDEN, OBS_DIM, Agent, check_size, index_table, init_heads, param_key, register,
-                                    stacked_row_offsets)
+from interbrain.agents.base import (HIDDEN, OBS_DIM, Agent, bag_sum, check_size, index_table, init_heads, param_key,
+                                    register, stacked_row_offsets)
 from interbrain.agents.linear import Linear
 from interbrain.config import AgentConfig
 from interbrain.errors import InterbrainError
@@ -339,7 +339,7 @@ class TransformerPair:
             raise InterbrainError(f"the transformer pair step covers steps 0..{self.window - 1}; got step {t}")
         n, B, _ = rows.shape
         d, dh = self.d_model, self.d_model // HEADS
-        e = F.embedding_bag(rows.view(-1, 2), self.table, mode="sum").view(n, B, d)
+        e = bag_sum(self.table, rows.view(-1, 2)).view(n, B, d)
         emb[:, :, t] = e
         x = e + self.pos[:, t].unsqueeze(1)
         for i, block in enumerate(self.blocks):
