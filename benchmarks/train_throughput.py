@@ -17,9 +17,12 @@ Prints one JSON document with:
   the rollout's share of the update, the update's floating-point work and that work as a fraction of the device's
   matmul throughput (``matmul_fraction`` = GFLOP per update / seconds / ``matmul_gflops``: 1.0 would be an update
   that is nothing but dense matmuls at full speed; ``hardware_fraction``: the same against ``hardware_gflops``);
-  ``rollout_overhead_fraction``: the share of the rollout's time
-  that is not matrix work, taking its counted matrix work (``rollout_gflop``) at the full ``matmul_gflops`` rate (an
-  upper bound on the overhead: the rollout's small per-step products run below that rate);
+  ``rollout_nonmatrix_fraction`` (CPU): the share of the rollout's time that is not matrix work, measured: 1 -
+  ``rollout_matrix_seconds`` / ``rollout_seconds``, where ``rollout_matrix_seconds`` is the time one rollout spends
+  inside matrix-product kernels (their self time under ``torch.profiler``, which adds its own cost between the kernels
+  rather than inside them) and ``rollout_seconds`` the unprofiled median; ``rollout_overhead_fraction``, stricter: the
+  same share taking the counted matrix work (``rollout_gflop``) at the full ``matmul_gflops`` rate (an upper bound on
+  the overhead: it also charges the small per-step products' shortfall from the 1024^3 rate);
 - ``ensemble`` (``--ensemble E[,E2...]``): E ``rnn`` units of one preset trained as one batch (:mod:`interbrain.ensemble`)
   against the same E units one after another: aggregate env steps/s of each;
 - ``analysis_rollout``: one 25 x 500 self-play rollout with hidden states (``interbrain.rollout``) per architecture;
@@ -75,6 +78,22 @@ REPO = Path(__file__).resolve().parents[1]
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+#: the kernels that do matrix products (leaves: the wrappers that call them, linear and matmul, count as overhead)
+MATRIX_KERNELS = frozenset({"aten::mm", "aten::addmm", "aten::addmm_", "aten::bmm", "aten::baddbmm", "aten::baddbmm_",
+                            "mkldnn::_linear_pointwise", "aten::mkldnn_rnn_layer",
+                            "aten::_scaled_dot_product_flash_attention_for_cpu"})
+
+
+def matrix_kernel_seconds(fn) -> float:
+    """Seconds that one call of ``fn`` spends inside matrix-product kernels (:data:`MATRIX_KERNELS`, their self time
+    under ``torch.profiler``; CPU only)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    return sum(e.self_cpu_time_total for e in prof.key_averages() if e.key in MATRIX_KERNELS) / 1e6
 
 
 def _product_gflops(product, n: int, repeats: int, device: torch.device) -> float:
@@ -227,10 +246,16 @@ def time_update(arch: str, size: str, preset: str, warmup: int, repeats: int, de
                         seq_len=cfg.ppo.seq_len if cfg.ppo.learner == "rllib" else None)
     rollout_gflop = counter.get_total_flops() / 1e9
     sec, roll = statistics.median(total_t), statistics.median(rollout_t)
+    matrix_s = None
+    if device.type == "cpu":
+        matrix_s = matrix_kernel_seconds(lambda: collect_rollout(
+            tr.env, tr.agents, tr.env_gen, tr.action_gens, seq_len=cfg.ppo.seq_len if cfg.ppo.learner == "rllib" else None))
     steps = cfg.ppo.num_envs * cfg.env.horizon
     out = {"arch": arch, "size": size, "preset": preset, "seconds_per_update": sec, "env_steps_per_s": steps / sec,
            "rollout_seconds": roll, "rollout_share": roll / sec, "rollout_gflop": rollout_gflop,
            "rollout_overhead_fraction": 1 - rollout_gflop / peak_gflops / roll,
+           "rollout_matrix_seconds": matrix_s,
+           "rollout_nonmatrix_fraction": None if matrix_s is None else max(0.0, 1 - matrix_s / roll),
            "gflop_per_update": gflop, "matmul_fraction": gflop / sec / peak_gflops,
            "parameters_per_agent": tr.agents["chaser"].num_parameters(), "repeats": repeats}
     if arch == "rnn" and cfg.ppo.learner == "clipped":

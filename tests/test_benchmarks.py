@@ -87,3 +87,33 @@ def test_cpu_lstm_is_counted():
     with bench.flop_counter() as counter:
         out.sum().backward()
     assert counter.get_total_flops() == 2 * forward
+
+
+def test_matrix_kernel_time_is_the_products_share():
+    """A function of nothing but large products spends (nearly) all its time in matrix kernels; one of elementwise
+    work none; a mix in between, with the products' part close to their time alone."""
+    import time
+
+    a, b = torch.randn(512, 512), torch.randn(512, 512)
+    x = torch.randn(4_000_000)
+
+    def products():
+        for _ in range(10):
+            torch.mm(a, b)
+
+    def elementwise():
+        for _ in range(10):
+            x.mul(1.5).add_(2.0)
+
+    def timed(fn):
+        t = time.perf_counter()
+        fn()
+        return time.perf_counter() - t
+
+    products(), elementwise()  # warm-up
+    assert bench.matrix_kernel_seconds(elementwise) == 0.0
+    alone = min(timed(products) for _ in range(3))
+    inside = bench.matrix_kernel_seconds(products)
+    assert 0.5 * alone < inside < 2 * alone  # loose: the machine may be shared
+    mixed = bench.matrix_kernel_seconds(lambda: (products(), elementwise()))
+    assert 0.5 * alone < mixed < 2 * alone
