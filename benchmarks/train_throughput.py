@@ -212,8 +212,11 @@ def flop_counter() -> FlopCounterMode:
 
 
 def one_update(tr: Trainer, update: int) -> tuple[float, float]:
-    """Rollout and learning of one update; returns (rollout seconds, total seconds)."""
+    """Rollout and learning of update ``update`` (as ``Trainer.step`` runs it, less the logging and health check);
+    returns (rollout seconds, total seconds)."""
     cfg = tr.config.ppo
+    for agent in tr.agents.values():  # warm-up schedules (disrnn's bottleneck noise) follow the update number
+        agent.set_progress(update)
     sync(tr.device)
     t0 = time.perf_counter()
     batch = collect_rollout(tr.env, tr.agents, tr.env_gen, tr.action_gens,
@@ -230,16 +233,19 @@ def one_update(tr: Trainer, update: int) -> tuple[float, float]:
 
 def time_update(arch: str, size: str, preset: str, warmup: int, repeats: int, device: torch.device,
                 peak_gflops: float) -> dict:
+    # timed as updates first+1, first+2, ...: past disrnn's bottleneck warm-up (noiseless updates 1..100; its
+    # noise costs more than the rest of an update), so every figure is the regime of the rest of a run
     cfg = make_train_config(arch, "social", 0, preset, warmup + repeats + 1, size=size)
+    first = cfg.agent.bottleneck_warmup
     tr = Trainer(cfg, device)
     rollout_t, total_t = [], []
     for i in range(warmup + repeats):
-        r, t = one_update(tr, i + 1)
+        r, t = one_update(tr, first + i + 1)
         if i >= warmup:
             rollout_t.append(r)
             total_t.append(t)
     with flop_counter() as counter:
-        one_update(tr, warmup + repeats + 1)
+        one_update(tr, first + warmup + repeats + 1)
     gflop = counter.get_total_flops() / 1e9
     with flop_counter() as counter:
         collect_rollout(tr.env, tr.agents, tr.env_gen, tr.action_gens,
