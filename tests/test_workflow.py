@@ -20,6 +20,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from interbrain.ensemble import ENSEMBLE_ARCHS
+
 REPO = Path(__file__).resolve().parents[1]
 SNAKEMAKE = str(Path(sys.executable).parent / "snakemake")
 SNAKEFILE = REPO / "Snakefile"
@@ -101,9 +103,13 @@ def expected_counts(cfg: dict) -> dict[str, int]:
         per_arch["partner"] += len(seeds) * len(partner)
         per_arch["perturb"] += len(seeds) if task == "social" else 0
     n_units = len(archs) * len(tasks) * len(seeds)
+    ensembles = [a for a in archs if a in ENSEMBLE_ARCHS] if cfg["train"].get("ensemble") else []
     counts = {rule: n * len(archs) for rule, n in per_arch.items()}
-    counts.update(train_request=n_units, train=n_units, health=n_units, evaluate=n_units, gather_eval=len(archs), unit_tables=len(archs),
-                  arch_report=len(archs), manifest=len(archs), cka=1, cross_report=1, all=1)
+    counts.update(train_request=n_units, train=n_units - len(ensembles) * len(tasks) * len(seeds), health=n_units,
+                  evaluate=n_units, gather_eval=len(archs), unit_tables=len(archs), arch_report=len(archs),
+                  manifest=len(archs), cka=1, cross_report=1, all=1)
+    if ensembles:
+        counts["train_ensemble"] = len(ensembles)  # one job per architecture carries all its units
     return counts
 
 
@@ -137,13 +143,14 @@ def test_paper_job_counts(dry):
     stats, _ = dry("paper")
     expected = expected_counts(load_config("paper"))
     assert {r: n for r, n in stats.items() if r != "total"} == expected
-    # 4 archs x 2 tasks x 10 seeds; 21 checkpoints per unit; late scope of 6 checkpoints; 2 vision controls
-    assert stats["train"] == stats["health"] == stats["evaluate"] == 80
+    # 4 archs x 2 tasks x 10 seeds; 21 checkpoints per unit; late scope of 6 checkpoints; 2 vision controls; the 20
+    # rnn units in one train_ensemble job (train.ensemble: true)
+    assert stats["health"] == stats["evaluate"] == 80 and stats["train"] == 60 and stats["train_ensemble"] == 1
     assert stats["rollout"] == 4 * 10 * (21 + (21 + 2 * 6))   # social 21; non-social 21 (none) + 12 controls
     assert stats["decode"] == stats["plsc"] == stats["dynamics"] == 4 * 10 * (6 + 3 * 6)
     assert stats["partner"] == 4 * 2 * 10 * 21
     assert stats["perturb"] == 40
-    assert stats["total"] == 7099
+    assert stats["total"] == 7099 - 20 + 1
 
 
 def test_default_job_counts(dry):
@@ -156,7 +163,8 @@ def test_default_job_counts(dry):
 def test_every_rule_appears_in_every_study(dry):
     for name in CONFIGS:
         stats, _ = dry(name)
-        assert set(stats) - {"total"} == set(RULES) | {"all"}, name
+        ensemble = {"train_ensemble"} if load_config(name)["train"].get("ensemble") else set()
+        assert set(stats) - {"total"} == set(RULES) | {"all"} | ensemble, name
 
 
 # ------------------------------------------------------------------------------------------------ targets
