@@ -117,3 +117,12 @@ def test_matrix_kernel_time_is_the_products_share():
     assert 0.5 * alone < inside < 2 * alone  # loose: the machine may be shared
     mixed = bench.matrix_kernel_seconds(lambda: (products(), elementwise()))
     assert 0.5 * alone < mixed < 2 * alone
+
+
+def test_ensemble_sizes_are_parsed_or_refused_in_one_line():
+    import argparse
+
+    assert bench.ensemble_sizes("0") == [] and bench.ensemble_sizes("20,80") == [20, 80]
+    for bad in ("4,x", "4,,", "-1", "20,0"):
+        with pytest.raises(argparse.ArgumentTypeError, match="unit counts"):
+            bench.ensemble_sizes(bad)

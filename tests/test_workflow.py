@@ -555,24 +555,26 @@ def test_ensemble_architectures_agree_with_the_package():
     assert f"ENSEMBLE_ARCHS = {list(ENSEMBLE_ARCHS)!r}".replace("'", '"') in text
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("gpus", [0, 1])
-def test_train_ensemble_asks_for_what_one_process_of_all_units_needs(tmp_path, gpus):
+@pytest.mark.parametrize("device, gpus", [("cpu", 0), ("cpu", 1), ("cuda", 1), ("auto", 1)])
+def test_train_ensemble_asks_for_what_one_process_of_all_units_needs(tmp_path, device, gpus):
     """One unit's memory plus 100 MB per further unit (measured ~20 MB), not the units' sum; on a GPU one unit's
-    runtime (the 20-unit ensemble updates faster than one unit alone there), on CPU the units' runtimes added."""
+    runtime (the 20-unit ensemble updates faster than one unit alone there), on CPU the units' runtimes added (also
+    when a GPU is requested but the device is the CPU)."""
     cfg = tmp_path / "c.yaml"
     cfg.write_text("archs: [rnn]\ntasks: [social, non_social]\nseeds: [0, 1, 2]\n"
-                   f"train: {{preset: fast, updates: 4, device: cpu, ensemble: true, gpus: {gpus}, mem_mb: 2000, "
+                   f"train: {{preset: fast, updates: 4, device: {device}, ensemble: true, gpus: {gpus}, mem_mb: 2000, "
                    "runtime: 60}\n")
     out = snakemake(tmp_path, "-n", "--", "results/rnn/social/seed_0000/checkpoints/latest.safetensors",
                     configfile=cfg).stdout
     block = out.split("rule train_ensemble:", 1)[1]
     resources = dict(kv.split("=", 1) for kv in re.search(r"resources: (.*)", block).group(1).split(", "))
     assert int(resources["mem_mb"]) == 2000 + 100 * 5
-    assert int(resources["runtime"]) == (60 if gpus else 60 * 6)
+    on_gpu = gpus > 0 and device != "cpu"
+    assert int(resources["runtime"]) == (60 if on_gpu else 60 * 6)
     assert int(resources["gpu"]) == gpus
 
 
+@pytest.mark.slow
 def test_train_ensemble_rule_publishes_every_units_outputs(tmp_path):
     """train.ensemble: true: one train_ensemble job trains the rnn units (the transformer's still go through
     `train`); the published checkpoints are the units' own (compared with a plain run of one unit)."""

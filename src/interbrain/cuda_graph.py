@@ -30,17 +30,19 @@ class Captured:
     def __init__(self, fn: Callable, inputs: tuple[torch.Tensor, ...], warmup: int = 2,
                  before_capture: Callable[[], None] | None = None):
         self.inputs = tuple(x.detach().clone() for x in inputs)
-        side = torch.cuda.Stream(self.inputs[0].device)
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(warmup):
-                fn(*self.inputs)
-        torch.cuda.current_stream().wait_stream(side)
-        if before_capture is not None:
-            before_capture()
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.outputs = fn(*self.inputs)
+        self.device = self.inputs[0].device
+        with torch.cuda.device(self.device):  # streams and capture on the inputs' GPU, whichever is current
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(warmup):
+                    fn(*self.inputs)
+            torch.cuda.current_stream().wait_stream(side)
+            if before_capture is not None:
+                before_capture()
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self.outputs = fn(*self.inputs)
 
     def __call__(self, *inputs: torch.Tensor):
         if len(inputs) != len(self.inputs):
@@ -50,5 +52,6 @@ class Captured:
                 raise ValueError(f"captured for {list(static.shape)} {static.dtype}, called with {list(x.shape)} "
                                  f"{x.dtype}")
             static.copy_(x)
-        self.graph.replay()
+        with torch.cuda.device(self.device):
+            self.graph.replay()
         return self.outputs

@@ -145,6 +145,11 @@ def _transition(move: Tensor) -> Tensor:
                        -1).reshape(-1, len(cols))
 
 
+def _check_spawn_generator(generator) -> None:
+    if not isinstance(generator, torch.Generator) or generator.device.type != "cpu":
+        raise InterbrainError(f"reset needs a CPU torch.Generator to draw spawns, got {generator!r}")
+
+
 def _transition_row(pair: Tensor, chaser_action: Tensor, explorer_action: Tensor) -> Tensor:
     """The row 16 p + 4 a_c + a_e of :func:`_transition` (and of the tables indexed like it) for pairs p and actions
     of any one shape."""
@@ -285,8 +290,7 @@ class ChaseEnv:
         """
         B = self.batch
         if chaser_pos is None or explorer_pos is None:
-            if not isinstance(generator, torch.Generator) or generator.device.type != "cpu":
-                raise InterbrainError(f"reset needs a CPU torch.Generator to draw spawns, got {generator!r}")
+            _check_spawn_generator(generator)
         if chaser_pos is None:
             chaser, explorer = self.draw_spawns(generator, explorer=explorer_pos is None)
         else:
@@ -312,6 +316,7 @@ class ChaseEnv:
         """The spawn cells :meth:`reset` draws from ``generator`` (a CPU ``torch.Generator``), as CPU tensors long
         [B, 2] (chaser, explorer; explorer None with ``explorer=False``), without touching the environment: a batched
         ensemble draws each unit's spawns with its own generator and resets its joint environment with them."""
+        _check_spawn_generator(generator)
         high = GRID if self.config.spawn == "full" else GRID - 1
         chaser = torch.randint(0, high, (self.batch, 2), generator=generator)
         return chaser, self._draw_explorer(generator, chaser) if explorer else None

@@ -323,11 +323,12 @@ def _grad_norm_and_clip(params: list[torch.Tensor], max_norm: float | None) -> t
 
 def check_finite(named: dict[str, torch.Tensor], update: int) -> None:
     """One host sync for the whole set; on failure, name the first non-finite tensor. The tensors may lie on several
-    devices (on a GPU, Adam keeps its step count on the CPU); the flags are gathered on the first one's."""
+    devices (on a GPU, Adam keeps its step count on the CPU); the flags are gathered on an accelerator's, if any (a
+    CPU flag moves there without a sync), and read back once."""
     if not named:
         return
     flags = [torch.isfinite(t).all() for t in named.values()]
-    device = flags[0].device
+    device = next((f.device for f in flags if f.device.type != "cpu"), flags[0].device)
     flags = torch.stack([f if f.device == device else f.to(device) for f in flags])
     if bool(flags.all()):
         return

@@ -130,13 +130,15 @@ if ENSEMBLE_STUDY_ARCHS:
         benchmark:
             "logs/benchmarks/train_ensemble/{arch}.tsv"
         threads: TRAIN["threads"]
-        # One process holds every unit: measured, 20 paper-preset units peak at 0.74 GB of host memory against 0.36 GB
-        # for one unit alone (~20 MB per extra unit; 100 MB allowed). On a GPU the 20-unit ensemble takes an update
-        # in 58 ms against 158 ms for one unit alone (H100, README), so one unit's runtime covers it; on CPU the
-        # units' work adds up.
+        # One process holds every unit: measured on CPU, 20 paper-preset units peak at 0.74 GB of host memory against
+        # 0.36 GB for one unit alone (~20 MB per extra unit; 100 MB allowed); on an H100 the 20-unit run peaked at
+        # 1.8 GB of host memory (the CUDA context included). On a GPU the 20-unit ensemble takes an update in 58 ms
+        # against 158 ms for one unit alone (H100, README), so one unit's runtime covers it; on CPU (no GPU
+        # requested, or device cpu) the units' work adds up.
         resources:
             mem_mb=lambda wc, attempt: (TRAIN["mem_mb"] + 100 * (len(TASKS) * len(SEEDS) - 1)) * attempt,
-            runtime=lambda wc, attempt: TRAIN["runtime"] * attempt * (1 if TRAIN["gpus"] else len(TASKS) * len(SEEDS)),
+            runtime=lambda wc, attempt: TRAIN["runtime"] * attempt * (
+                1 if TRAIN["gpus"] and TRAIN["device"] != "cpu" else len(TASKS) * len(SEEDS)),
             gpu=TRAIN["gpus"],
         conda:
             "../envs/train.yaml"

@@ -249,11 +249,11 @@ _BAG_OFFSETS: dict[tuple, torch.Tensor] = {}
 
 def bag_sum(table: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     """table[rows[:, 0]] + ... + table[rows[:, k-1]] for rows [N, k]: ``F.embedding_bag(rows, table, mode="sum")``'s
-    kernel called directly, with its bag offsets (0, k, 2k, ...) made once per (N, k, device) instead of per call (the
+    kernel called directly, with its bag offsets (0, k, 2k, ...) made once per (N, k, dtype, device) instead of per call (the
     functional form builds them with an ``arange`` and checks its arguments in Python: a third of a small gather's
     cost). Differentiable as ``embedding_bag`` is."""
     n, k = rows.shape
-    key = (n, k, rows.device)
+    key = (n, k, rows.dtype, rows.device)
     offsets = _BAG_OFFSETS.get(key)
     if offsets is None:
         offsets = _BAG_OFFSETS[key] = torch.arange(0, n * k, k, dtype=rows.dtype, device=rows.device)
