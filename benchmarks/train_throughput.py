@@ -211,6 +211,13 @@ def flop_counter() -> FlopCounterMode:
         aten._scaled_dot_product_flash_attention_for_cpu_backward: _cpu_attention_backward_flop})
 
 
+def rollout(tr: Trainer):
+    """One update's rollout, as ``Trainer.step`` collects it (with the ``rllib`` learner's sequence starts)."""
+    cfg = tr.config.ppo
+    return collect_rollout(tr.env, tr.agents, tr.env_gen, tr.action_gens,
+                           seq_len=cfg.seq_len if cfg.learner == "rllib" else None)
+
+
 def one_update(tr: Trainer, update: int) -> tuple[float, float]:
     """Rollout and learning of update ``update`` (as ``Trainer.step`` runs it for the presets timed here, less the
     metrics and the health check; ``ppo.bootstrap_time_limit`` is not timed); returns (rollout seconds, total
@@ -220,8 +227,7 @@ def one_update(tr: Trainer, update: int) -> tuple[float, float]:
         agent.set_progress(update)
     sync(tr.device)
     t0 = time.perf_counter()
-    batch = collect_rollout(tr.env, tr.agents, tr.env_gen, tr.action_gens,
-                            seq_len=cfg.seq_len if cfg.learner == "rllib" else None)
+    batch = rollout(tr)
     sync(tr.device)
     t1 = time.perf_counter()
     if cfg.learner == "rllib":
@@ -249,14 +255,10 @@ def time_update(arch: str, size: str, preset: str, warmup: int, repeats: int, de
         one_update(tr, first + warmup + repeats + 1)
     gflop = counter.get_total_flops() / 1e9
     with flop_counter() as counter:
-        collect_rollout(tr.env, tr.agents, tr.env_gen, tr.action_gens,
-                        seq_len=cfg.ppo.seq_len if cfg.ppo.learner == "rllib" else None)
+        rollout(tr)
     rollout_gflop = counter.get_total_flops() / 1e9
     sec, roll = statistics.median(total_t), statistics.median(rollout_t)
-    matrix_s = None
-    if device.type == "cpu":
-        matrix_s = matrix_kernel_seconds(lambda: collect_rollout(
-            tr.env, tr.agents, tr.env_gen, tr.action_gens, seq_len=cfg.ppo.seq_len if cfg.ppo.learner == "rllib" else None))
+    matrix_s = matrix_kernel_seconds(lambda: rollout(tr)) if device.type == "cpu" else None
     steps = cfg.ppo.num_envs * cfg.env.horizon
     out = {"arch": arch, "size": size, "preset": preset, "seconds_per_update": sec, "env_steps_per_s": steps / sec,
            "rollout_seconds": roll, "rollout_share": roll / sec, "rollout_gflop": rollout_gflop,

@@ -291,13 +291,9 @@ class ChaseEnv:
         B = self.batch
         if chaser_pos is None or explorer_pos is None:
             _check_spawn_generator(generator)
-        if chaser_pos is None:
-            chaser, explorer = self.draw_spawns(generator, explorer=explorer_pos is None)
-        else:
-            chaser = self._check_positions("chaser_pos", chaser_pos)
+        chaser = self._draw_cells(generator) if chaser_pos is None else self._check_positions("chaser_pos", chaser_pos)
         if explorer_pos is None:
-            if chaser_pos is not None:
-                explorer = self._draw_explorer(generator, chaser)
+            explorer = self._draw_explorer(generator, chaser)
         else:
             explorer = self._check_positions("explorer_pos", explorer_pos)
             clash = (explorer == chaser).all(-1)
@@ -312,21 +308,24 @@ class ChaseEnv:
         self.t = 0
         self._moved_since = None
 
-    def draw_spawns(self, generator: torch.Generator, explorer: bool = True) -> tuple[Tensor, Tensor | None]:
+    def draw_spawns(self, generator: torch.Generator) -> tuple[Tensor, Tensor]:
         """The spawn cells :meth:`reset` draws from ``generator`` (a CPU ``torch.Generator``), as CPU tensors long
-        [B, 2] (chaser, explorer; explorer None with ``explorer=False``), without touching the environment: a batched
-        ensemble draws each unit's spawns with its own generator and resets its joint environment with them."""
+        [B, 2] (chaser, explorer), without touching the environment: a batched ensemble draws each unit's spawns with
+        its own generator and resets its joint environment with them."""
         _check_spawn_generator(generator)
+        chaser = self._draw_cells(generator)
+        return chaser, self._draw_explorer(generator, chaser)
+
+    def _draw_cells(self, generator: torch.Generator, n: int | None = None) -> Tensor:
+        """n (default: every episode's) uniform spawn cells as (row, column), long [n, 2]."""
         high = GRID if self.config.spawn == "full" else GRID - 1
-        chaser = torch.randint(0, high, (self.batch, 2), generator=generator)
-        return chaser, self._draw_explorer(generator, chaser) if explorer else None
+        return torch.randint(0, high, (self.batch if n is None else n, 2), generator=generator)
 
     def _draw_explorer(self, generator: torch.Generator, chaser: Tensor) -> Tensor:
-        high = GRID if self.config.spawn == "full" else GRID - 1
-        explorer = torch.randint(0, high, (self.batch, 2), generator=generator)
+        explorer = self._draw_cells(generator)
         same = (explorer == chaser).all(-1)
         while same.any():  # redraw only the episodes whose explorer landed on the chaser
-            explorer[same] = torch.randint(0, high, (int(same.sum()), 2), generator=generator)
+            explorer[same] = self._draw_cells(generator, int(same.sum()))
             same = (explorer == chaser).all(-1)
         return explorer
 

@@ -287,8 +287,9 @@ class TransformerPair:
     agent's ``Linear``: ``addmm`` per batch on CPU), each LayerNorm as the plain normalisation followed by one
     ``addcmul`` with the stacked affine weights (the same bits as the affine kernel), and one :func:`attend` over
     both agents' 2·B rows (batched products per row and head, so the same bits); the KV caches and the
-    input-embedding history are preallocated for the whole episode. ``tests/test_fast_paths.py`` checks the bits against each agent's ``step_index``. Built from
-    the current weights (no gradient); rebuild it after they change."""
+    input-embedding history are preallocated for the whole episode. ``tests/test_fast_paths.py`` checks the bits
+    against each agent's ``step_index``. Built from the current weights (no gradient); rebuild it after they
+    change."""
 
     replays = False  # nothing to replay: the learning pass is a causal pass, not a recurrence
 
