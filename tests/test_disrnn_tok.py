@@ -1,7 +1,8 @@
 """`disrnn` and `tok_transformer` (SPEC §3.4) against the agent contract (SPEC §3.1) and their own definitions.
 
 Ground truths: the parameter counts documented in each module, the step-vs-sequence identity (disrnn in eval mode,
-i.e. noiseless), hand-written float64 numpy forward passes, the KL formula on a hand-computed case, the transformer
+i.e. noiseless), hand-written float64 numpy forward passes, the KL formula on a hand-computed case, the covariance of
+the input bottlenecks' noise (sum over inputs of sigma^2 W W^T per update net) against the sampler's, the transformer
 context rule of §3.2 applied to token blocks (a step's output equals a fresh pass over exactly its own window), and
 bit-exact training resume (SPEC §4.6).
 """
@@ -18,7 +19,7 @@ import torch
 
 from agent_helpers import TOL, assert_parity, run_steps, two_hot_obs
 from interbrain.agents import HIDDEN, build_agent, build_pair
-from interbrain.agents.disrnn import LATENTS, bottleneck_summary
+from interbrain.agents.disrnn import LATENTS, bottleneck_summary, noise_factor
 from interbrain.agents.tok_transformer import index_from_obs
 from interbrain.checkpoint import load_agents, load_checkpoint, read_metadata, save_checkpoint
 from interbrain.config import AgentConfig, make_train_config
@@ -384,6 +385,46 @@ def test_disrnn_noise_only_in_training_mode_after_warm_up_and_deterministic_unde
     assert (noisy - clean).abs().max() > 1e-4 and (noisy - noisy_again).abs().max() > 1e-4
     assert (h_step - clean).abs().max() > 1e-4
     torch.testing.assert_close(noisy_seeded, noisy, atol=0, rtol=0)
+
+
+def test_noise_factor_reproduces_the_covariance_and_its_gradient():
+    """R^T R = S^T S (upper-triangular R), so ε' R and ε S are the same Gaussian; through R, the gradient of any
+    function of the covariance equals that function's gradient through S^T S; zero weights (a singular covariance)
+    give a zero, finite factor."""
+    g = torch.Generator().manual_seed(40)
+    scaled = (torch.randn(3, 50, 7, generator=g, dtype=torch.float64) * torch.rand(3, 50, 1, generator=g,
+                                                                                    dtype=torch.float64)).requires_grad_()
+    a = torch.randn(7, 7, generator=g, dtype=torch.float64)
+    r = noise_factor(scaled)
+    torch.testing.assert_close(r.transpose(-1, -2) @ r, scaled.transpose(-1, -2) @ scaled, rtol=1e-10, atol=1e-12)
+    assert torch.equal(r, r.triu())
+    (grad_r,) = torch.autograd.grad((r.transpose(-1, -2) @ r @ a).diagonal(dim1=-2, dim2=-1).sum(), scaled)
+    torch.testing.assert_close(grad_r, scaled @ (a + a.t()), rtol=1e-8, atol=1e-10)  # d tr(S^T S A) / dS
+    zero = noise_factor(torch.zeros(2, 50, 7))
+    assert torch.isfinite(zero).all() and zero.abs().max().item() < 1e-30
+
+
+def test_disrnn_input_noise_has_the_covariance_of_its_bottlenecks():
+    """The noise update net i's first pre-activation receives is Σ_j ε_j σ_{j,i} W_i[j] over its 200 observation and L
+    latent inputs: covariance C_i = Σ_j σ_{j,i}² W_i[j] W_i[j]^T, written out here from the parameters in numpy. The
+    sampler's empirical covariance over 100,000 rows matches C_i (planted, unequal σ) and its mean is 0."""
+    agent = active_disrnn("std")
+    g = torch.Generator().manual_seed(41)
+    with torch.no_grad():
+        agent.obs_sigma_param.copy_(torch.rand(agent.obs_sigma_param.shape, generator=g) * 2)
+        agent.latent_in_sigma_param.copy_(torch.rand(agent.latent_in_sigma_param.shape, generator=g) * 2)
+        torch.manual_seed(42)
+        noise = agent._input_noise(100_000, torch.float32).double()  # [L, rows, n]
+    P = numpy_params(agent)
+    s_obs, s_lat = np.abs(P["obs_sigma_param"]) + 1e-5, np.abs(P["latent_in_sigma_param"]) + 1e-5  # [input j, net i]
+    for i in range(LATENTS):
+        rows = np.concatenate([s_obs[:, i, None] * P["obs_weight"][i], s_lat[:, i, None] * P["latent_weight"][i]])
+        cov = rows.T @ rows
+        x = noise[i].numpy()
+        emp = x.T @ x / len(x)
+        sd = np.sqrt(np.outer(np.diag(cov), np.diag(cov)))  # scale of each entry's sampling error
+        assert np.abs(emp - cov).max() < 0.03 * sd.max(), i
+        assert np.abs(x.mean(0)).max() < 0.02 * np.sqrt(np.diag(cov)).max(), i
 
 
 def test_disrnn_kl_hand_computed_case():
