@@ -13,7 +13,6 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import sys
 import time
 
@@ -23,6 +22,7 @@ import torch
 from interbrain.analysis.cka import cka_matrix
 from interbrain.analysis.plsc import plsc_test
 from interbrain.analysis.subspace import perturbation_bases
+from interbrain.provenance import cpu_info
 
 E, T, D = 25, 500, 256
 
@@ -106,19 +106,7 @@ SECTIONS = {
 
 
 def machine_info() -> dict:
-    model = platform.processor() or "unknown"
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    model = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return {
-        "cpu_model": model,
-        "cores_visible": os.cpu_count(),
-        "cores_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+    return cpu_info() | {
         "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "numpy": np.__version__,

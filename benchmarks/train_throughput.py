@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import subprocess
@@ -68,7 +69,7 @@ from interbrain.config import EnvConfig, make_train_config
 from interbrain.ensemble import EnsembleTrainer
 from interbrain.env import ChaseEnv
 from interbrain.ppo import collect_rollout, settle_rollout, update_clipped, update_rllib
-from interbrain.provenance import now, package_versions, resolve_device
+from interbrain.provenance import cpu_info, now, package_versions, resolve_device
 from interbrain.rollout import rollout_checkpoint
 from interbrain.train import Trainer
 
@@ -349,6 +350,7 @@ def main() -> None:
     p.add_argument("--no-dag", action="store_true", help="skip the paper DAG build timing")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
+    load_at_start = os.getloadavg()[0]  # another job on the machine would slow every figure
     device = resolve_device(args.device)
     peak = matmul_gflops(device)
     results = [time_update(arch, size, preset, args.warmup, args.repeats, device, peak)
@@ -363,10 +365,10 @@ def main() -> None:
             r["vs_rnn"] = r["seconds_per_update"] / rnn[(r["size"], r["preset"])]
     out = {
         "benchmark": "train_throughput", "date": now(), "torch_threads": args.threads,
-        "machine": {"processor": platform.processor() or platform.machine(), "cpu_count": torch.get_num_threads(),
-                    "python": platform.python_version(), "packages": package_versions()},
+        "machine": cpu_info() | {"python": platform.python_version(), "packages": package_versions(),
+                                 "load_avg_1m_at_start": load_at_start},
         "device": str(device),
-        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor(),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_info()["cpu_model"],
         "matmul_gflops": peak,
         "onednn_matmul_gflops": onednn,
         "hardware_gflops": hardware,

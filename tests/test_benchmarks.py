@@ -126,3 +126,23 @@ def test_ensemble_sizes_are_parsed_or_refused_in_one_line():
     for bad in ("4,x", "4,,", "-1", "20,0"):
         with pytest.raises(argparse.ArgumentTypeError, match="unit counts"):
             bench.ensemble_sizes(bad)
+
+
+def test_cpu_info_names_this_processor():
+    """The benchmark records which processor it ran on, read from /proc/cpuinfo: on Linux its family and model numbers
+    (processors of one name differ twofold in speed) and the cores this process may use."""
+    import os
+    import platform
+
+    from interbrain.provenance import cpu_info
+
+    info = cpu_info()
+    assert info["cores_visible"] == os.cpu_count()
+    assert info["cores_usable"] == len(os.sched_getaffinity(0))
+    if platform.system() == "Linux" and platform.machine() == "x86_64":
+        with open("/proc/cpuinfo") as fh:
+            text = fh.read()
+        assert f"model name\t: {info['cpu_model']}" in text
+        assert f"cpu family\t: {info['cpu_family']}\n" in text and f"model\t\t: {info['cpu_model_number']}\n" in text
+        flags = next(line for line in text.splitlines() if line.startswith("flags")).split(":", 1)[1].split()
+        assert info["avx512f"] == ("avx512f" in flags)

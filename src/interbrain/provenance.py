@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import hashlib
+import os
 import platform
 import subprocess
 from functools import lru_cache
@@ -47,6 +48,34 @@ def package_versions() -> dict:
         except metadata.PackageNotFoundError:
             out[name] = None
     return out
+
+
+@lru_cache(maxsize=1)
+def cpu_info() -> dict:
+    """The host processor, for benchmark records: timings differ between processors that report the same name (e.g.
+    AMD EPYC family 25 and 26 (Zen 4, Zen 5), whose AVX-512 products differ twofold), so the family and model numbers
+    are kept too. Read from /proc/cpuinfo (Linux); elsewhere only ``platform.processor()``."""
+    fields = {}
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if not line.strip():
+                    break  # the first processor's block
+                key, _, value = line.partition(":")
+                fields[key.strip()] = value.strip()
+    except OSError:
+        pass
+    flags = fields.get("flags", "").split()
+    return {
+        "cpu_model": fields.get("model name") or platform.processor() or platform.machine(),
+        "cpu_vendor": fields.get("vendor_id"),
+        "cpu_family": int(fields["cpu family"]) if fields.get("cpu family", "").isdigit() else None,
+        "cpu_model_number": int(fields["model"]) if fields.get("model", "").isdigit() else None,
+        "cpu_mhz": float(fields["cpu MHz"]) if "cpu MHz" in fields else None,
+        "avx512f": "avx512f" in flags if flags else None,
+        "cores_visible": os.cpu_count(),
+        "cores_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+    }
 
 
 def device_info(device: torch.device | str | None = None) -> dict:
