@@ -167,11 +167,13 @@ class DisRNNAgent(Agent):
 
     def _recurrent_weights(self) -> tuple:
         """What every step of :meth:`_run` multiplies by: the latent inputs' multiplied weights [L(j), L·n], the
-        hidden layers' (bias [L, 1, n], weight [L, n, n]) and the output bias [L, 1, 2] (cached while acting)."""
+        hidden layers' (bias [L, 1, n], weight [L, n, n]) and the output layer's (bias [L, 1, 2], weight [L, n, 2]), whose
+        target column is divided by MAX_LATENT, so a step's u = MAX_LATENT·tanh(output) (cached while acting)."""
         L, n = self.latents, self.width
         latent_table = (self.latent_in_multiplier.t().unsqueeze(-1) * self.latent_weight).transpose(0, 1)  # [L(j),L,n]
         layers = [(b.unsqueeze(1), w) for b, w in zip(self.layer_bias.unbind(0), self.layer_weight.unbind(0))]
-        return latent_table.reshape(L, L * n), layers, self.out_bias.unsqueeze(1)
+        scale = self.out_weight.new_tensor([1.0, 1.0 / MAX_LATENT])  # the target's 1/MAX_LATENT folded into its column
+        return latent_table.reshape(L, L * n), layers, ((self.out_bias * scale).unsqueeze(1), self.out_weight * scale)
 
     def _input_factor(self) -> torch.Tensor:
         """[L, n, n]: :func:`noise_factor` of each update net's scaled input weights (cached while acting)."""
@@ -200,9 +202,9 @@ class DisRNNAgent(Agent):
         if noisy:  # all the noise of the call, drawn up front from the global torch RNG
             drive = drive + self._input_noise(T * B, drive.dtype).view(L, T, B, n).transpose(0, 1)
             eps_z = torch.randn(T, B, L, device=drive.device, dtype=drive.dtype) * self.sigmas()["latent"]
-        latent_table, layers, out_bias = self.cached(
+        latent_table, layers, (out_bias, out_weight) = self.cached(
             "recurrent_weights", (self.latent_in_multiplier, self.latent_weight, self.layer_bias, self.layer_weight,
-                                  self.out_bias), self._recurrent_weights)
+                                  self.out_bias, self.out_weight), self._recurrent_weights)
         # per-step slices with unbind, not indexing: an indexed slice's backward fills a zero tensor of the whole
         # input (here the [T, L, B, n] drive) for every step; unbind's stacks the slices' gradients
         drive_steps = drive.unbind(0)
@@ -212,10 +214,10 @@ class DisRNNAgent(Agent):
             s = drive_steps[t] + (z @ latent_table).view(B, L, n).transpose(0, 1)  # [L, B, n]
             for bias, weight in layers:
                 s = s + F.leaky_relu(torch.baddbmm(bias, s, weight))
-            gate, target = torch.baddbmm(out_bias, s, self.out_weight).unbind(-1)  # each [L, B]
+            gate, target = torch.baddbmm(out_bias, s, out_weight).unbind(-1)  # each [L, B]; target = v / MAX_LATENT
             w = torch.sigmoid(gate).t()
-            u = MAX_LATENT * torch.tanh(target.t() / MAX_LATENT)
-            mean = z + w * (u - z)  # (1 - w)·z + w·u
+            u = MAX_LATENT * torch.tanh(target.t())
+            mean = torch.lerp(z, u, w)  # (1 - w)·z + w·u
             prevs.append(z)
             means.append(mean)
             z = mean + noise_steps[t] if noisy else mean
