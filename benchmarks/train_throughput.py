@@ -63,13 +63,13 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
 from interbrain.agents import ARCHITECTURES
-from interbrain.agents.linear import onednn_available
+from interbrain.agents.linear import onednn_available, set_cpu_threads
 from interbrain.checkpoint import save_checkpoint
 from interbrain.config import EnvConfig, make_train_config
 from interbrain.ensemble import EnsembleTrainer
 from interbrain.env import ChaseEnv
 from interbrain.ppo import collect_rollout, settle_rollout, update_clipped, update_rllib
-from interbrain.provenance import cpu_info, now, package_versions, resolve_device
+from interbrain.provenance import cpu_info, device_info, now, package_versions, resolve_device
 from interbrain.rollout import rollout_checkpoint
 from interbrain.train import Trainer
 
@@ -349,7 +349,7 @@ def main() -> None:
     p.add_argument("--no-rollout", action="store_true", help="skip the analysis-rollout timing")
     p.add_argument("--no-dag", action="store_true", help="skip the paper DAG build timing")
     args = p.parse_args()
-    torch.set_num_threads(args.threads)
+    set_cpu_threads(args.threads)  # torch's and numpy's BLAS (the rllib learner's small steps, interbrain.agents.linear)
     load_at_start = os.getloadavg()[0]  # another job on the machine would slow every figure
     device = resolve_device(args.device)
     peak = matmul_gflops(device)
@@ -369,6 +369,8 @@ def main() -> None:
                                  "load_avg_1m_at_start": load_at_start},
         "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_info()["cpu_model"],
+        # the CPU kernels' choices (interbrain.agents.linear): large dense products, the rllib learner's small steps
+        **{k: v for k, v in device_info(device).items() if k in ("cpu_matmul", "cpu_small_matmul")},
         "matmul_gflops": peak,
         "onednn_matmul_gflops": onednn,
         "hardware_gflops": hardware,

@@ -25,3 +25,18 @@ def cpu_matmul(monkeypatch):
     yield use
     monkeypatch.delenv(linear.ENV_VAR, raising=False)
     linear.cpu_backend.cache_clear()
+
+
+@pytest.fixture
+def small_matmul(monkeypatch):
+    """``use(value)`` sets INTERBRAIN_CPU_SMALL_MATMUL for one test and returns the backend it resolves to (cached per
+    process like ``cpu_matmul``'s)."""
+    from interbrain.agents import linear
+
+    def use(value: str) -> str:
+        monkeypatch.setenv(linear.SMALL_ENV_VAR, value)
+        linear.small_backend.cache_clear()
+        return linear.small_backend()
+    yield use
+    monkeypatch.delenv(linear.SMALL_ENV_VAR, raising=False)
+    linear.small_backend.cache_clear()

@@ -70,6 +70,47 @@ def test_rnn_learning_pass_with_heads_matches_nn_rnn_autograd_in_float64():
     assert (ref == 0).any() and (ref > 0).any()
 
 
+@pytest.mark.parametrize("backend", ["torch", "numpy"])
+def test_stacked_recurrence_steps_on_either_backend_match_float64(small_matmul, backend):
+    """The stacked ReLU recurrence and its backward with the per-step products on torch's or numpy's BLAS (the rllib
+    learner's 7-row minibatches, :func:`interbrain.agents.linear.small_backend`), in place in a unit-major buffer as
+    StackedReluRNNHeads runs it: hidden states, dL/dpre and dL/dh0 against the same recurrence in float64 (where the
+    numpy steps never run), and against nn.RNN's autograd for one unit."""
+    from interbrain.agents.rnn import numpy_steps, relu_recurrence, relu_recurrence_backward
+
+    assert small_matmul(backend) == backend
+    torch.manual_seed(4)
+    E, T, B, H = 2, 20, 7, 256
+    w = torch.randn(E, H, H) / 16
+    pre, h0, grad = torch.randn(E, T, B, H), torch.rand(E, B, H), torch.randn(E, T, B, H)
+    assert numpy_steps(pre.transpose(0, 1), w) == (backend == "numpy")
+    assert not numpy_steps(pre.transpose(0, 1).double(), w.double())  # float64 keeps torch's kernel
+    assert not numpy_steps(torch.empty(T, E, 17, H), w) and not numpy_steps(pre[0], w[0])  # > 16 rows; one unit
+
+    def run(dtype):
+        buf = pre.to(dtype).clone()
+        out = relu_recurrence(buf.transpose(0, 1), h0.to(dtype), w.to(dtype))
+        g = grad.to(dtype).clone()
+        dpre, dh0, _ = relu_recurrence_backward(out, None, w.to(dtype), None, True, False, g=g.transpose(0, 1))
+        return buf, g, dh0
+
+    (hid, dpre, dh0), (hid64, dpre64, dh064) = run(torch.float32), run(torch.float64)
+    torch.testing.assert_close(hid.double(), hid64, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(dpre.double(), dpre64, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(dh0.double(), dh064, rtol=1e-5, atol=1e-4)
+    assert (hid64 == 0).any() and (hid64 > 0).any() and (dpre64 == 0).any()  # the ReLU mask is exercised
+    rnn = torch.nn.RNN(H, H, nonlinearity="relu", bias=False).double()  # unit 1 under autograd: input = pre
+    with torch.no_grad():
+        rnn.weight_ih_l0.copy_(torch.eye(H))
+        rnn.weight_hh_l0.copy_(w[1])
+    x, h = pre[1].double().requires_grad_(), h0[1].double().unsqueeze(0).requires_grad_()
+    ref, _ = rnn(x, h)
+    torch.testing.assert_close(hid64[1], ref, rtol=1e-12, atol=1e-12)
+    (ref * grad[1].double()).sum().backward()
+    torch.testing.assert_close(dpre64[1], x.grad, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(dh064[1], h.grad[0], rtol=1e-10, atol=1e-10)
+
+
 def test_two_row_gather_gradient_is_the_two_hot_linear_gradient():
     """gather_index under autograd (TwoRowGather: index_add_ backward) = Linear(two_hot(x)) autograd, in float64."""
     torch.manual_seed(2)

@@ -83,6 +83,33 @@ def test_backend_choice_is_validated(cpu_matmul):
     assert cpu_matmul("auto") == expected
 
 
+def test_small_backend_choice_is_validated(small_matmul):
+    with pytest.raises(InterbrainError, match="INTERBRAIN_CPU_SMALL_MATMUL='mkl' is not one of"):
+        small_matmul("mkl")
+    assert small_matmul("torch") == "torch" and small_matmul("numpy") == "numpy"
+    expected = ("numpy" if "openblas" in L.numpy_blas().lower() and torch.backends.cpu.get_cpu_capability() == "AVX512"
+                else "torch")
+    assert small_matmul("auto") == expected
+
+
+def test_set_cpu_threads_sets_torch_and_numpys_blas():
+    from threadpoolctl import threadpool_info, threadpool_limits
+
+    def blas_threads():
+        return [lib["num_threads"] for lib in threadpool_info() if lib["user_api"] == "blas"]
+
+    before, blas_before = torch.get_num_threads(), blas_threads()
+    assert blas_before  # numpy's BLAS is visible to threadpoolctl
+    try:
+        L.set_cpu_threads(2)
+        assert torch.get_num_threads() == 2 and set(blas_threads()) == {2}
+        L.set_cpu_threads(1)
+        assert torch.get_num_threads() == 1 and set(blas_threads()) == {1}
+    finally:
+        torch.set_num_threads(before)
+        threadpool_limits(limits=max(blas_before), user_api="blas")
+
+
 def test_linear_module_is_nn_linear_with_the_same_parameters_and_init():
     torch.manual_seed(3)
     mine = L.Linear(200, 64)

@@ -71,6 +71,19 @@ def test_resume_under_another_cpu_backend_warns(tmp_path, tiny_overrides, cpu_ma
     assert "cpu_matmul" not in event and "not bit for bit" not in err
 
 
+def test_resume_under_another_small_step_backend_warns(tmp_path, tiny_overrides, small_matmul, capsys):
+    """The same for the rllib learner's small-step kernel (torch's or numpy's BLAS, interbrain.agents.linear)."""
+    small_matmul("torch")
+    _run(tmp_path, 1, tiny_overrides, "rnn", "rllib")
+    small_matmul("numpy")
+    capsys.readouterr()
+    _run(tmp_path, 2, tiny_overrides, "rnn", "rllib")
+    events = [json.loads(x) for x in (tmp_path / "events.jsonl").read_text().splitlines()]
+    resumed = [e for e in events if e["event"] == "resumed"][-1]
+    assert resumed["cpu_small_matmul"] == {"checkpoint": "torch", "now": "numpy"}
+    assert "cpu_small_matmul backend 'numpy'" in capsys.readouterr().err
+
+
 def test_same_seed_same_weights_and_schedule(tmp_path, tiny_overrides):
     a = _run(tmp_path / "a", 3, tiny_overrides)
     b = _run(tmp_path / "b", 3, tiny_overrides)

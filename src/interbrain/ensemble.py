@@ -36,6 +36,7 @@ from typing import Callable
 import torch
 
 from interbrain.agents.base import HIDDEN
+from interbrain.agents.linear import set_cpu_threads
 from interbrain.agents.rnn import StackedRNN
 from interbrain.config import TrainConfig
 from interbrain.cuda_graph import Captured
@@ -327,7 +328,7 @@ def train_ensemble(configs: list[TrainConfig], outs: list[str | Path], *, device
         raise InterbrainError(f"an ensemble of {len(configs)} units needs {len(configs)} output folders, got {len(outs)}")
     dev = resolve_device(device)
     if threads is not None:
-        torch.set_num_threads(threads)
+        set_cpu_threads(threads)
     outputs = [UnitOutput(c, ensure_dir(o)) for c, o in zip(configs, outs)]
     ids = [c.unit_id for c in configs]
     for o in outputs:

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from interbrain.agents import build_pair
+from interbrain.agents.linear import set_cpu_threads
 from interbrain.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from interbrain.config import TrainConfig, make_train_config
 from interbrain.env import ChaseEnv
@@ -224,12 +225,14 @@ class UnitOutput:
             trainer = Trainer.from_checkpoint(resume_from, device, self.config)
             _truncate_metrics(self.metrics_path, trainer.update)
             event = {"event": "resumed", "update": trainer.update, "from": str(resume_from.path), "time": now()}
-            then, current = resume_from.provenance.get("cpu_matmul"), device_info(device).get("cpu_matmul")
-            if then != current:  # another kernel (interbrain.agents.linear): other float summation order from here on
-                event["cpu_matmul"] = {"checkpoint": then, "now": current}
-                print(f"warning: resuming from {resume_from.path} with CPU matmul backend {current!r} (the "
-                      f"checkpoint's: {then!r}): the continued run is not bit for bit the uninterrupted one",
-                      file=sys.stderr)
+            info = device_info(device)
+            for key in ("cpu_matmul", "cpu_small_matmul"):  # the CPU kernels' choices (interbrain.agents.linear)
+                then, current = resume_from.provenance.get(key), info.get(key)
+                if then != current:  # another kernel: other float summation order from here on
+                    event[key] = {"checkpoint": then, "now": current}
+                    print(f"warning: resuming from {resume_from.path} with {key} backend {current!r} (the "
+                          f"checkpoint's: {then!r}): the continued run is not bit for bit the uninterrupted one",
+                          file=sys.stderr)
             append_jsonl(self.events, event)
         else:
             trainer = Trainer(self.config, device)
@@ -311,7 +314,7 @@ def train_config(config: TrainConfig, *, device: str = "auto", out: str | Path =
                  threads: int | None = None) -> Path:
     dev = resolve_device(device)
     if threads is not None:
-        torch.set_num_threads(threads)
+        set_cpu_threads(threads)
     out = ensure_dir(out)
     events = out / "events.jsonl"
     append_jsonl(events, {"event": "invoked", "unit": config.unit_id, "updates": config.updates, "device": str(dev),

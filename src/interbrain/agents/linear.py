@@ -1,9 +1,10 @@
 """Dense layers whose large CPU products run on oneDNN where that is the faster float32 kernel (issue 6).
 
 torch runs float32 matrix products on CPU through MKL. On AMD processors MKL takes its AVX2 code path even where the
-processor has AVX-512; oneDNN (bundled with torch) takes the AVX-512 one. On the development machine (AMD EPYC,
-AVX-512, one thread) a 1024^3 product runs at ~106 GFLOP/s through MKL and ~250 GFLOP/s through oneDNN, and a
-learning pass's [4000, 64] x [64, 192] products 2.3x faster (``benchmarks/train_throughput.py`` records both rates).
+processor has AVX-512; oneDNN (bundled with torch) takes the AVX-512 one. On the development machines (AMD EPYC,
+AVX-512, one thread) a 1024^3 product runs at 85-110 GFLOP/s through MKL and through oneDNN at ~105 GFLOP/s on a Zen 4
+core (whose AVX-512 units are 256 bits wide) and ~250 on a Zen 5 core, where a learning pass's [4000, 64] x [64, 192]
+products run 2.3x faster (``benchmarks/train_throughput.py`` records both rates and the processor).
 
 :func:`linear` is ``F.linear`` with that choice: on CPU, for float32 inputs of at least :data:`MIN_ROWS` rows (the
 learning passes: below that, e.g. while acting on 40 episodes, MKL is as fast or faster), the forward product and
@@ -13,6 +14,9 @@ names and initialisation). The RNN's own products (:mod:`interbrain.agents.rnn`)
 pair steps (``RNNPair``, ``TransformerPair``) keep torch's kernel, so they equal each agent's own step bit for bit for
 acting batches under :data:`MIN_ROWS` episodes (the default 40); steps past an attention agent's window recompute
 windows of B·W rows, which may take oneDNN.
+
+:func:`small_backend` is a second, separate choice: whether the stacked ReLU recurrence's small per-step products (the
+``rllib`` learner's 7-row minibatch steps, :func:`interbrain.agents.rnn.relu_recurrence`) run on numpy's BLAS.
 
 The backend is fixed per process, so fixed seeds stay deterministic (a resume under another backend warns that it
 is not bit for bit the uninterrupted run, :class:`interbrain.train.UnitOutput`): :func:`cpu_backend` reads
@@ -36,6 +40,9 @@ from interbrain.errors import InterbrainError
 ENV_VAR = "INTERBRAIN_CPU_MATMUL"
 BACKENDS = ("auto", "torch", "onednn")
 MIN_ROWS = 256  # oneDNN is faster from ~120 rows on (measured: 40 rows slower, 256 rows 1.5x, 4000 rows 2.3x)
+SMALL_ENV_VAR = "INTERBRAIN_CPU_SMALL_MATMUL"
+SMALL_BACKENDS = ("auto", "torch", "numpy")
+SMALL_ROWS = 16  # the stacked recurrence's step products with at most this many rows per unit may go to numpy's BLAS
 
 
 def onednn_available() -> bool:
@@ -54,6 +61,45 @@ def cpu_backend() -> str:
     if choice == "auto":
         choice = "onednn" if onednn_available() and torch.backends.cpu.get_cpu_capability() == "AVX512" else "torch"
     return choice
+
+
+def numpy_blas() -> str:
+    """The BLAS numpy was built with (e.g. ``scipy-openblas``; ``unknown`` when numpy does not say)."""
+    import numpy as np
+
+    try:
+        return str(np.show_config(mode="dicts")["Build Dependencies"]["blas"]["name"])
+    except Exception:  # noqa: BLE001  (older numpy or a build without the record)
+        return "unknown"
+
+
+@functools.cache
+def small_backend() -> str:
+    """``torch`` or ``numpy``: who runs the stacked ReLU recurrence's per-step products when a unit has at most
+    :data:`SMALL_ROWS` rows (the ``rllib`` learner's minibatches: 6-7 sequences of 20 steps per agent;
+    :func:`interbrain.agents.rnn.relu_recurrence`). For a [7, 256] x [256, 256] product MKL (torch's CPU BLAS) takes
+    ~22 µs on the development machine (AMD EPYC, Zen 4: its AVX2 kernel with 16-row blocks computes mostly padding),
+    numpy's OpenBLAS ~12 µs (its AVX-512 small-matrix kernel); the ``rllib`` update then takes ~1.3 s less (4.4-5.7 ->
+    3.6-4.0 s). ``INTERBRAIN_CPU_SMALL_MATMUL`` = ``auto`` (default: numpy where numpy's BLAS is OpenBLAS and torch
+    runs AVX-512 kernels, else torch), ``torch`` or ``numpy``. Fixed per process; recorded in every artifact's
+    provenance (``cpu_small_matmul``) with :func:`cpu_backend`'s choice. The two differ in float summation order only
+    (``tests/test_fast_paths.py``)."""
+    choice = os.environ.get(SMALL_ENV_VAR, "auto")
+    if choice not in SMALL_BACKENDS:
+        raise InterbrainError(f"{SMALL_ENV_VAR}={choice!r} is not one of {list(SMALL_BACKENDS)}")
+    if choice == "auto":
+        choice = ("numpy" if "openblas" in numpy_blas().lower()
+                  and torch.backends.cpu.get_cpu_capability() == "AVX512" else "torch")
+    return choice
+
+
+def set_cpu_threads(threads: int) -> None:
+    """torch's CPU threads and numpy's BLAS threads (:func:`small_backend`), for this process: ``threads`` = 1 is one
+    training job per core, as Snakemake schedules them."""
+    from threadpoolctl import threadpool_limits
+
+    torch.set_num_threads(threads)
+    threadpool_limits(limits=threads, user_api="blas")
 
 
 def _onednn_product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -98,4 +144,5 @@ class Linear(nn.Linear):
         return linear(x, self.weight, self.bias)
 
 
-__all__ = ["BACKENDS", "ENV_VAR", "Linear", "MIN_ROWS", "OneDNNLinear", "cpu_backend", "linear", "onednn_available"]
+__all__ = ["BACKENDS", "ENV_VAR", "Linear", "MIN_ROWS", "OneDNNLinear", "SMALL_BACKENDS", "SMALL_ENV_VAR", "SMALL_ROWS",
+           "cpu_backend", "linear", "numpy_blas", "onednn_available", "set_cpu_threads", "small_backend"]

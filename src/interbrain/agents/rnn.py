@@ -24,23 +24,69 @@ from __future__ import annotations
 
 from typing import Callable
 
+import numpy as np
 import torch
 from torch import nn
 
 from interbrain.agents.base import (HIDDEN, N_ACTIONS, N_CELLS, OBS_DIM, Agent, FrobeniusNorm, gather_index, gather_rows,
                                     index_table, param_key, register, stacked_row_offsets, sum_rows)
+from interbrain.agents.linear import SMALL_ROWS, small_backend
 from interbrain.config import AgentConfig
 from interbrain.errors import InterbrainError
+
+
+def numpy_steps(x: torch.Tensor, w: torch.Tensor) -> bool:
+    """Whether the recurrence over x [T, E, B, H] (stacked units: ``w`` [E, H, H]) takes its step products on numpy's
+    BLAS: float32 on CPU, at most :data:`~interbrain.agents.linear.SMALL_ROWS` rows per unit, and
+    :func:`~interbrain.agents.linear.small_backend` says ``numpy`` (the ``rllib`` learner's minibatches). One unit's
+    recurrence (``w`` [H, H]) keeps torch's kernel: the first learning epoch replays the acting pass's hidden states,
+    which must equal a recomputation bit for bit."""
+    return (w.dim() == 3 and x.device.type == "cpu" and x.dtype == torch.float32 and x.shape[-2] <= SMALL_ROWS
+            and small_backend() == "numpy")
 
 
 def relu_recurrence(pre: torch.Tensor, h0: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """H[t] = ReLU(pre[t] + H[t-1] W^T) for t = 0..T-1 from H[-1] = h0, computed in place in ``pre`` (which becomes
     H and is returned): one in-place ``addmm_`` (``baddbmm_`` for stacked units) and ReLU per step, so each step's input
-    is read and overwritten while it is in cache (no second [T,B,H] buffer, no copy per step)."""
+    is read and overwritten while it is in cache (no second [T,B,H] buffer, no copy per step). Small stacked steps
+    (:func:`numpy_steps`) run the same loop on numpy views of the same memory."""
+    if numpy_steps(pre, w):
+        return _relu_recurrence_numpy(pre, h0, w)
     wt, h = w.transpose(-1, -2), h0
     for t in range(pre.shape[0]):
         h = (pre[t].baddbmm_(h, wt) if w.dim() == 3 else pre[t].addmm_(h, wt)).relu_()
     return pre
+
+
+def _relu_recurrence_numpy(pre: torch.Tensor, h0: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """:func:`relu_recurrence` with numpy's ``matmul`` (one BLAS call per unit and step) on views of ``pre``."""
+    steps = pre.detach().numpy()
+    wt = w.detach().transpose(-1, -2).contiguous().numpy()
+    h = h0.detach().contiguous().numpy()
+    product, zero = np.empty(steps.shape[1:], dtype=steps.dtype), steps.dtype.type(0)
+    for pt in steps:
+        np.matmul(h, wt, out=product)
+        np.add(pt, product, out=pt)
+        np.maximum(pt, zero, out=pt)  # ReLU (NaN stays NaN, as torch's)
+        h = pt
+    return pre
+
+
+def _relu_recurrence_backward_numpy(out: torch.Tensor, w: torch.Tensor, g: torch.Tensor) -> None:
+    """The step loop of :func:`relu_recurrence_backward` (``g`` holding dL/dH, becoming dL/dpre) with numpy's
+    ``matmul`` on views of ``g``. The ReLU mask multiplies by [out > 0], built for all steps at once (0 where the output
+    is 0, as torch's ``threshold_backward``; a non-finite gradient there would stay non-finite, where torch's zeroes
+    it: the trainer's health check stops on it either way)."""
+    grads, outs = g.numpy(), out.detach().numpy()
+    wc = w.detach().contiguous().numpy()
+    product = np.empty(grads.shape[1:], dtype=grads.dtype)
+    keep = np.greater(outs, 0).astype(grads.dtype)
+    for t in range(grads.shape[0] - 1, -1, -1):
+        gt = grads[t]
+        if t < grads.shape[0] - 1:
+            np.matmul(grads[t + 1], wc, out=product)
+            np.add(gt, product, out=gt)
+        np.multiply(gt, keep[t], out=gt)
 
 
 def relu_recurrence_backward(out: torch.Tensor, h0: torch.Tensor, w: torch.Tensor, grad_at: Callable | None,
@@ -56,7 +102,10 @@ def relu_recurrence_backward(out: torch.Tensor, h0: torch.Tensor, w: torch.Tenso
     mask = torch.ops.aten.threshold_backward.grad_input
     if g is None:
         g = torch.empty_like(out)
-    for t in range(T - 1, -1, -1):
+    on_numpy = grad_at is None and numpy_steps(out, w)
+    if on_numpy:
+        _relu_recurrence_backward_numpy(out, w, g)
+    for t in range(-1 if on_numpy else T - 1, -1, -1):
         gt = g[t]
         if grad_at is not None:
             grad_at(t, gt)
