@@ -12,31 +12,31 @@ def tiny_overrides():
     return {"num_envs": 8}
 
 
+def _backend_setter(monkeypatch, env_var: str, choice):
+    """``use(value)``: set ``env_var`` for one test and return what the cached ``choice()`` resolves it to."""
+    def use(value: str) -> str:
+        monkeypatch.setenv(env_var, value)
+        choice.cache_clear()
+        return choice()
+    return use
+
+
 @pytest.fixture
 def cpu_matmul(monkeypatch):
     """``use(value)`` sets INTERBRAIN_CPU_MATMUL for one test and returns the backend it resolves to (the choice is
     cached per process: cleared on each use and after the test)."""
     from interbrain.agents import linear
 
-    def use(value: str) -> str:
-        monkeypatch.setenv(linear.ENV_VAR, value)
-        linear.cpu_backend.cache_clear()
-        return linear.cpu_backend()
-    yield use
+    yield _backend_setter(monkeypatch, linear.ENV_VAR, linear.cpu_backend)
     monkeypatch.delenv(linear.ENV_VAR, raising=False)
     linear.cpu_backend.cache_clear()
 
 
 @pytest.fixture
 def small_matmul(monkeypatch):
-    """``use(value)`` sets INTERBRAIN_CPU_SMALL_MATMUL for one test and returns the backend it resolves to (cached per
-    process like ``cpu_matmul``'s)."""
+    """The same for INTERBRAIN_CPU_SMALL_MATMUL (``linear.small_backend``)."""
     from interbrain.agents import linear
 
-    def use(value: str) -> str:
-        monkeypatch.setenv(linear.SMALL_ENV_VAR, value)
-        linear.small_backend.cache_clear()
-        return linear.small_backend()
-    yield use
+    yield _backend_setter(monkeypatch, linear.SMALL_ENV_VAR, linear.small_backend)
     monkeypatch.delenv(linear.SMALL_ENV_VAR, raising=False)
     linear.small_backend.cache_clear()
