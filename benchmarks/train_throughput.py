@@ -49,6 +49,7 @@ rollout's own, recorded while acting under the same weights and replayed (``RNNA
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -63,7 +64,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
 from interbrain.agents import ARCHITECTURES
-from interbrain.agents.linear import onednn_available, set_cpu_threads
+from interbrain.agents.linear import SMALL_ENV_VAR, onednn_available, set_cpu_threads, small_backend
 from interbrain.checkpoint import save_checkpoint
 from interbrain.config import EnvConfig, make_train_config
 from interbrain.ensemble import EnsembleTrainer
@@ -198,18 +199,32 @@ def _cpu_attention_backward_flop(grad_shape, q_shape, k_shape, v_shape, *args, o
     return sdpa_backward_flop_count(grad_shape, q_shape, k_shape, v_shape)
 
 
-def flop_counter() -> FlopCounterMode:
+@contextlib.contextmanager
+def flop_counter():
     """torch's counter, plus what it leaves out: the in-place ``addmm_`` / ``baddbmm_`` (the recurrences' weight
     gradients are accumulated in place), oneDNN's dense-layer product (:mod:`interbrain.agents.linear`) and recurrent
     layer (torch's CPU LSTM runs on it), and the CPU kernels of ``scaled_dot_product_attention`` (counted as torch
-    counts its CUDA kernels: the two products QK^T and PV in full, causal or not)."""
+    counts its CUDA kernels: the two products QK^T and PV in full, causal or not). The ``rllib`` learner's small
+    recurrence steps run on torch's kernel while counting (numpy's, :func:`interbrain.agents.linear.small_backend`,
+    would be invisible to the counter; the work is the same)."""
     aten = torch.ops.aten
     onednn = {torch.ops.mkldnn._linear_pointwise: _onednn_linear_flop} if onednn_available() else {}
-    return FlopCounterMode(display=False, custom_mapping={
-        **onednn, aten.addmm_: _inplace_addmm_flop, aten.baddbmm_: _inplace_baddbmm_flop,
-        aten.mkldnn_rnn_layer: _onednn_rnn_flop, aten.mkldnn_rnn_layer_backward: _onednn_rnn_backward_flop,
-        aten._scaled_dot_product_flash_attention_for_cpu: _cpu_attention_flop,
-        aten._scaled_dot_product_flash_attention_for_cpu_backward: _cpu_attention_backward_flop})
+    before = os.environ.get(SMALL_ENV_VAR)
+    os.environ[SMALL_ENV_VAR] = "torch"
+    small_backend.cache_clear()
+    try:
+        with FlopCounterMode(display=False, custom_mapping={
+                **onednn, aten.addmm_: _inplace_addmm_flop, aten.baddbmm_: _inplace_baddbmm_flop,
+                aten.mkldnn_rnn_layer: _onednn_rnn_flop, aten.mkldnn_rnn_layer_backward: _onednn_rnn_backward_flop,
+                aten._scaled_dot_product_flash_attention_for_cpu: _cpu_attention_flop,
+                aten._scaled_dot_product_flash_attention_for_cpu_backward: _cpu_attention_backward_flop}) as counter:
+            yield counter
+    finally:
+        if before is None:
+            os.environ.pop(SMALL_ENV_VAR, None)
+        else:
+            os.environ[SMALL_ENV_VAR] = before
+        small_backend.cache_clear()
 
 
 def rollout(tr: Trainer):

@@ -30,6 +30,23 @@ def test_counted_rnn_flops_match_the_hand_count(preset):
     assert counter.get_total_flops() == pytest.approx(analytic - skipped, rel=2e-3)
 
 
+def test_rllib_small_steps_are_counted_on_either_backend(small_matmul):
+    """The rllib learner's step products are counted although numpy's BLAS may run them (linear.small_backend): the
+    same count under both backends, and the backend restored afterwards."""
+    cfg = make_train_config("rnn", "social", 0, "rllib", 2, overrides={"num_envs": 8})
+    counts = []
+    for backend in ("torch", "numpy"):
+        small_matmul(backend)
+        torch.manual_seed(0)
+        tr = Trainer(cfg, torch.device("cpu"))
+        with bench.flop_counter() as counter:
+            bench.one_update(tr, 1)
+        counts.append(counter.get_total_flops())
+        from interbrain.agents.linear import small_backend
+        assert small_backend() == backend
+    assert counts[0] == counts[1] > 0
+
+
 def test_cpu_attention_is_counted():
     """The CPU kernels of scaled_dot_product_attention count as the two products QK^T and PV (2·2·B·H·Lq·Lk·d), their
     backward as torch counts it (five such products: 2.5 times the forward)."""

@@ -512,6 +512,34 @@ def test_stacked_kl_penalty_loss_equals_policy_loss_per_agent_in_float64(entropy
                                        msg=name)
 
 
+def test_stacked_rllib_pass_is_the_same_on_either_small_step_backend(small_matmul):
+    """The rllib learner's whole stacked pass in float32 (7-row minibatch: the recurrence's steps on numpy's BLAS or
+    torch's): per-unit loss, statistics and every parameter's gradient equal to float tolerance."""
+    from interbrain.agents.rnn import StackedRNN
+    from interbrain.ppo import stacked_kl_penalty_loss
+
+    cfg = make_train_config("rnn", "social", 0, "rllib", 1).ppo
+    torch.manual_seed(0)
+    agents = [RNNAgent(AgentConfig("rnn", "matched", "modern")) for _ in range(2)]
+    index, actions, old_logp, adv, returns, old_logits, h0 = _kl_penalty_data(20, 2, 7, seed=5, dtype=torch.float32)
+    results = []
+    for backend in ("torch", "numpy"):
+        assert small_matmul(backend) == backend
+        stack = StackedRNN(agents)
+        loss, stats = stacked_kl_penalty_loss(stack, index, actions, old_logp, adv, returns, cfg, state0=(h0,),
+                                              old_logits=old_logits, kl_coef=torch.tensor([0.2, 0.45]))
+        loss.sum().backward()
+        results.append((loss.detach(), {k: v.detach() for k, v in stats.items()},
+                        {n: p.grad.clone() for n, p in stack.named_parameters()}))
+    (l1, s1, g1), (l2, s2, g2) = results
+    torch.testing.assert_close(l2, l1, rtol=1e-5, atol=1e-6)
+    for k in s1:
+        torch.testing.assert_close(s2[k], s1[k], rtol=1e-5, atol=1e-6, msg=k)
+    for n in g1:
+        assert g1[n].abs().max() > 0, n
+        torch.testing.assert_close(g2[n], g1[n], rtol=1e-4, atol=1e-5 * g1[n].abs().max().item(), msg=n)
+
+
 def test_stacked_rllib_update_equals_the_agent_by_agent_loop(tiny_overrides, monkeypatch):
     """A whole rllib update (30 epochs of minibatches, both agents as one stacked graph, fused Adam over the stacked
     tensors) against RLlib's agent-by-agent loop on the same rollout: the same statistics and KL-coefficient steps

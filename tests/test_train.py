@@ -82,6 +82,14 @@ def test_resume_under_another_small_step_backend_warns(tmp_path, tiny_overrides,
     resumed = [e for e in events if e["event"] == "resumed"][-1]
     assert resumed["cpu_small_matmul"] == {"checkpoint": "torch", "now": "numpy"}
     assert "cpu_small_matmul backend 'numpy'" in capsys.readouterr().err
+    small_matmul("numpy")  # an architecture without the stacked recurrence: the choice changes nothing, no warning
+    _run(tmp_path / "mlp", 1, tiny_overrides, "mlp", "fast")
+    small_matmul("torch")
+    capsys.readouterr()
+    _run(tmp_path / "mlp", 2, tiny_overrides, "mlp", "fast")
+    events = [json.loads(x) for x in (tmp_path / "mlp" / "events.jsonl").read_text().splitlines()]
+    assert "cpu_small_matmul" not in [e for e in events if e["event"] == "resumed"][-1]
+    assert "not bit for bit" not in capsys.readouterr().err
 
 
 def test_same_seed_same_weights_and_schedule(tmp_path, tiny_overrides):

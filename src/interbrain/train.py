@@ -226,8 +226,12 @@ class UnitOutput:
             _truncate_metrics(self.metrics_path, trainer.update)
             event = {"event": "resumed", "update": trainer.update, "from": str(resume_from.path), "time": now()}
             info = device_info(device)
-            for key in ("cpu_matmul", "cpu_small_matmul"):  # the CPU kernels' choices (interbrain.agents.linear)
-                then, current = resume_from.provenance.get(key), info.get(key)
+            # the CPU kernels' choices (interbrain.agents.linear); the small-step one matters to the rnn's stacked
+            # recurrence only and was torch's before it was recorded
+            keys = ("cpu_matmul", "cpu_small_matmul") if self.config.agent.arch == "rnn" else ("cpu_matmul",)
+            for key in keys:
+                then = resume_from.provenance.get(key, "torch" if key == "cpu_small_matmul" else None)
+                current = info.get(key)
                 if then != current:  # another kernel: other float summation order from here on
                     event[key] = {"checkpoint": then, "now": current}
                     print(f"warning: resuming from {resume_from.path} with {key} backend {current!r} (the "

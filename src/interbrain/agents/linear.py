@@ -78,17 +78,21 @@ def small_backend() -> str:
     """``torch`` or ``numpy``: who runs the stacked ReLU recurrence's per-step products when a unit has at most
     :data:`SMALL_ROWS` rows (the ``rllib`` learner's minibatches: 6-7 sequences of 20 steps per agent;
     :func:`interbrain.agents.rnn.relu_recurrence`). For a [7, 256] x [256, 256] product MKL (torch's CPU BLAS) takes
-    ~22 µs on the development machine (AMD EPYC, Zen 4: its AVX2 kernel with 16-row blocks computes mostly padding),
-    numpy's OpenBLAS ~12 µs (its AVX-512 small-matrix kernel); the ``rllib`` update then takes ~1.3 s less (4.4-5.7 ->
-    3.6-4.0 s). ``INTERBRAIN_CPU_SMALL_MATMUL`` = ``auto`` (default: numpy where numpy's BLAS is OpenBLAS and torch
-    runs AVX-512 kernels, else torch), ``torch`` or ``numpy``. Fixed per process; recorded in every artifact's
-    provenance (``cpu_small_matmul``) with :func:`cpu_backend`'s choice. The two differ in float summation order only
-    (``tests/test_fast_paths.py``)."""
+    ~22 µs on the development machine (AMD EPYC, Zen 4: MKL runs its AVX2 kernel on AMD processors), numpy's
+    OpenBLAS ~12 µs (its AVX-512 small-matrix kernel); the ``rllib`` update then takes 0.4-1.1 s less in paired runs
+    (3.8-4.5 -> 2.95-3.4 s). ``INTERBRAIN_CPU_SMALL_MATMUL`` = ``auto`` (default: numpy on AMD processors where numpy's
+    BLAS is OpenBLAS and torch runs AVX-512 kernels, else torch: on Intel processors MKL runs AVX-512 kernels itself,
+    and the comparison is not measured there), ``torch`` or ``numpy``. Fixed per process; recorded in every
+    artifact's provenance (``cpu_small_matmul``) with :func:`cpu_backend`'s choice. The two differ in float summation
+    order and in the sign of zeros (``tests/test_fast_paths.py``; a non-finite gradient where the ReLU is off stays
+    non-finite on numpy, where torch zeroes it, :func:`interbrain.agents.rnn.relu_recurrence_backward`)."""
+    from interbrain.provenance import cpu_info
+
     choice = os.environ.get(SMALL_ENV_VAR, "auto")
     if choice not in SMALL_BACKENDS:
         raise InterbrainError(f"{SMALL_ENV_VAR}={choice!r} is not one of {list(SMALL_BACKENDS)}")
     if choice == "auto":
-        choice = ("numpy" if "openblas" in numpy_blas().lower()
+        choice = ("numpy" if "openblas" in numpy_blas().lower() and cpu_info()["cpu_vendor"] == "AuthenticAMD"
                   and torch.backends.cpu.get_cpu_capability() == "AVX512" else "torch")
     return choice
 

@@ -96,7 +96,7 @@ def relu_recurrence_backward(out: torch.Tensor, h0: torch.Tensor, w: torch.Tenso
     into ``dest`` inside the step loop, or is already in ``g`` (``grad_at`` None; ``g`` then becomes dL/dpre). Per
     step, newest first: g[t] = (dL/dH[t] + g[t+1] W) · ReLU'(pre[t]), as an in-place ``addmm_`` (``baddbmm_`` for
     stacked units) and the ReLU mask (0 exactly where the output is 0) applied in place from out[t] (no [T,B,H] mask
-    tensor); then dW = sum_t g_t^T h_{t-1} as one large product over all steps (one unit only: stacked units, whose
+    tensor; the numpy steps of :func:`numpy_steps` build one, [out > 0] for all steps at once); then dW = sum_t g_t^T h_{t-1} as one large product over all steps (one unit only: stacked units, whose
     step-major rows would need copies here, compute it from their own layout, :class:`StackedReluRNNHeads`)."""
     T, H = out.shape[0], out.shape[-1]
     mask = torch.ops.aten.threshold_backward.grad_input
