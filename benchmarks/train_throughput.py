@@ -3,7 +3,9 @@ architecture x preset, the batched ensemble, the environment alone, the analysis
 
 Prints one JSON document with:
 
-- ``machine``, ``device`` and this device's dense matmul throughput (``matmul_gflops``: 1024^3 float32 products,
+- ``machine`` (the processor: model, family and model numbers, clock, AVX-512, cores; the load at the start),
+  ``device``, the CPU kernels chosen (``cpu_matmul``, ``cpu_small_matmul``: :mod:`interbrain.agents.linear`) and this
+  device's dense matmul throughput (``matmul_gflops``: 1024^3 float32 products,
   at ``--threads`` torch threads on CPU, as ``torch.mm`` runs them, i.e. MKL on x86 CPUs, the kernel of the code's
   small and recurrent products; the large dense-layer products may run on oneDNN, ``interbrain.agents.linear``); on
   CPU also the same product through oneDNN (``onednn_matmul_gflops``), which can be much faster
@@ -26,7 +28,9 @@ Prints one JSON document with:
 - ``ensemble`` (``--ensemble E[,E2...]``): E ``rnn`` units of one preset trained as one batch (:mod:`interbrain.ensemble`)
   against the same E units one after another: aggregate env steps/s of each;
 - ``analysis_rollout``: one 25 x 500 self-play rollout with hidden states (``interbrain.rollout``) per architecture;
-- ``dag_build_paper_s``: ``snakemake -n --configfile configs/paper.yaml`` (DAG of the 80-unit study).
+- ``dag_build_paper_s``: ``snakemake -n --configfile configs/paper.yaml`` (DAG of the 80-unit study);
+- ``matmul_gflops_at_end``: the matmul rate again after everything else, to see whether the machine's speed changed
+  during the run.
 
 FLOP count. ``gflop_per_update`` is counted, not estimated: one update runs under
 ``torch.utils.flop_counter.FlopCounterMode`` (plus the in-place ``addmm_``/``baddbmm_`` and the CPU attention kernels it
@@ -401,6 +405,9 @@ def main() -> None:
         out["analysis_rollout"] = [time_analysis_rollout(arch, device) for arch in args.archs.split(",")]
     if not args.no_dag:
         out["dag_build_paper_s"] = time_dag_build()
+    # the same product once more: a rate far from matmul_gflops means the machine's speed changed during the run
+    # (another tenant on a shared host), and the figures between the two are less comparable
+    out["matmul_gflops_at_end"] = matmul_gflops(device)
     print(json.dumps(out, indent=2))
 
 
