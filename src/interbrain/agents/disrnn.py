@@ -201,7 +201,8 @@ class DisRNNAgent(Agent):
         drive = drive.transpose(1, 2) + self.in_bias.unsqueeze(1)  # [T, L, B, n]: one residual stream per update net
         if noisy:  # all the noise of the call, drawn up front from the global torch RNG
             drive = drive + self._input_noise(T * B, drive.dtype).view(L, T, B, n).transpose(0, 1)
-            eps_z = torch.randn(T, B, L, device=drive.device, dtype=drive.dtype) * self.sigmas()["latent"]
+            eps_z = torch.randn(T, B, L, device=drive.device, dtype=drive.dtype) * reparameterize_sigma(
+                self.latent_sigma_param)
         latent_table, layers, (out_bias, out_weight) = self.cached(
             "recurrent_weights", (self.latent_in_multiplier, self.latent_weight, self.layer_bias, self.layer_weight,
                                   self.out_bias, self.out_weight), self._recurrent_weights)

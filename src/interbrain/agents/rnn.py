@@ -102,16 +102,16 @@ def relu_recurrence_backward(out: torch.Tensor, h0: torch.Tensor, w: torch.Tenso
     mask = torch.ops.aten.threshold_backward.grad_input
     if g is None:
         g = torch.empty_like(out)
-    on_numpy = grad_at is None and numpy_steps(out, w)
-    if on_numpy:
+    if grad_at is None and numpy_steps(out, w):
         _relu_recurrence_backward_numpy(out, w, g)
-    for t in range(-1 if on_numpy else T - 1, -1, -1):
-        gt = g[t]
-        if grad_at is not None:
-            grad_at(t, gt)
-        if t < T - 1:
-            gt.baddbmm_(g[t + 1], w) if w.dim() == 3 else gt.addmm_(g[t + 1], w)
-        mask(gt, out[t], 0, grad_input=gt)
+    else:
+        for t in range(T - 1, -1, -1):
+            gt = g[t]
+            if grad_at is not None:
+                grad_at(t, gt)
+            if t < T - 1:
+                gt.baddbmm_(g[t + 1], w) if w.dim() == 3 else gt.addmm_(g[t + 1], w)
+            mask(gt, out[t], 0, grad_input=gt)
     grad_h0 = g[0] @ w if needs_h0 else None
     grad_w = None
     if needs_w:
