@@ -540,18 +540,25 @@ def test_stacked_rllib_pass_is_the_same_on_either_small_step_backend(small_matmu
         torch.testing.assert_close(g2[n], g1[n], rtol=1e-4, atol=1e-5 * g1[n].abs().max().item(), msg=n)
 
 
-def test_stacked_rllib_update_equals_the_agent_by_agent_loop(tiny_overrides, monkeypatch):
+@pytest.mark.parametrize("backend", ["torch", "numpy"])
+def test_stacked_rllib_update_equals_the_agent_by_agent_loop(tiny_overrides, monkeypatch, small_matmul, backend):
     """A whole rllib update (30 epochs of minibatches, both agents as one stacked graph, fused Adam over the stacked
-    tensors) against RLlib's agent-by-agent loop on the same rollout: the same statistics and KL-coefficient steps
-    and, relative to what the update learned, the same weights and Adam moments (float32; summation order differs)."""
+    tensors, stepped by FusedAdamSteps) against RLlib's agent-by-agent loop on the same rollout: the same statistics
+    and KL-coefficient steps and, relative to what the update learned, the same weights and Adam moments (float32;
+    summation order differs). With the numpy small-step backend the stacked minibatch steps are the hand-written
+    ones (KLPenaltyMinibatches), with torch's the torch graph."""
+    from interbrain.agents.rnn_numpy import KLPenaltyMinibatches
     from interbrain.ppo import update_rllib
 
     import interbrain.ppo as ppo
 
+    assert small_matmul(backend) == backend
     cfg = make_train_config("rnn", "social", 1, "rllib", 2, overrides=tiny_overrides)
     n_mb = -(-cfg.env.horizon * cfg.ppo.num_envs // cfg.ppo.minibatch_steps)
     calls, stacked_update = [], ppo._update_rllib_stacked
     monkeypatch.setattr(ppo, "_update_rllib_stacked", lambda *args: calls.append(1) or stacked_update(*args))
+    hand_steps, hand_step = [], KLPenaltyMinibatches.step
+    monkeypatch.setattr(KLPenaltyMinibatches, "step", lambda *a, **k: hand_steps.append(1) or hand_step(*a, **k))
     runs = []
     for stacked in (True, False):
         if not stacked:
@@ -564,6 +571,7 @@ def test_stacked_rllib_update_equals_the_agent_by_agent_loop(tiny_overrides, mon
         runs.append((tr, before, stats))
     (s_tr, before, s_stats), (p_tr, _, p_stats) = runs
     assert calls == [1, 1]  # the first run took the stacked path, the second the loop
+    assert len(hand_steps) == (2 * cfg.ppo.epochs * n_mb if backend == "numpy" else 0)
     assert s_tr.kl_coefs == p_tr.kl_coefs
     for a in AGENTS:
         assert s_stats[a].keys() == p_stats[a].keys()
@@ -580,6 +588,178 @@ def test_stacked_rllib_update_equals_the_agent_by_agent_loop(tiny_overrides, mon
             # shared unit would differ by the moments' whole size
             for k in ("exp_avg", "exp_avg_sq"):
                 assert (m_s[k] - m_p[k]).norm() < 3e-3 * m_p[k].norm(), (a, name, k)
+
+
+@pytest.mark.parametrize("entropy_coef, input_l2", [(0.0, 0.0), (0.01, 0.05)])
+def test_hand_written_rllib_minibatch_equals_policy_loss_per_agent_in_float64(entropy_coef, input_l2):
+    """KLPenaltyMinibatches, the rllib learner's minibatch step written out in numpy, against policy_loss's autograd
+    for each agent alone on the sequences the minibatch picks (each unit its own) from their stored initial states:
+    per-unit loss, statistics and every parameter's gradient, in float64, with both clip branches, the value cap and
+    "partner not shown" rows exercised. With stats=False: the same gradients bit for bit, the same approx_kl, the
+    other statistics NaN."""
+    import numpy as np
+
+    from interbrain.agents.rnn import StackedRNN
+    from interbrain.agents.rnn_numpy import STATS, KLPenaltyMinibatches
+
+    cfg = make_train_config("rnn", "social", 0, "rllib", 1).ppo
+    cfg = type(cfg)(**{**cfg.__dict__, "entropy_coef": entropy_coef, "input_l2": input_l2})
+    torch.manual_seed(0)
+    agents = [RNNAgent(AgentConfig("rnn", "matched", "modern")).double() for _ in range(2)]
+    L, E, S = 20, 2, 9
+    index, actions, old_logp, adv, returns, old_logits, h0 = _kl_penalty_data(L, E, S, seed=3)
+    assert (index[..., 1] == 100).any()
+    kl_coef, idx = np.array([0.2, 0.45]), np.array([[3, 1, 7, 0], [5, 8, 2, 4]])
+    stack = StackedRNN(agents)
+    hand = KLPenaltyMinibatches(stack, cfg, index, actions, old_logp, adv, returns, old_logits, h0)
+    stats = hand.step(idx, kl_coef)
+    grads = {n: p.grad.clone() for n, p in stack.named_parameters()}
+    for e, agent in enumerate(agents):
+        cols = torch.from_numpy(idx[e])
+        pick = lambda x: x[:, e, cols]  # noqa: E731
+        ref, ref_stats = policy_loss(agent, pick(index), pick(actions), pick(old_logp), pick(adv), pick(returns), cfg,
+                                     state0=(h0[e, cols],), old_logits=pick(old_logits), kl_coef=float(kl_coef[e]))
+        ref.backward()
+        logits, value, _ = agent.sequence_index(pick(index), (h0[e, cols],))
+        ratio = (torch.log_softmax(logits, -1).gather(-1, pick(actions)[..., None]).squeeze(-1) - pick(old_logp)).exp()
+        assert (ratio > 1 + cfg.clip_eps).any() and (ratio < 1 - cfg.clip_eps).any()
+        assert ((value - pick(returns)) ** 2 > cfg.value_cap).any()
+        assert set(ref_stats) <= set(STATS)
+        for k, v in ref_stats.items():  # policy_loss's clip fraction is a float32 mean
+            tol = 1e-7 if k == "clip_fraction" else 1e-12
+            assert stats[STATS.index(k)][e] == pytest.approx(float(v), rel=tol, abs=tol), k
+        for name, source in StackedRNN.SOURCES.items():
+            mine = StackedRNN._layout(name, grads[name][e])
+            torch.testing.assert_close(mine, dict(agent.named_parameters())[source].grad, rtol=1e-9, atol=1e-12,
+                                       msg=name)
+    quiet = hand.step(idx, kl_coef, stats=False)
+    for n, p in stack.named_parameters():
+        assert torch.equal(p.grad, grads[n]), n
+    kl_row = STATS.index("approx_kl")
+    assert np.array_equal(quiet[kl_row], stats[kl_row])
+    assert np.isnan(np.delete(quiet, kl_row, 0)).all()
+
+
+def test_hand_written_rllib_minibatch_equals_the_torch_graph_in_float32():
+    """The same step in float32 (the learner's dtype) against the torch graph it replaces
+    (stacked_kl_penalty_loss and its backward) on a 7-sequence minibatch: loss, statistics and gradients equal to float
+    tolerance."""
+    import numpy as np
+
+    from interbrain.agents.rnn import StackedRNN
+    from interbrain.agents.rnn_numpy import STATS, KLPenaltyMinibatches
+    from interbrain.ppo import stacked_kl_penalty_loss
+
+    cfg = make_train_config("rnn", "social", 0, "rllib", 1).ppo
+    torch.manual_seed(1)
+    agents = [RNNAgent(AgentConfig("rnn", "matched", "modern")) for _ in range(2)]
+    L, E, S = 20, 2, 12
+    index, actions, old_logp, adv, returns, old_logits, h0 = _kl_penalty_data(L, E, S, seed=5, dtype=torch.float32)
+    kl_coef, idx = torch.tensor([0.2, 0.45]), torch.tensor([[3, 1, 7, 0, 11, 6, 9], [5, 8, 2, 4, 10, 0, 1]])
+    pick = lambda x: torch.stack([x[:, e, idx[e]] for e in range(E)], 1)  # noqa: E731
+    stack = StackedRNN(agents)
+    loss, ref = stacked_kl_penalty_loss(stack, pick(index), pick(actions), pick(old_logp), pick(adv), pick(returns),
+                                        cfg, state0=(torch.stack([h0[e, idx[e]] for e in range(E)]),),
+                                        old_logits=pick(old_logits), kl_coef=kl_coef)
+    loss.sum().backward()
+    ref = {k: v.detach().numpy() for k, v in ref.items()}
+    hand_stack = StackedRNN(agents)
+    stats = KLPenaltyMinibatches(hand_stack, cfg, index, actions, old_logp, adv, returns, old_logits,
+                                 h0).step(idx.numpy(), kl_coef.numpy())
+    for k in STATS:
+        np.testing.assert_allclose(stats[STATS.index(k)], ref[k], rtol=1e-5, atol=1e-6, err_msg=k)
+    for (n, p), q in zip(stack.named_parameters(), hand_stack.parameters()):
+        assert p.grad.abs().max() > 0, n
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-5 * p.grad.abs().max().item(), msg=n)
+
+
+@pytest.mark.parametrize("openblas", [True, False])
+def test_transpose_into_and_add_at_b(monkeypatch, openblas):
+    """The two BLAS helpers of the hand-written step, through numpy's OpenBLAS and through their fallbacks, against
+    numpy: per-unit transposes, and out += a^T b with a's and b's rows strided as the step's buffers are."""
+    import numpy as np
+
+    from interbrain.agents import rnn_numpy
+
+    if openblas:
+        assert rnn_numpy._openblas() is not None  # numpy's wheels ship scipy-openblas
+    else:
+        monkeypatch.setattr(rnn_numpy, "_openblas", lambda: None)
+    rng = np.random.default_rng(0)
+    for dtype in (np.float32, np.float64):
+        src = rng.standard_normal((2, 6, 6)).astype(dtype)
+        dst = np.empty_like(src)
+        rnn_numpy.transpose_into(dst, src)
+        assert np.array_equal(dst, src.transpose(0, 2, 1))
+        big = rng.standard_normal((2, 9, 5, 6)).astype(dtype)  # rows of unit e: big[e, :8] as [40, 6], stride 6
+        a, b = big[:, :8].reshape(2, 40, 6), big[:, 1:].reshape(2, 40, 6)
+        out = rng.standard_normal((2, 6, 6)).astype(dtype)
+        want = out + np.einsum("eki,ekj->eij", a.astype(np.float64), b.astype(np.float64))
+        rnn_numpy.add_at_b(out, a, b)
+        np.testing.assert_allclose(out, want, rtol=1e-5 if dtype == np.float32 else 1e-12, atol=1e-5)
+    with pytest.raises(ValueError, match="transpose_into"):
+        rnn_numpy.transpose_into(np.empty((2, 6, 6)), np.empty((2, 6, 6))[:, ::-1])
+
+
+@pytest.mark.parametrize("start", ["fresh", "loaded"])
+def test_fused_adam_steps_are_adam_steps_bit_for_bit(start):
+    """FusedAdamSteps (the fused Adam kernel called directly, one step count shared) against Adam.step on the same
+    gradients: parameters, both moments and the step count bit for bit, from no state and from a state with steps
+    taken; optimizers it cannot stand in for are refused."""
+    from interbrain.ppo import FusedAdamSteps
+
+    def make():
+        torch.manual_seed(0)
+        params = [torch.nn.Parameter(torch.randn(*shape)) for shape in ((2, 200, 8), (2, 8, 8), (2, 8), (2, 1))]
+        return params, torch.optim.Adam(params, lr=1e-3, betas=(0.8, 0.95), eps=1e-7, weight_decay=0.01, fused=True)
+
+    (ref_params, ref_opt), (params, opt) = make(), make()
+    g = torch.Generator().manual_seed(1)
+    grads = [[torch.randn(p.shape, generator=g) for p in params] for _ in range(7)]
+    if start == "loaded":
+        for o, ps in ((ref_opt, ref_params), (opt, params)):
+            for k in range(3):
+                for p, gr in zip(ps, grads[k]):
+                    p.grad = gr.clone()
+                o.step()
+    fast = FusedAdamSteps(opt)
+    for k in range(3 if start == "loaded" else 0, 7):
+        for p, q, gr in zip(ref_params, params, grads[k]):
+            p.grad, q.grad = gr.clone(), gr.clone()
+        ref_opt.step()
+        fast.step()
+    fast.finish()
+    for p, q in zip(ref_params, params):
+        assert torch.equal(p, q)
+        for key in ("exp_avg", "exp_avg_sq", "step"):
+            assert torch.equal(ref_opt.state[p][key], opt.state[q][key]), key
+        assert float(opt.state[q]["step"]) == 7
+    from interbrain.errors import InterbrainError
+
+    with pytest.raises(InterbrainError, match="fused Adam"):
+        FusedAdamSteps(torch.optim.Adam(params, lr=1e-3))
+    with pytest.raises(InterbrainError, match="fused Adam"):
+        FusedAdamSteps(torch.optim.Adam(params, lr=1e-3, amsgrad=True, fused=True))
+
+
+def test_rllib_rollout_through_the_pair_step_equals_the_per_agent_loop(tiny_overrides, monkeypatch):
+    """The rllib learner's rollout (sequence starts recorded) through the RNN pair's batched step, the sequences'
+    initial states taken from the hidden states it records, against the per-agent loop that stores them as it goes:
+    the same bits on CPU (actions, logits, values, every stored state)."""
+    cfg = make_train_config("rnn", "social", 0, "rllib", 1, overrides=tiny_overrides)
+    L = cfg.ppo.seq_len
+    paired, plain = Trainer(cfg, torch.device("cpu")), Trainer(cfg, torch.device("cpu"))
+    batch = collect_rollout(paired.env, paired.agents, paired.env_gen, paired.action_gens, seq_len=L)
+    monkeypatch.setattr(RNNAgent, "pair_with", lambda self, partner, steps: None)
+    ref = collect_rollout(plain.env, plain.agents, plain.env_gen, plain.action_gens, seq_len=L)
+    assert batch.replay and not ref.replay  # the pair path ran, then the loop
+    for a in AGENTS:
+        for key in ("actions", "logits", "values", "logp"):
+            assert torch.equal(getattr(batch, key)[a], getattr(ref, key)[a]), (a, key)
+        assert len(batch.seq_states[a]) == len(ref.seq_states[a]) == cfg.env.horizon // L
+        for mine, want in zip(batch.seq_states[a], ref.seq_states[a]):
+            assert len(mine) == len(want) == 1 and torch.equal(mine[0], want[0])
+        assert not batch.seq_states[a][0][0].any() and batch.seq_states[a][1][0].any()
 
 
 def test_stacked_adam_state_round_trip_copies():

@@ -5,7 +5,8 @@ One update =
      own generator; everything needed for learning and logging is stored time-major ``[T, B]``.
   2. ``gae``: per agent, with the time limit terminal (no bootstrap) unless ``bootstrap_time_limit``.
   3. ``update_clipped`` (presets ``paper``, ``fast``) or ``update_rllib`` (preset ``rllib``; for an architecture with a
-     stacked form, :meth:`Agent.stacked`, both agents' minibatch steps run as one graph: ``_update_rllib_stacked``).
+     stacked form, :meth:`Agent.stacked`, both agents' minibatch steps run as one graph: ``_update_rllib_stacked``;
+     for the RNN on a CPU, as numpy calls written out by hand, :mod:`interbrain.agents.rnn_numpy`).
 
 The two learners share nothing: separate networks, losses, Adam optimisers, gradient clipping, KL coefficients and
 sampling streams (pitfall 11). Every tensor that can go non-finite is checked once per update; the first offender is
@@ -99,7 +100,9 @@ def collect_rollout(env: ChaseEnv, agents: dict[str, Agent], env_gen: torch.Gene
     :meth:`~interbrain.agents.base.Agent.pair_with` step), Gumbel-max actions from noise drawn up front, and the
     environment's move, all written into preallocated joint buffers; the rewards, events, observation record,
     log-probabilities and ||z|| samples are computed once afterwards. A pair step that replays also records the hidden
-    states for the first learning epoch."""
+    states for the first learning epoch. With ``seq_len`` (the ``rllib`` learner) each agent's state at every
+    sequence start is stored: by a pair offering ``sequence_states`` from the hidden states it records, else by the
+    per-agent loop as it goes (the same bits on CPU)."""
     env.reset(env_gen)
     T, B, dev = env.config.horizon, env.batch, env.device
     noise = torch.stack([gumbel_noise((T, B, 4), action_gens[a], dev) for a in AGENTS], 1)  # [T,2,B,4]
@@ -109,7 +112,9 @@ def collect_rollout(env: ChaseEnv, agents: dict[str, Agent], env_gen: torch.Gene
     pairs = torch.empty(T + 1, B, dtype=torch.long, device=dev)  # s_0 .. s_T as 100 · chaser cell + explorer cell
     pairs[0] = env.pair
     lg, nz, act, pr = logits.unbind(0), noise.unbind(0), actions.unbind(0), pairs.unbind(0)  # each step's views
-    pair = agents[AGENTS[0]].pair_with(agents[AGENTS[1]], T) if seq_len is None else None
+    pair = agents[AGENTS[0]].pair_with(agents[AGENTS[1]], T)
+    if seq_len is not None and not hasattr(pair, "sequence_states"):
+        pair = None  # the rllib learner's sequence starts come from the per-agent loop
     if pair is not None:
         hidden = torch.empty(2, T, B, HIDDEN, device=dev)  # agent-major: each agent's [T,B,256] is contiguous
         h, offsets = pair.initial_state(B), pair.row_offsets
@@ -120,7 +125,7 @@ def collect_rollout(env: ChaseEnv, agents: dict[str, Agent], env_gen: torch.Gene
         z_hidden = {a: hidden[i, ::Z_SAMPLE_EVERY].reshape(-1, HIDDEN) for i, a in enumerate(AGENTS)}
         states = dict(zip(AGENTS, pair.states(h)))
         replay = {a: (key, hidden[i]) for i, (a, key) in enumerate(zip(AGENTS, pair.keys))} if pair.replays else {}
-        seq_states = {}
+        seq_states = {} if seq_len is None else dict(zip(AGENTS, pair.sequence_states(hidden, seq_len)))
     else:
         z_list = {a: [] for a in AGENTS}
         states = {a: agents[a].initial_state(B, dev) for a in AGENTS}
@@ -443,6 +448,54 @@ def update_rllib(agents: dict[str, Agent], optimizers: dict[str, torch.optim.Opt
     return out
 
 
+class FusedAdamSteps:
+    """Repeated steps of a fused ``torch.optim.Adam`` (one parameter group, no AMSGrad, every parameter with a
+    gradient) as direct calls of its kernel ``torch._fused_adam_``, the call ``Adam.step`` ends in (issue 6). The
+    ``rllib`` learner steps its stacked Adam 960 times per update on a CPU, where the optimizer's Python bookkeeping
+    (grouping the tensors by device, profiler hooks, one ``_foreach_add_`` over eight scalar step counts) cost more
+    than the kernel. Here the count lives in one tensor passed for every parameter and is written back into each
+    parameter's state by :meth:`finish`; the arithmetic is the kernel's, so the parameters and moments are those of
+    ``opt.step()`` bit for bit (``tests/test_fast_paths.py``). The first step, which creates the state, is
+    ``opt.step()`` itself."""
+
+    def __init__(self, opt: torch.optim.Optimizer):
+        group = opt.param_groups[0]
+        if (len(opt.param_groups) != 1 or not group.get("fused") or group["amsgrad"] or group.get("capturable")
+                or group.get("decoupled_weight_decay") or torch.is_tensor(group["lr"])):
+            raise InterbrainError("FusedAdamSteps needs a fused Adam with one parameter group, no AMSGrad and a float lr")
+        self.opt, self.group, self.params = opt, group, group["params"]
+        self.step_count: torch.Tensor | None = None
+
+    def step(self) -> None:
+        opt, g = self.opt, self.group
+        if self.step_count is None:
+            opt.step()  # creates the state where there is none
+            states = [opt.state[p] for p in self.params]
+            self.step_count = states[0]["step"].clone()
+            # on a CPU, counted through a numpy view (a torch op on a scalar costs ~20 µs here, numpy's ~1)
+            self.count = self.step_count.numpy() if self.step_count.device.type == "cpu" else self.step_count
+            if any(not torch.equal(st["step"], self.step_count) for st in states):
+                raise InterbrainError("FusedAdamSteps needs every parameter at the same Adam step")
+            self.lists = ([p.detach() for p in self.params], [p.grad for p in self.params],
+                          [st["exp_avg"] for st in states], [st["exp_avg_sq"] for st in states], [],
+                          [self.step_count] * len(self.params))
+            return
+        grads = self.lists[1]
+        grads[:] = [p.grad for p in self.params]  # a torch learner's backward makes new ones
+        if any(gr is None for gr in grads):
+            raise InterbrainError("FusedAdamSteps needs a gradient for every parameter")
+        self.count += 1
+        beta1, beta2 = g["betas"]
+        torch._fused_adam_(*self.lists, lr=g["lr"], beta1=beta1, beta2=beta2, weight_decay=g["weight_decay"],
+                           eps=g["eps"], amsgrad=False, maximize=g["maximize"])
+
+    def finish(self) -> None:
+        """Write the step count into every parameter's Adam state."""
+        if self.step_count is not None:
+            for p in self.params:
+                self.opt.state[p]["step"].copy_(self.step_count)
+
+
 def _update_rllib_stacked(stack, agents, optimizers, batch: Rollout, cfg: PPOConfig, update: int, kl_coefs: dict,
                           minibatch_gen: torch.Generator, adv: dict, ret: dict, chunked, n_seq: int, n_mb: int) -> dict:
     """:func:`update_rllib` with both agents' minibatch steps taken together (issue 6): the agents share nothing, so
@@ -459,29 +512,47 @@ def _update_rllib_stacked(stack, agents, optimizers, batch: Rollout, cfg: PPOCon
     opt = torch.optim.Adam(stack.parameters(), **{k: groups[0][k] for k in ("lr", "betas", "eps", "weight_decay",
                                                                             "amsgrad", "maximize")}, fused=True)
     stack.load_adam(opt, unit_opts, unit_agents)
+    adam = FusedAdamSteps(opt)
     dev = batch.done.device
     perms = [[torch.randperm(n_seq, generator=minibatch_gen).to(dev) for _ in range(cfg.epochs)] for _ in order]
+    minibatches = lambda epoch: zip(*(torch.tensor_split(perms[e][epoch], n_mb) for e in range(E)))  # noqa: E731
     L = cfg.seq_len
-    joint = lambda f: torch.stack([chunked(f(a)) for a in order], 1).reshape(L, E * n_seq, -1)  # noqa: E731
-    longs = torch.cat([joint(lambda a: batch.obs_index[a]), joint(lambda a: batch.actions[a])], -1)  # [L, E·S, 3]
-    floats = torch.cat([joint(lambda a: batch.logp[a]), joint(lambda a: adv[a]), joint(lambda a: ret[a]),
-                        joint(lambda a: batch.logits[a])], -1)  # [L, E·S, 7]
+    per_unit = lambda f: torch.stack([chunked(f(a)) for a in order], 1)  # noqa: E731  [L, E, S, ...]
     states0 = torch.cat([torch.cat([st[0] for st in batch.seq_states[a]]) for a in order])  # [E·S, 256]
-    shift = (torch.arange(E, device=dev) * n_seq).view(E, 1)
     kl_coef = torch.tensor([kl_coefs[a] for a in order], device=dev, dtype=stack.weight_hh.dtype)
     kls, last = [], {}
-    for epoch in range(cfg.epochs):
-        for idx in zip(*(torch.tensor_split(perms[e][epoch], n_mb) for e in range(E))):
-            cols = (torch.stack(idx) + shift).view(-1)  # unit-major columns of the minibatch
-            n = idx[0].numel()
-            lg, fl = longs[:, cols].view(L, E, n, 3), floats[:, cols].view(L, E, n, 7)
-            opt.zero_grad(set_to_none=True)
-            loss, last = stacked_kl_penalty_loss(stack, lg[..., :2], lg[..., 2], fl[..., 0], fl[..., 1], fl[..., 2],
-                                                 cfg, state0=(states0[cols].view(E, n, -1),), old_logits=fl[..., 3:],
-                                                 kl_coef=kl_coef)
-            loss.sum().backward()
-            opt.step()
-            kls.append(last["approx_kl"])
+    hand = getattr(stack, "hand_written_minibatches", lambda *args: None)(
+        cfg, -(-n_seq // n_mb), per_unit(lambda a: batch.obs_index[a]), per_unit(lambda a: batch.actions[a]),
+        per_unit(lambda a: batch.logp[a]), per_unit(lambda a: adv[a]), per_unit(lambda a: ret[a]),
+        per_unit(lambda a: batch.logits[a]), states0.view(E, n_seq, -1))
+    if hand is not None:  # the same minibatch steps, written out in numpy (issue 6)
+        kl_np, kl_row = kl_coef.numpy(), hand.STATS.index("approx_kl")
+        for epoch in range(cfg.epochs):
+            for j, idx in enumerate(minibatches(epoch)):
+                st = hand.step(torch.stack(idx).numpy(), kl_np, stats=epoch == cfg.epochs - 1 and j == n_mb - 1)
+                adam.step()
+                kls.append(torch.from_numpy(st[kl_row]))
+        last = dict(zip(hand.STATS, torch.from_numpy(st)))
+    else:
+        longs = torch.cat([per_unit(lambda a: batch.obs_index[a]), per_unit(lambda a: batch.actions[a]).unsqueeze(-1)],
+                          -1).reshape(L, E * n_seq, 3)
+        floats = torch.cat([per_unit(lambda a: batch.logp[a]).unsqueeze(-1), per_unit(lambda a: adv[a]).unsqueeze(-1),
+                            per_unit(lambda a: ret[a]).unsqueeze(-1), per_unit(lambda a: batch.logits[a])],
+                           -1).reshape(L, E * n_seq, 7)
+        shift = (torch.arange(E, device=dev) * n_seq).view(E, 1)
+        for epoch in range(cfg.epochs):
+            for idx in minibatches(epoch):
+                cols = (torch.stack(idx) + shift).view(-1)  # unit-major columns of the minibatch
+                n = idx[0].numel()
+                lg, fl = longs[:, cols].view(L, E, n, 3), floats[:, cols].view(L, E, n, 7)
+                opt.zero_grad(set_to_none=True)
+                loss, last = stacked_kl_penalty_loss(stack, lg[..., :2], lg[..., 2], fl[..., 0], fl[..., 1],
+                                                     fl[..., 2], cfg, state0=(states0[cols].view(E, n, -1),),
+                                                     old_logits=fl[..., 3:], kl_coef=kl_coef)
+                loss.sum().backward()
+                adam.step()
+                kls.append(last["approx_kl"])
+    adam.finish()
     last["grad_norm"] = stack.clip_grad_norms(None)  # the last minibatch's (nothing clipped), as the plain loop logs
     stack.write_to(unit_agents)
     stack.store_adam(opt, unit_opts, unit_agents)

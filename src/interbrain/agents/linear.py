@@ -16,7 +16,9 @@ acting batches under :data:`MIN_ROWS` episodes (the default 40); steps past an a
 windows of B·W rows, which may take oneDNN.
 
 :func:`small_backend` is a second, separate choice: whether the stacked ReLU recurrence's small per-step products (the
-``rllib`` learner's 7-row minibatch steps, :func:`interbrain.agents.rnn.relu_recurrence`) run on numpy's BLAS.
+``rllib`` learner's 7-row minibatch steps, :func:`interbrain.agents.rnn.relu_recurrence`) run on numpy's BLAS; with
+``numpy`` the ``rllib`` learner's whole minibatch step runs as numpy calls written out by hand
+(:mod:`interbrain.agents.rnn_numpy`).
 
 The backend is fixed per process, so fixed seeds stay deterministic (a resume under another backend warns that it
 is not bit for bit the uninterrupted run, :class:`interbrain.train.UnitOutput`): :func:`cpu_backend` reads
@@ -79,8 +81,9 @@ def small_backend() -> str:
     :data:`SMALL_ROWS` rows (the ``rllib`` learner's minibatches: 6-7 sequences of 20 steps per agent;
     :func:`interbrain.agents.rnn.relu_recurrence`). For a [7, 256] x [256, 256] product MKL (torch's CPU BLAS) takes
     ~22 µs on the development machine (AMD EPYC, Zen 4: MKL runs its AVX2 kernel on AMD processors), numpy's
-    OpenBLAS ~12 µs (its AVX-512 small-matrix kernel); the ``rllib`` update then takes 0.4-1.1 s less in paired runs
-    (3.8-4.5 -> 2.95-3.4 s). ``INTERBRAIN_CPU_SMALL_MATMUL`` = ``auto`` (default: numpy on AMD processors where numpy's
+    OpenBLAS ~12 µs (its AVX-512 small-matrix kernel); the ``rllib`` update then took 0.4-1.1 s less in paired runs
+    (3.8-4.5 -> 2.95-3.4 s), and with the whole minibatch step written out in numpy
+    (:class:`interbrain.agents.rnn_numpy.KLPenaltyMinibatches`, chosen by this backend too) 1.8-1.9 s. ``INTERBRAIN_CPU_SMALL_MATMUL`` = ``auto`` (default: numpy on AMD processors where numpy's
     BLAS is OpenBLAS and torch runs AVX-512 kernels, else torch: on Intel processors MKL runs AVX-512 kernels itself,
     and the comparison is not measured there), ``torch`` or ``numpy``. Fixed per process; recorded in every
     artifact's provenance (``cpu_small_matmul``) with :func:`cpu_backend`'s choice. The two differ in float summation

@@ -17,7 +17,8 @@ Speed (issue 6), with the arithmetic unchanged (up to float summation order wher
 - :class:`StackedRNN`: E agents as stacked parameters, one batched product per step for all of them. The ensemble
   (:mod:`interbrain.ensemble`) stacks E training units; the ``rllib`` learner stacks a pair's two agents, so each of
   its 960 minibatch steps per update is one graph (:class:`StackedReluRNNHeads`, :class:`StackedInputTable`) instead
-  of two.
+  of two; where the small steps go to numpy (:func:`numpy_steps`), the whole minibatch step is written out in numpy
+  (:meth:`StackedRNN.hand_written_minibatches`, :mod:`interbrain.agents.rnn_numpy`).
 """
 
 from __future__ import annotations
@@ -355,6 +356,13 @@ class RNNPair:
     def states(self, h: torch.Tensor) -> list[tuple]:
         return [(h[i],) for i in range(len(self.keys))]
 
+    def sequence_states(self, hidden: torch.Tensor, seq_len: int) -> list[list[tuple]]:
+        """Each agent's state at the start of every ``seq_len``-step sequence (the ``rllib`` learner's stored initial
+        states: zero, then h_{kL-1}) from the hidden states [2, T, B, 256] the rollout recorded; views."""
+        zero = hidden.new_zeros(hidden.shape[2:])
+        return [[(zero if t == 0 else hidden[i, t - 1],) for t in range(0, hidden.shape[1], seq_len)]
+                for i in range(len(self.keys))]
+
 
 def _adam_step(step: torch.Tensor, opt: torch.optim.Optimizer, device: torch.device) -> torch.Tensor:
     """A copy of Adam's step count where ``opt`` keeps it: on the parameters' device for a fused or capturable Adam,
@@ -484,6 +492,20 @@ class StackedRNN(nn.Module):
         hidden, heads = StackedReluRNNHeads.apply(pre, h0, self.weight_hh, *self._joint_heads(), T)
         heads = heads.view(E, T, B, -1).transpose(0, 1)
         return heads[..., :N_ACTIONS], heads[..., N_ACTIONS], hidden.transpose(0, 1)
+
+    def hand_written_minibatches(self, cfg, rows: int, index, actions, old_logp, adv, returns, old_logits, states0):
+        """The ``rllib`` learner's minibatch steps written out in numpy (:class:`~interbrain.agents.rnn_numpy.
+        KLPenaltyMinibatches`, on this update's data: [L, E, S, ...] per unit, ``states0`` [E, S, 256]) where the
+        recurrence's small steps go to numpy (CPU, float32, at most ``rows`` = :data:`~interbrain.agents.linear.
+        SMALL_ROWS` sequences per minibatch, the ``numpy`` small-step backend: :func:`numpy_steps`'s conditions); else
+        None, and the learner runs the torch graph (:func:`interbrain.ppo.stacked_kl_penalty_loss`)."""
+        w = self.weight_hh
+        if not (w.device.type == "cpu" and w.dtype == torch.float32 and rows <= SMALL_ROWS
+                and small_backend() == "numpy"):
+            return None
+        from interbrain.agents.rnn_numpy import KLPenaltyMinibatches
+
+        return KLPenaltyMinibatches(self, cfg, index, actions, old_logp, adv, returns, old_logits, states0)
 
     def clip_grad_norms(self, max_norm: float | None) -> torch.Tensor:
         """Each unit's global gradient norm over its parameters [E]; with ``max_norm``, scale unit e's gradients by

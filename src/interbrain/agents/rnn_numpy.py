@@ -1,0 +1,265 @@
+"""The ``rllib`` learner's minibatch step for a stacked pair of RNNs, written out by hand in numpy (issue 6).
+
+The ``rllib`` preset takes 960 minibatch steps per update (30 epochs × 32 minibatches), each over both agents' 6-7
+sequences of 20 steps: [7, 256] × [256, 256] products, so small that torch's per-op dispatch and autograd's
+bookkeeping cost more than the arithmetic. :class:`KLPenaltyMinibatches` computes what
+:func:`interbrain.ppo.stacked_kl_penalty_loss` and its ``backward`` compute (the stacked RNN's recurrence from the
+sequences' stored initial states, the joint heads, the KL-penalty PPO loss, the norm penalties), as numpy calls on
+buffers allocated once per update, and writes every parameter's gradient into buffers that are the stacked
+parameters' ``.grad``: torch's fused Adam then takes the step, as on the torch path.
+
+One minibatch of E units, each n sequences of L steps, in unit-major buffers (``hidden`` [E, L + 1, n, H], step 0
+the initial states; the recurrence's step products per unit are contiguous [n, H] blocks):
+
+- input: x_t = W_ih^T[own] + W_ih^T[100 + partner] + b_ih + b_hh, two row gathers from the stacked ``input_rows``
+  (W_ih^T), which for the update lives in a buffer with one extra zero row (the "partner not shown" row);
+- recurrence: h_t = ReLU(x_t + h_{t-1} W_hh^T), one BLAS product per step and unit;
+- heads: [logits, value] = h_t [W_a; W_v]^T + [b_a; b_v]; the loss and its gradient per step as in
+  :class:`interbrain.ppo.StackedKLPenaltyLoss` (the same formulas; the old policy's log-probabilities, probabilities
+  and the taken action's one-hot are computed once per update);
+- backward: dL/dh_t = g_heads,t [W_a; W_v] + dL/dx_{t+1} W_hh, dL/dx_t = dL/dh_t · [h_t > 0]; dW_hh = sum_t
+  (dL/dx_t)^T h_{t-1} as one product over all steps; W_ih's rows and the biases by ``index_add_`` and sums;
+  λ_rec W_hh / ||W_hh||_F (and λ_in W_ih / ||W_ih||_F) for the norm penalties.
+
+Used where :func:`interbrain.agents.rnn.numpy_steps` sends the stacked recurrence's steps to numpy (CPU, float32,
+the ``numpy`` small-step backend, :func:`interbrain.agents.linear.small_backend`); the class itself computes in the
+parameters' dtype, so the tests check it in float64 against ``policy_loss``'s autograd agent by agent, and in
+float32 against the torch graph (``tests/test_fast_paths.py``).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import glob
+import os
+
+import numpy as np
+import torch
+
+from interbrain.agents.base import N_ACTIONS, N_CELLS
+from interbrain.config import PPOConfig
+
+#: the statistics of one minibatch step, rows of :meth:`KLPenaltyMinibatches.step`'s result (those of
+#: :func:`interbrain.ppo.stacked_kl_penalty_loss`)
+STATS = ("policy_loss", "value_loss", "entropy", "approx_kl", "clip_fraction", "loss", "recurrent_norm", "aux_loss")
+
+
+@functools.cache
+def _openblas():
+    """Two of OpenBLAS's CBLAS calls from the library numpy ships (``numpy.libs``, the ``scipy_``-prefixed
+    64-bit-integer build): ``{s,d}omatcopy`` (a transposing copy: [256, 256] float32 in ~9 µs, against ~38 µs for
+    torch's ``copy_`` of a transposed view on the development machine) and ``{s,d}gemm`` (for a product added onto
+    its output, C = A^T B + C, without a second pass over C). None where numpy has no such library (the callers then
+    use torch and numpy)."""
+    found = glob.glob(os.path.join(os.path.dirname(np.__file__), os.pardir, "numpy.libs", "libscipy_openblas64_*.so"))
+    try:
+        lib = ctypes.CDLL(found[0])
+        names = {"omatcopy": "scipy_cblas_{}omatcopy64_", "gemm": "scipy_cblas_{}gemm64_"}
+        funcs = {(kind, np.dtype(dt)): getattr(lib, name.format(c)) for kind, name in names.items()
+                 for c, dt in (("s", np.float32), ("d", np.float64))}
+    except (IndexError, OSError, AttributeError):
+        return None
+    i, p = ctypes.c_int64, ctypes.c_void_p
+    for (kind, dtype), f in funcs.items():
+        x = ctypes.c_float if dtype == np.float32 else ctypes.c_double
+        f.restype = None
+        f.argtypes = ([ctypes.c_int, ctypes.c_int, i, i, x, p, i, p, i] if kind == "omatcopy" else
+                      [ctypes.c_int, ctypes.c_int, ctypes.c_int, i, i, i, x, p, i, p, i, x, p, i])
+    return funcs
+
+
+_ROW_MAJOR, _NO_TRANS, _TRANS = 101, 111, 112
+
+
+def transpose_into(dst: np.ndarray, src: np.ndarray) -> None:
+    """dst[e] = src[e]^T for C-contiguous [E, n, n] arrays."""
+    if not (src.flags.c_contiguous and dst.flags.c_contiguous and src.shape == dst.shape == (src.shape[0],) + src.shape[1:2] * 2):
+        raise ValueError(f"transpose_into needs C-contiguous [E, n, n] arrays, got {src.shape} and {dst.shape}")
+    blas, n = _openblas(), src.shape[-1]
+    if blas is None:
+        torch.from_numpy(dst).copy_(torch.from_numpy(src).transpose(1, 2))
+        return
+    f = blas["omatcopy", src.dtype]
+    for e in range(src.shape[0]):
+        f(_ROW_MAJOR, _TRANS, n, n, 1.0, src[e].ctypes.data, n, dst[e].ctypes.data, n)
+
+
+def add_at_b(out: np.ndarray, a: np.ndarray, b: np.ndarray) -> None:
+    """out[e] += a[e]^T b[e] for a [E, K, M], b [E, K, N] (each matrix's rows contiguous, any stride between them)
+    and a C-contiguous out [E, M, N]."""
+    blas = _openblas()
+    if blas is None:
+        out += np.matmul(a.transpose(0, 2, 1), b)
+        return
+    f = blas["gemm", out.dtype]
+    (_, K, M), N = a.shape, b.shape[-1]
+    if not (out.flags.c_contiguous and a.strides[-1] == b.strides[-1] == out.itemsize and a.dtype == b.dtype == out.dtype):
+        raise ValueError("add_at_b needs rows with unit stride and one dtype")
+    lda, ldb = a.strides[1] // a.itemsize, b.strides[1] // b.itemsize
+    for e in range(out.shape[0]):
+        f(_ROW_MAJOR, _TRANS, _NO_TRANS, M, N, K, 1.0, a[e].ctypes.data, lda, b[e].ctypes.data, ldb, 1.0,
+          out[e].ctypes.data, N)
+
+
+_OLD_LOGP, _ADV, _RET, _ONEHOT, _P_OLD, _OLD_LP = 0, 1, 2, slice(3, 7), slice(7, 11), slice(11, 15)
+
+
+class KLPenaltyMinibatches:
+    """The minibatch steps of one ``rllib`` update for ``stack`` (a :class:`~interbrain.agents.rnn.StackedRNN` of E
+    units) on that update's data, per unit time-major in sequences: ``index`` [L, E, S, 2] (observation indices),
+    ``actions`` [L, E, S], ``old_logp``, ``adv``, ``returns`` [L, E, S], ``old_logits`` [L, E, S, 4], ``states0``
+    [E, S, H] (each sequence's initial state). Construction moves ``stack.input_rows`` into a buffer with a zero row
+    after it and attaches a gradient buffer to every parameter; :meth:`step` then fills the gradients of one
+    minibatch, for the caller's optimizer to step on."""
+
+    STATS = STATS
+
+    def __init__(self, stack, cfg: PPOConfig, index, actions, old_logp, adv, returns, old_logits, states0):
+        E, H = stack.units, stack.weight_hh.shape[-1]
+        L, _, S = actions.shape
+        self.cfg, self.E, self.H, self.L, self.S = cfg, E, H, L, S
+        dtype = stack.weight_hh.dtype
+        with torch.no_grad():
+            rows = 2 * N_CELLS
+            ext = torch.zeros(E * rows + 1, H, dtype=dtype)  # W_ih^T of every unit, then the zero row
+            ext[:-1].view(E, rows, H).copy_(stack.input_rows)
+            stack.input_rows.data = ext[:-1].view(E, rows, H)
+            self.input_ext = ext.numpy()
+            for p in stack.parameters():
+                p.grad = torch.zeros_like(p)
+            self.grad_ext = torch.zeros(E * rows + 1, H, dtype=dtype)  # W_ih^T's gradient, then the zero row's
+            stack.input_rows.grad = self.grad_ext[:-1].view(E, rows, H)
+            # rows of ``input_ext``: unit e's own cell r -> rows·e + r, partner cell c -> rows·e + 100 + c, partner
+            # not shown (c = 100) -> the zero row; unit-major [E, L, S] then flattened
+            unit = torch.arange(E).view(1, E, 1) * rows
+            own = unit + index[..., 0]
+            partner = torch.where(index[..., 1] == N_CELLS, E * rows, unit + N_CELLS + index[..., 1])
+            self.own, self.partner = (r.permute(1, 0, 2).reshape(-1).numpy().copy() for r in (own, partner))
+            old_lp = torch.log_softmax(old_logits, -1)
+            onehot = torch.nn.functional.one_hot(actions, N_ACTIONS).to(dtype)
+            data = torch.cat([old_logp.unsqueeze(-1), adv.unsqueeze(-1), returns.unsqueeze(-1), onehot, old_lp.exp(),
+                              old_lp], -1)
+            self.data = data.permute(1, 0, 2, 3).reshape(E * L * S, -1).numpy().copy()
+            self.states0 = states0.reshape(E * S, H).numpy().copy()
+        self.params = {name: p.detach().numpy() for name, p in stack.named_parameters()}
+        self.grads = {name: p.grad.numpy() for name, p in stack.named_parameters()}
+        self.base = (np.arange(E * L) * S).reshape(E, L, 1)  # row of (unit e, step t, sequence 0) in the data
+        self.unit_seq = (np.arange(E) * S).reshape(E, 1)
+        self.wt = np.empty_like(self.params["weight_hh"])
+        self.buffers: dict[int, dict[str, np.ndarray]] = {}
+
+    def _buffers(self, n: int) -> dict[str, np.ndarray]:
+        if n not in self.buffers:
+            E, L, H, dt = self.E, self.L, self.H, self.input_ext.dtype
+            self.buffers[n] = {"hidden": np.empty((E, L + 1, n, H), dt), "x": np.empty((E, L, n, H), dt),
+                               "g": np.empty((E, L, n, H), dt),
+                               "prod": np.empty((E, n, H), dt), "heads": np.empty((E, L * n, N_ACTIONS + 1), dt),
+                               "grad_heads": np.empty((E, N_ACTIONS + 1, L * n), dt)}
+        return self.buffers[n]
+
+    def step(self, idx: np.ndarray, kl_coef: np.ndarray, stats: bool = True) -> np.ndarray:
+        """One minibatch: sequences ``idx`` [E, n] (each unit's own) with KL coefficients ``kl_coef`` [E]. Writes
+        every parameter's gradient of the summed per-unit losses into its ``.grad`` and returns the statistics
+        [len(:data:`STATS`), E] (float64); with ``stats`` False only ``approx_kl`` (the learner's KL adaptation needs
+        it from every minibatch), the other rows NaN."""
+        cfg, E, L, H = self.cfg, self.E, self.L, self.H
+        n = idx.shape[1]
+        M = L * n  # steps per unit
+        kl_coef = np.asarray(kl_coef, dtype=self.input_ext.dtype)
+        P, G, buf = self.params, self.grads, self._buffers(n)
+        hidden, x, g, prod = buf["hidden"], buf["x"], buf["g"], buf["prod"]
+        sel = self.base + idx[:, None, :]  # [E, L, n] rows of the update's data
+        data = np.ascontiguousarray(self.data.take(sel, axis=0).reshape(E, M, -1).transpose(0, 2, 1))  # [E, 15, M]
+        own, partner = self.own.take(sel), self.partner.take(sel)
+        w = P["weight_hh"]
+        transpose_into(self.wt, w)  # W_hh^T per unit, for the forward's step products
+        rec = np.sqrt(np.array([np.vdot(w[e], w[e]) for e in range(E)], dtype=w.dtype))  # ||W_hh||_F, and its
+        scale = np.divide(cfg.recurrent_l2, rec, out=np.zeros_like(rec), where=rec > 0)  # penalty's gradient while
+        np.multiply(w, scale[:, None, None], out=G["weight_hh"])  # W_hh is in cache (0 for W_hh = 0, as torch's)
+
+        # forward: inputs, recurrence, heads
+        np.take(self.states0, idx + self.unit_seq, axis=0, out=hidden[:, 0], mode="clip")
+        states = hidden[:, 1:]
+        np.take(self.input_ext, own, axis=0, out=states, mode="clip")
+        np.take(self.input_ext, partner, axis=0, out=x, mode="clip")
+        x += (P["bias_ih"] + P["bias_hh"])[:, None, None, :]
+        states += x
+        for t in range(L):
+            np.matmul(hidden[:, t], self.wt, out=prod)
+            h = hidden[:, t + 1]
+            np.add(h, prod, out=h)
+            np.maximum(h, 0, out=h)
+        head_w = np.concatenate([P["action_weight"], P["value_weight"]], 1)  # [E, 5, H]
+        head_b = np.concatenate([P["action_bias"], P["value_bias"]], 1)
+        flat = states.reshape(E, M, H)
+        heads = np.matmul(flat, head_w.transpose(0, 2, 1).copy(), out=buf["heads"])
+        heads = heads.transpose(0, 2, 1) + head_b[:, :, None]  # [E, 5, M]: each head's values contiguous
+
+        # the loss (StackedKLPenaltyLoss's formulas) and its gradient with respect to the heads, per unit [E, ., M].
+        # The surrogate min(rho A, clip(rho) A)'s gradient flows through rho A where that branch is the min, ties
+        # included: inside the clip range the two are equal and torch's backward sends half through each (the clip
+        # passing its half on, its bounds inclusive); outside, a tie needs A = 0, where the gradient is 0 either way
+        z, value = heads[:, :N_ACTIONS], heads[:, N_ACTIONS]
+        lp = z - z.max(1, keepdims=True)
+        lp -= np.log(np.exp(lp).sum(1, keepdims=True))
+        p = np.exp(lp)
+        onehot, p_old, adv = data[:, _ONEHOT], data[:, _P_OLD], data[:, _ADV]
+        ratio = np.exp((lp * onehot).sum(1) - data[:, _OLD_LOGP])
+        lo, hi = 1 - cfg.clip_eps, 1 + cfg.clip_eps
+        s1, s2 = ratio * adv, np.clip(ratio, lo, hi) * adv
+        err = value - data[:, _RET]
+        sq = err * err
+        kl_mean = (p_old * (data[:, _OLD_LP] - lp)).sum(1).mean(1)
+        gh = buf["grad_heads"]  # [E, 5, M]
+        grad_logits = gh[:, :N_ACTIONS]
+        np.multiply(onehot - p, (-s1 * (s1 <= s2))[:, None], out=grad_logits)  # d(-surrogate)/dz
+        if cfg.entropy_coef or stats:
+            entropy = -(p * lp).sum(1)
+            if cfg.entropy_coef:
+                grad_logits += cfg.entropy_coef * p * (lp + entropy[:, None])
+        grad_logits += (p - p_old) * kl_coef[:, None, None]
+        grad_logits *= 1.0 / M
+        grad_value = gh[:, N_ACTIONS]
+        np.multiply(err, sq <= cfg.value_cap, out=grad_value)
+        grad_value *= 2.0 * cfg.value_coef / M
+
+        # backward through the heads and the recurrence
+        np.matmul(gh.transpose(0, 2, 1).copy(), head_w, out=g.reshape(E, M, H))
+        keep = x  # the inputs' buffer, free now: ReLU's mask [h_t > 0]
+        np.greater(states, 0, out=keep)
+        for t in range(L - 1, -1, -1):
+            gt = g[:, t]
+            if t < L - 1:
+                np.matmul(g[:, t + 1], w, out=prod)
+                np.add(gt, prod, out=gt)
+            np.multiply(gt, keep[:, t], out=gt)
+        g_flat = g.reshape(E, M, H)
+        add_at_b(G["weight_hh"], g_flat, hidden[:, :L].reshape(E, M, H))  # dW_hh = sum_t g_t^T h_{t-1}, onto the norm's
+        head_grad = np.matmul(gh, flat)  # [E, 5, H]
+        G["action_weight"][:], G["value_weight"][:] = head_grad[:, :N_ACTIONS], head_grad[:, N_ACTIONS:]
+        head_bias_grad = gh.sum(2)
+        G["action_bias"][:], G["value_bias"][:] = head_bias_grad[:, :N_ACTIONS], head_bias_grad[:, N_ACTIONS:]
+        np.sum(g_flat, axis=1, out=G["bias_ih"])
+        G["bias_hh"][:] = G["bias_ih"]
+        ext = self.grad_ext
+        ext.zero_()
+        rows = torch.from_numpy(g).view(-1, H)
+        ext.index_add_(0, torch.from_numpy(own.reshape(-1)), rows)
+        ext.index_add_(0, torch.from_numpy(partner.reshape(-1)), rows)
+
+        if cfg.input_l2:
+            w_in = P["input_rows"]
+            norm_in = np.sqrt(np.array([np.vdot(w_in[e], w_in[e]) for e in range(E)], dtype=w_in.dtype))
+            G["input_rows"] += w_in * np.divide(cfg.input_l2, norm_in, out=np.zeros_like(norm_in),
+                                                where=norm_in > 0)[:, None, None]
+        result = np.full((len(STATS), E), np.nan)
+        result[STATS.index("approx_kl")] = kl_mean
+        if stats:
+            pg_loss, v_loss, ent = -np.minimum(s1, s2).mean(1), np.minimum(sq, cfg.value_cap).mean(1), entropy.mean(1)
+            loss = pg_loss + cfg.value_coef * v_loss - cfg.entropy_coef * ent + kl_coef * kl_mean + cfg.recurrent_l2 * rec
+            if cfg.input_l2:
+                loss = loss + cfg.input_l2 * norm_in
+            clip_fraction = (np.abs(ratio - 1) > cfg.clip_eps).mean(1)
+            result[:] = [pg_loss, v_loss, ent, kl_mean, clip_fraction, loss, rec, np.zeros_like(rec)]
+        return result
