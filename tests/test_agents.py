@@ -159,6 +159,35 @@ def test_chunked_scan_equals_the_sequential_loop(T):
     torch.testing.assert_close(chunked_linear_scan(a, b, s0), torch.stack(states), **TOL)
 
 
+def test_chunked_scan_gradient_is_the_sequential_loops_in_float64():
+    """LinearScan's hand-written backward (the reverse recurrence) against autograd through the sequential loop, in
+    float64: the gradients of a, b and s0, with a hard reset in a and a loss that reaches every step."""
+    g = torch.Generator().manual_seed(7)
+    T = 100
+    a = torch.rand(T, 4, 8, generator=g, dtype=torch.float64)
+    a[T // 3] = 0.0
+    b = torch.randn(T, 4, 8, generator=g, dtype=torch.float64)
+    s0 = torch.randn(4, 8, generator=g, dtype=torch.float64)
+    weight = torch.randn(T, 4, 8, generator=g, dtype=torch.float64)
+    grads = []
+    for scan in (chunked_linear_scan, None):
+        leaves = [x.clone().requires_grad_() for x in (a, b, s0)]
+        if scan is None:
+            s, states = leaves[2], []
+            for t in range(T):
+                s = leaves[0][t] * s + leaves[1][t]
+                states.append(s)
+            out = torch.stack(states)
+        else:
+            out = scan(*leaves)
+            assert out.grad_fn.name().startswith("LinearScan")
+        (out.tanh() * weight).sum().backward()
+        grads.append([x.grad for x in leaves])
+    for mine, ref, name in zip(*grads, "a b s0".split()):
+        assert mine.shape == ref.shape
+        torch.testing.assert_close(mine, ref, rtol=1e-10, atol=1e-12, msg=name)
+
+
 def test_scan_chunk_is_the_largest_divisor_below_sqrt():
     assert [scan_chunk(T) for T in (1, 12, 97, 100, 500, 36)] == [1, 3, 1, 10, 20, 6]
 

@@ -336,6 +336,25 @@ class TorchRNNAgent(Agent):
     def _hidden(self, h: torch.Tensor) -> torch.Tensor:
         return h if self.carries_hidden else torch.relu(self.proj(h))
 
+    def _input_gates(self, index: torch.Tensor) -> torch.Tensor:
+        """W_ih x_t + b_ih for observation indices [B, 2]: a gather of two rows of the layer's input table (cached
+        while acting) instead of a product with the two-hot x_t (SPEC §3.2 "input gather")."""
+        r = self.rnn
+        table = self.cached("input_table", (r.weight_ih_l0, r.bias_ih_l0),
+                            lambda: index_table(r.weight_ih_l0, r.bias_ih_l0))
+        return gather_index(index, table)
+
+    def step(self, obs, state):
+        r = self.rnn
+        return self._cell(torch.addmm(r.bias_ih_l0, obs, r.weight_ih_l0.t()), state)
+
+    def step_index(self, index, state):
+        return self._cell(self._input_gates(index), state)
+
+    def _cell(self, gates_in: torch.Tensor, state):
+        """One step from the input's gate pre-activations W_ih x_t + b_ih [B, k·w]."""
+        raise NotImplementedError
+
     def recurrent_weight_norm(self):
         return torch.linalg.matrix_norm(self.rnn.weight_hh_l0)
 

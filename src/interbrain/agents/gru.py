@@ -14,7 +14,8 @@ transformer); the matched projection is Kaiming-uniform (ReLU) with zero bias; h
 
 Recurrent L2 (SPEC §3.4 "L2 option on ``weight_hh_l0``"): :meth:`recurrent_weight_norm` is ‖W_hh‖_F over all three
 gate blocks, so the preset's ``recurrent_l2`` acts on it (set it to 0 to train without). ``input_weight_norm`` is
-‖W_ih‖_F. ``sequence`` runs ``nn.GRU`` (MKL/cuDNN); ``step`` writes out one cell update with the same weights.
+‖W_ih‖_F. ``sequence`` runs ``nn.GRU`` (MKL/cuDNN); ``step`` writes out one cell update with the same weights
+(``step_index`` gathers the input gates from W_ih's columns, :meth:`TorchRNNAgent._input_gates`).
 The state is ``(h,)`` with ``h`` [B, w].
 """
 
@@ -49,10 +50,10 @@ class GRUAgent(TorchRNNAgent):
     def initial_state(self, batch, device="cpu"):
         return (torch.zeros(batch, self.width, device=device, dtype=self.rnn.weight_ih_l0.dtype),)
 
-    def step(self, obs, state):
+    def _cell(self, gates_in, state):
         (h,) = state
         r = self.rnn
-        i_r, i_z, i_n = torch.addmm(r.bias_ih_l0, obs, r.weight_ih_l0.t()).chunk(3, dim=-1)
+        i_r, i_z, i_n = gates_in.chunk(3, dim=-1)
         h_r, h_z, h_n = torch.addmm(r.bias_hh_l0, h, r.weight_hh_l0.t()).chunk(3, dim=-1)
         reset = torch.sigmoid(i_r + h_r)
         update = torch.sigmoid(i_z + h_z)

@@ -14,7 +14,8 @@ Second site: :meth:`extra_sites` returns ``{"cell": c_t}`` [B, w] (rollouts reco
 Init: PyTorch's LSTM default, U(-1/√w, 1/√w) for every weight and bias (no forget-gate bias offset; ``config.init`` is
 ignored); the matched projection is Kaiming-uniform (ReLU) with zero bias; heads :func:`init_heads`.
 :meth:`recurrent_weight_norm` is ‖W_hh‖_F (all four gate blocks), as for `rnn` and `gru`: the preset's ``recurrent_l2``
-acts on it. ``sequence`` runs ``nn.LSTM``; ``step`` writes out one cell update. The state is ``(h, c)``, each [B, w].
+acts on it. ``sequence`` runs ``nn.LSTM``; ``step`` writes out one cell update (``step_index`` gathers the input
+gates from W_ih's columns). The state is ``(h, c)``, each [B, w].
 """
 
 from __future__ import annotations
@@ -49,10 +50,10 @@ class LSTMAgent(TorchRNNAgent):
         dtype = self.rnn.weight_ih_l0.dtype
         return tuple(torch.zeros(batch, self.width, device=device, dtype=dtype) for _ in range(2))
 
-    def step(self, obs, state):
+    def _cell(self, gates_in, state):
         h, c = state
         r = self.rnn
-        gates = torch.addmm(r.bias_ih_l0, obs, r.weight_ih_l0.t()) + torch.addmm(r.bias_hh_l0, h, r.weight_hh_l0.t())
+        gates = gates_in + torch.addmm(r.bias_hh_l0, h, r.weight_hh_l0.t())
         i, f, g, o = gates.chunk(4, dim=-1)
         c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
         h = torch.sigmoid(o) * torch.tanh(c)

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from interbrain.agents.base import HIDDEN, OBS_DIM, Agent, check_size, gather_index, index_table, init_heads, register
-from interbrain.agents.linear import Linear
+from interbrain.agents.linear import Linear, linear
 from interbrain.agents.ssm import chunked_linear_scan
 from interbrain.config import AgentConfig
 
@@ -103,16 +103,26 @@ class StackedMinRNN(Agent):
         """One step from ``obs``, or from layer 1's input-map outputs ``pre`` when given (index path)."""
         h1, h2 = state
         h1 = self.layer1.step(obs, h1, pre)
-        h2 = self.layer2.step(h1, h2)
+        h2 = self.layer2.step(h1, h2, self._layer2_pre(h1))
         logits, value = self.readout(h2)
         return logits, value, h2, (h1, h2)
 
     def sequence(self, obs, state0=None, *, pre: tuple[torch.Tensor, ...] | None = None):
         first = obs if pre is None else pre[0]
         h1, h2 = self.initial_state(first.shape[1], first.device) if state0 is None else state0
-        hidden = self.layer2.sequence(self.layer1.sequence(obs, h1, pre), h2)
+        seq1 = self.layer1.sequence(obs, h1, pre)
+        hidden = self.layer2.sequence(seq1, h2, self._layer2_pre(seq1))
         logits, value = self.readout(hidden)
         return logits, value, hidden
+
+    def _layer2_pre(self, h1: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Layer 2's input maps of layer 1's states as one product with their stacked weights (cached while acting):
+        one kernel, and one autograd node, instead of one per map."""
+        maps = self.layer2.input_maps()
+        params = tuple(p for m in maps for p in (m.weight, m.bias))
+        weight, bias = self.cached("layer2_maps", params, lambda: (torch.cat([m.weight for m in maps]),
+                                                                    torch.cat([m.bias for m in maps])))
+        return linear(h1, weight, bias).split(HIDDEN, -1)
 
     # --- observation indices: layer 1's input maps as one gather of two rows of their joint table --------------
     def _layer1_pre(self, index: torch.Tensor) -> tuple[torch.Tensor, ...]:

@@ -20,6 +20,7 @@ import math
 
 import torch
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 from interbrain.agents.base import HIDDEN, OBS_DIM, Agent, check_size, init_heads, register
 from interbrain.agents.linear import Linear
@@ -34,6 +35,48 @@ def scan_chunk(T: int) -> int:
 
 
 def chunked_linear_scan(a: torch.Tensor, b: torch.Tensor, s0: torch.Tensor) -> torch.Tensor:
+    """All states of ``s_t = a_t ⊙ s_{t-1} + b_t`` (t = 0..T-1, from ``s0``) for ``a, b`` [T, ...]: the chunked scan
+    of :func:`_chunked_scan`; differentiated by :class:`LinearScan` (its gradient written out) when ``a``, ``b`` and
+    the states have one shape, else by autograd through the scan."""
+    if torch.is_grad_enabled() and a.shape == b.shape and s0.shape == a.shape[1:] and any(
+            x.requires_grad for x in (a, b, s0)):
+        return LinearScan.apply(a, b, s0)
+    return _chunked_scan(a, b, s0)
+
+
+class LinearScan(torch.autograd.Function):
+    """:func:`_chunked_scan` with its gradient written out. The backward of a linear recurrence is the same
+    recurrence run backwards in time: with G_t = dL/ds_t from later layers, the total
+    ĝ_t = G_t + a_{t+1} ⊙ ĝ_{t+1} (ĝ_{T-1} = G_{T-1}); then dL/db_t = ĝ_t, dL/da_t = ĝ_t ⊙ s_{t-1} and
+    dL/ds0 = a_0 ⊙ ĝ_0. The reverse scan is one in-place
+    multiply-add per step: on a CPU, [100, 40, 256] in ~1 ms against ~21 ms for autograd's graph of the chunked
+    forward (``ssm``, ``mingru`` and ``minlstm`` each run two such scans per agent and update). Checked against
+    autograd through the sequential loop in float64 (``tests/test_agents.py``)."""
+
+    @staticmethod
+    def forward(ctx, a, b, s0):
+        s = _chunked_scan(a, b, s0)
+        ctx.save_for_backward(a, s, s0)
+        return s
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        a, s, s0 = ctx.saved_tensors
+        g = grad.clone(memory_format=torch.contiguous_format)
+        for t in range(g.shape[0] - 2, -1, -1):
+            g[t].addcmul_(a[t + 1], g[t + 1])
+        grad_a = grad_s0 = None
+        if ctx.needs_input_grad[0]:
+            grad_a = torch.empty_like(g)
+            torch.mul(g[1:], s[:-1], out=grad_a[1:])
+            torch.mul(g[0], s0, out=grad_a[0])
+        if ctx.needs_input_grad[2]:
+            grad_s0 = a[0] * g[0]
+        return grad_a, g if ctx.needs_input_grad[1] else None, grad_s0
+
+
+def _chunked_scan(a: torch.Tensor, b: torch.Tensor, s0: torch.Tensor) -> torch.Tensor:
     """All states of ``s_t = a_t ⊙ s_{t-1} + b_t`` (t = 0..T-1, from ``s0``) for ``a, b`` [T, ...].
 
     With chunk C = :func:`scan_chunk` (T) and N = T / C chunks:
