@@ -91,7 +91,7 @@ def test_stacked_recurrence_steps_on_either_backend_match_float64(small_matmul, 
         buf = pre.to(dtype).clone()
         out = relu_recurrence(buf.transpose(0, 1), h0.to(dtype), w.to(dtype))
         g = grad.to(dtype).clone()
-        dpre, dh0, _ = relu_recurrence_backward(out, None, w.to(dtype), None, True, False, g=g.transpose(0, 1))
+        dpre, dh0, _ = relu_recurrence_backward(g.transpose(0, 1), out, None, w.to(dtype), True, False)
         return buf, g, dh0
 
     (hid, dpre, dh0), (hid64, dpre64, dh064) = run(torch.float32), run(torch.float64)
