@@ -461,9 +461,13 @@ class FusedAdamSteps:
     def __init__(self, opt: torch.optim.Optimizer):
         group = opt.param_groups[0]
         if (len(opt.param_groups) != 1 or not group.get("fused") or group["amsgrad"] or group.get("capturable")
-                or group.get("decoupled_weight_decay") or torch.is_tensor(group["lr"])):
-            raise InterbrainError("FusedAdamSteps needs a fused Adam with one parameter group, no AMSGrad and a float lr")
+                or group.get("decoupled_weight_decay") or group.get("differentiable") or torch.is_tensor(group["lr"])
+                or any(torch.is_tensor(b) for b in group["betas"])):
+            raise InterbrainError("FusedAdamSteps needs a fused Adam with one parameter group, no AMSGrad and float "
+                                  "lr and betas")
         self.opt, self.group, self.params = opt, group, group["params"]
+        if len({(p.device, p.dtype) for p in self.params}) != 1:
+            raise InterbrainError("FusedAdamSteps needs every parameter on one device with one dtype")
         self.step_count: torch.Tensor | None = None
 
     def step(self) -> None:
@@ -485,13 +489,16 @@ class FusedAdamSteps:
         if any(gr is None for gr in grads):
             raise InterbrainError("FusedAdamSteps needs a gradient for every parameter")
         self.count += 1
-        beta1, beta2 = g["betas"]
+        beta1, beta2 = (float(b) for b in g["betas"])
         torch._fused_adam_(*self.lists, lr=g["lr"], beta1=beta1, beta2=beta2, weight_decay=g["weight_decay"],
                            eps=g["eps"], amsgrad=False, maximize=g["maximize"])
 
     def finish(self) -> None:
-        """Write the step count into every parameter's Adam state."""
+        """Write the step count into every parameter's Adam state. The kernel was handed the parameters' storage at
+        the first step: rebinding a parameter's ``.data`` afterwards would have left it behind, which is refused."""
         if self.step_count is not None:
+            if any(q.data_ptr() != p.data_ptr() for q, p in zip(self.lists[0], self.params)):
+                raise InterbrainError("a parameter's storage changed between FusedAdamSteps' steps")
             for p in self.params:
                 self.opt.state[p]["step"].copy_(self.step_count)
 

@@ -99,7 +99,9 @@ class Agent(nn.Module):
         of its two stacked input tables), ``initial_state(B)``, ``step(rows [2,B,2], state, hidden_out [2,B,256],
         heads_out [2,B,5]) -> state`` (rows: the observation index plus ``row_offsets``, as
         ``ChaseEnv.observation_index(offsets=row_offsets)`` gives it; on CPU the same bits as each agent's
-        :meth:`step_index`) and ``states(state)`` (each agent's own state, for a bootstrap step); or None (the rollout
+        :meth:`step_index`) and ``states(state)`` (each agent's own state, for a bootstrap step), optionally
+        ``sequence_states(hidden, seq_len)`` (each agent's state at every sequence start, from the hidden states
+        [2, T, B, 256] it recorded: the ``rllib`` learner's rollouts then use the pair too); or None (the rollout
         then calls each agent's :meth:`step_index`)."""
         return None
 

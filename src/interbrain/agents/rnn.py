@@ -122,8 +122,8 @@ class ReluRNNHeads(torch.autograd.Function):
     :func:`relu_recurrence`, then the joint heads H·head_w^T + head_b ([T·B, 5]: 4 logits, then the value). The
     recurrence runs in place in ``pre``, which must be a fresh non-leaf, non-view tensor (:meth:`RNNAgent._recur`
     passes its gather) and is returned as H. The backward computes the heads' dL/dH for all steps as one product into
-    the recurrence's gradient buffer before its step loop (the same bits as one product per step inside the loop,
-    which it replaced: 800 calls fewer per ``paper`` update). With ``known`` (the H this forward would
+    the recurrence's gradient buffer before its step loop (800 calls fewer per ``paper`` update than one product
+    per step inside the loop, which it replaced; the same bits on the development machine). With ``known`` (the H this forward would
     compute, recorded by :class:`RNNPair` while acting with the same weights) the recurrence is not run again and
     ``pre`` is left as it is. H's own gradient, if a loss uses it, is added to the heads'."""
 

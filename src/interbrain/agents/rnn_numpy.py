@@ -179,12 +179,12 @@ class KLPenaltyMinibatches:
         np.multiply(w, scale[:, None, None], out=G["weight_hh"])  # W_hh is in cache (0 for W_hh = 0, as torch's)
 
         # forward: inputs, recurrence, heads
-        np.take(self.states0, idx + self.unit_seq, axis=0, out=hidden[:, 0], mode="clip")
+        hidden[:, 0] = self.states0.take(idx + self.unit_seq, axis=0)
         states = hidden[:, 1:]
-        np.take(self.input_ext, own, axis=0, out=states, mode="clip")
-        np.take(self.input_ext, partner, axis=0, out=x, mode="clip")
+        np.take(self.input_ext, own, axis=0, out=g, mode="clip")  # g and x are free until the backward (contiguous
+        np.take(self.input_ext, partner, axis=0, out=x, mode="clip")  # outputs: no buffered copy)
         x += (P["bias_ih"] + P["bias_hh"])[:, None, None, :]
-        states += x
+        np.add(g, x, out=states)
         for t in range(L):
             np.matmul(hidden[:, t], self.wt, out=prod)
             h = hidden[:, t + 1]
