@@ -528,10 +528,11 @@ def _update_rllib_stacked(stack, agents, optimizers, batch: Rollout, cfg: PPOCon
     states0 = torch.cat([torch.cat([st[0] for st in batch.seq_states[a]]) for a in order])  # [E·S, 256]
     kl_coef = torch.tensor([kl_coefs[a] for a in order], device=dev, dtype=stack.weight_hh.dtype)
     kls, last = [], {}
+    obs, act, old_logp, A, R, old_logits = (per_unit(f) for f in (
+        lambda a: batch.obs_index[a], lambda a: batch.actions[a], lambda a: batch.logp[a], lambda a: adv[a],
+        lambda a: ret[a], lambda a: batch.logits[a]))
     hand = getattr(stack, "hand_written_minibatches", lambda *args: None)(
-        cfg, -(-n_seq // n_mb), per_unit(lambda a: batch.obs_index[a]), per_unit(lambda a: batch.actions[a]),
-        per_unit(lambda a: batch.logp[a]), per_unit(lambda a: adv[a]), per_unit(lambda a: ret[a]),
-        per_unit(lambda a: batch.logits[a]), states0.view(E, n_seq, -1))
+        cfg, -(-n_seq // n_mb), obs, act, old_logp, A, R, old_logits, states0.view(E, n_seq, -1))
     if hand is not None:  # the same minibatch steps, written out in numpy (issue 6)
         kl_np, kl_row = kl_coef.numpy(), hand.STATS.index("approx_kl")
         for epoch in range(cfg.epochs):
@@ -541,10 +542,8 @@ def _update_rllib_stacked(stack, agents, optimizers, batch: Rollout, cfg: PPOCon
                 kls.append(torch.from_numpy(st[kl_row]))
         last = dict(zip(hand.STATS, torch.from_numpy(st)))
     else:
-        longs = torch.cat([per_unit(lambda a: batch.obs_index[a]), per_unit(lambda a: batch.actions[a]).unsqueeze(-1)],
-                          -1).reshape(L, E * n_seq, 3)
-        floats = torch.cat([per_unit(lambda a: batch.logp[a]).unsqueeze(-1), per_unit(lambda a: adv[a]).unsqueeze(-1),
-                            per_unit(lambda a: ret[a]).unsqueeze(-1), per_unit(lambda a: batch.logits[a])],
+        longs = torch.cat([obs, act.unsqueeze(-1)], -1).reshape(L, E * n_seq, 3)
+        floats = torch.cat([old_logp.unsqueeze(-1), A.unsqueeze(-1), R.unsqueeze(-1), old_logits],
                            -1).reshape(L, E * n_seq, 7)
         shift = (torch.arange(E, device=dev) * n_seq).view(E, 1)
         for epoch in range(cfg.epochs):

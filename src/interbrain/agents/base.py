@@ -146,7 +146,12 @@ class Agent(nn.Module):
     def gather_linear(self, index: torch.Tensor, layer: nn.Linear, name: str = "input_table") -> torch.Tensor:
         """``layer(two_hot(index))`` for a Linear(200 -> out) first layer, as a gather of two rows of its
         :func:`index_table` (cached under ``name`` while acting, rebuilt under autograd)."""
-        table = self.cached(name, (layer.weight, layer.bias), lambda: index_table(layer.weight, layer.bias))
+        return self.gather_weights(index, layer.weight, layer.bias, name)
+
+    def gather_weights(self, index: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                       name: str = "input_table") -> torch.Tensor:
+        """:meth:`gather_linear` for a bare ``weight`` [out, 200] and ``bias`` (a recurrent layer's input weights)."""
+        table = self.cached(name, tuple(p for p in (weight, bias) if p is not None), lambda: index_table(weight, bias))
         return gather_index(index, table)
 
     def recurrent_weight_norm(self) -> torch.Tensor:
@@ -338,20 +343,13 @@ class TorchRNNAgent(Agent):
     def _hidden(self, h: torch.Tensor) -> torch.Tensor:
         return h if self.carries_hidden else torch.relu(self.proj(h))
 
-    def _input_gates(self, index: torch.Tensor) -> torch.Tensor:
-        """W_ih x_t + b_ih for observation indices [B, 2]: a gather of two rows of the layer's input table (cached
-        while acting) instead of a product with the two-hot x_t (SPEC §3.2 "input gather")."""
-        r = self.rnn
-        table = self.cached("input_table", (r.weight_ih_l0, r.bias_ih_l0),
-                            lambda: index_table(r.weight_ih_l0, r.bias_ih_l0))
-        return gather_index(index, table)
-
     def step(self, obs, state):
         r = self.rnn
         return self._cell(torch.addmm(r.bias_ih_l0, obs, r.weight_ih_l0.t()), state)
 
     def step_index(self, index, state):
-        return self._cell(self._input_gates(index), state)
+        """:meth:`step` with W_ih x_t + b_ih gathered from the layer's input table (SPEC §3.2 "input gather")."""
+        return self._cell(self.gather_weights(index, self.rnn.weight_ih_l0, self.rnn.bias_ih_l0), state)
 
     def _cell(self, gates_in: torch.Tensor, state):
         """One step from the input's gate pre-activations W_ih x_t + b_ih [B, k·w]."""

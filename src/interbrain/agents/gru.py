@@ -15,7 +15,7 @@ transformer); the matched projection is Kaiming-uniform (ReLU) with zero bias; h
 Recurrent L2 (SPEC §3.4 "L2 option on ``weight_hh_l0``"): :meth:`recurrent_weight_norm` is ‖W_hh‖_F over all three
 gate blocks, so the preset's ``recurrent_l2`` acts on it (set it to 0 to train without). ``input_weight_norm`` is
 ‖W_ih‖_F. ``sequence`` runs ``nn.GRU`` (MKL/cuDNN); ``step`` writes out one cell update with the same weights
-(``step_index`` gathers the input gates from W_ih's columns, :meth:`TorchRNNAgent._input_gates`).
+(``step_index`` gathers the input gates from W_ih's columns, :meth:`TorchRNNAgent.step_index`).
 The state is ``(h,)`` with ``h`` [B, w].
 """
 

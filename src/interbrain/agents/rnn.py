@@ -40,8 +40,14 @@ def numpy_steps(x: torch.Tensor, w: torch.Tensor) -> bool:
     :func:`~interbrain.agents.linear.small_backend` says ``numpy`` (the ``rllib`` learner's minibatches). One unit's
     recurrence (``w`` [H, H]) keeps torch's kernel: the first learning epoch replays the acting pass's hidden states,
     which must equal a recomputation bit for bit."""
-    return (w.dim() == 3 and x.device.type == "cpu" and x.dtype == torch.float32 and x.shape[-2] <= SMALL_ROWS
-            and small_backend() == "numpy")
+    return w.dim() == 3 and small_steps_on_numpy(x, x.shape[-2])
+
+
+def small_steps_on_numpy(x: torch.Tensor, rows: int) -> bool:
+    """Stacked products of ``rows`` rows per unit on tensors like ``x`` go to numpy: float32 on CPU, at most
+    :data:`~interbrain.agents.linear.SMALL_ROWS` rows, and :func:`~interbrain.agents.linear.small_backend` says
+    ``numpy``."""
+    return x.device.type == "cpu" and x.dtype == torch.float32 and rows <= SMALL_ROWS and small_backend() == "numpy"
 
 
 def relu_recurrence(pre: torch.Tensor, h0: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -122,9 +128,9 @@ class ReluRNNHeads(torch.autograd.Function):
     :func:`relu_recurrence`, then the joint heads H·head_w^T + head_b ([T·B, 5]: 4 logits, then the value). The
     recurrence runs in place in ``pre``, which must be a fresh non-leaf, non-view tensor (:meth:`RNNAgent._recur`
     passes its gather) and is returned as H. The backward computes the heads' dL/dH for all steps as one product into
-    the recurrence's gradient buffer before its step loop (800 calls fewer per ``paper`` update than one product
-    per step inside the loop, which it replaced; the same bits on the development machine). With ``known`` (the H this forward would
-    compute, recorded by :class:`RNNPair` while acting with the same weights) the recurrence is not run again and
+    the recurrence's gradient buffer before its step loop (800 calls fewer per ``paper`` update than one product per
+    step inside the loop, which it replaced; the same bits on the development machine). With ``known`` (the H this
+    forward would compute, recorded by :class:`RNNPair` while acting with the same weights) the recurrence is not run again and
     ``pre`` is left as it is. H's own gradient, if a loss uses it, is added to the heads'."""
 
     @staticmethod
@@ -144,17 +150,14 @@ class ReluRNNHeads(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_hidden, grad_heads):
         out, h0, w, head_w = ctx.saved_tensors
-        T, H, K = ctx.steps, out.shape[-1], head_w.shape[0]
-        gh = None if grad_heads is None else grad_heads.view(T, -1, K)
-        gx = None if grad_hidden is None else grad_hidden.view(T, -1, H)
-
+        T, H = ctx.steps, out.shape[-1]
         g = torch.empty(T, out.shape[0] // T, H, dtype=out.dtype, device=out.device)  # dL/dH, then dL/dpre
-        if gh is None:
+        if grad_heads is None:
             g.zero_()
         else:  # the heads' dL/dH for all steps as one product
             torch.mm(grad_heads, head_w, out=g.view(-1, H))
-        if gx is not None:
-            g.add_(gx)
+        if grad_hidden is not None:
+            g.add_(grad_hidden.view(g.shape))
         g, grad_h0, grad_w = relu_recurrence_backward(g, out.view(T, -1, H), h0, w, ctx.needs_input_grad[1],
                                                       ctx.needs_input_grad[2])
         grad_head_w = grad_head_b = None
@@ -490,11 +493,9 @@ class StackedRNN(nn.Module):
         """The ``rllib`` learner's minibatch steps written out in numpy (:class:`~interbrain.agents.rnn_numpy.
         KLPenaltyMinibatches`, on this update's data: [L, E, S, ...] per unit, ``states0`` [E, S, 256]) where the
         recurrence's small steps go to numpy (CPU, float32, at most ``rows`` = :data:`~interbrain.agents.linear.
-        SMALL_ROWS` sequences per minibatch, the ``numpy`` small-step backend: :func:`numpy_steps`'s conditions); else
+        SMALL_ROWS` sequences per minibatch, the ``numpy`` small-step backend: :func:`small_steps_on_numpy`); else
         None, and the learner runs the torch graph (:func:`interbrain.ppo.stacked_kl_penalty_loss`)."""
-        w = self.weight_hh
-        if not (w.device.type == "cpu" and w.dtype == torch.float32 and rows <= SMALL_ROWS
-                and small_backend() == "numpy"):
+        if not small_steps_on_numpy(self.weight_hh, rows):
             return None
         from interbrain.agents.rnn_numpy import KLPenaltyMinibatches
 

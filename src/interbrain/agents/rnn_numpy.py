@@ -102,6 +102,13 @@ def add_at_b(out: np.ndarray, a: np.ndarray, b: np.ndarray) -> None:
           out[e].ctypes.data, N)
 
 
+def norm_penalty(w: np.ndarray, coef: float) -> tuple[np.ndarray, np.ndarray]:
+    """(||w_e||_F [E], coef / ||w_e||_F [E], 0 where the norm is 0 as in ``FrobeniusNorm``'s backward) for w [E, ...]:
+    the penalty coef·||w_e||_F and the scale of its gradient coef·w_e / ||w_e||_F."""
+    norm = np.sqrt(np.array([np.vdot(w[e], w[e]) for e in range(w.shape[0])], dtype=w.dtype))
+    return norm, np.divide(coef, norm, out=np.zeros_like(norm), where=norm > 0)
+
+
 _OLD_LOGP, _ADV, _RET, _ONEHOT, _P_OLD, _OLD_LP = 0, 1, 2, slice(3, 7), slice(7, 11), slice(11, 15)
 
 
@@ -174,9 +181,8 @@ class KLPenaltyMinibatches:
         own, partner = self.own.take(sel), self.partner.take(sel)
         w = P["weight_hh"]
         transpose_into(self.wt, w)  # W_hh^T per unit, for the forward's step products
-        rec = np.sqrt(np.array([np.vdot(w[e], w[e]) for e in range(E)], dtype=w.dtype))  # ||W_hh||_F, and its
-        scale = np.divide(cfg.recurrent_l2, rec, out=np.zeros_like(rec), where=rec > 0)  # penalty's gradient while
-        np.multiply(w, scale[:, None, None], out=G["weight_hh"])  # W_hh is in cache (0 for W_hh = 0, as torch's)
+        rec, scale = norm_penalty(w, cfg.recurrent_l2)  # ||W_hh||_F and its penalty's gradient, while W_hh is in
+        np.multiply(w, scale[:, None, None], out=G["weight_hh"])  # cache (dW_hh is added onto it below)
 
         # forward: inputs, recurrence, heads
         hidden[:, 0] = self.states0.take(idx + self.unit_seq, axis=0)
@@ -249,10 +255,8 @@ class KLPenaltyMinibatches:
         ext.index_add_(0, torch.from_numpy(partner.reshape(-1)), rows)
 
         if cfg.input_l2:
-            w_in = P["input_rows"]
-            norm_in = np.sqrt(np.array([np.vdot(w_in[e], w_in[e]) for e in range(E)], dtype=w_in.dtype))
-            G["input_rows"] += w_in * np.divide(cfg.input_l2, norm_in, out=np.zeros_like(norm_in),
-                                                where=norm_in > 0)[:, None, None]
+            norm_in, scale_in = norm_penalty(P["input_rows"], cfg.input_l2)
+            G["input_rows"] += P["input_rows"] * scale_in[:, None, None]
         result = np.full((len(STATS), E), np.nan)
         result[STATS.index("approx_kl")] = kl_mean
         if stats:
