@@ -488,6 +488,70 @@ def test_disrnn_gradients_reach_every_parameter_after_warm_up_and_sigmas_wait_fo
                 assert p.grad is not None and p.grad.abs().sum() > 0, name
 
 
+def _latent_loop(drive, z, noise, latent_table, layers, out):
+    """The update nets' recurrence as plain autograd ops, step by step (the loop before the written-out gradient)."""
+    T, L, B, n = drive.shape
+    zs, means = [], []
+    for t in range(T):
+        s = drive[t] + (z @ latent_table).view(B, L, n).transpose(0, 1)
+        for bias, weight in layers:
+            s = s + torch.nn.functional.leaky_relu(torch.baddbmm(bias, s, weight))
+        gate, target = torch.baddbmm(out[0], s, out[1]).unbind(-1)
+        mean = torch.lerp(z, 2.0 * torch.tanh(target.t()), torch.sigmoid(gate).t())
+        z = mean if noise is None else mean + noise[t]
+        zs.append(z)
+        means.append(mean)
+    return torch.stack(zs), torch.stack(means)
+
+
+@pytest.mark.parametrize("backend", ["torch", "numpy"])
+@pytest.mark.parametrize("noisy", [False, True])
+def test_disrnn_written_out_gradient_equals_autograd_through_the_loop(monkeypatch, backend, noisy):
+    """LatentRecurrence (forward and hand-written backward, torch or numpy calls) against autograd through the plain
+    per-step loop, in float64, for every input: drive, z0, noise, latent table, output and hidden layers."""
+    from interbrain.agents import disrnn
+
+    monkeypatch.setattr(disrnn, "_on_numpy", lambda x: backend == "numpy")
+    g = torch.Generator().manual_seed(5)
+    T, L, B, n = 6, 4, 3, 5
+    rand = lambda *shape, scale=1.0: (torch.randn(*shape, generator=g, dtype=torch.float64) * scale  # noqa: E731
+                                      ).requires_grad_()
+    drive, z0, table = rand(T, L, B, n), rand(B, L), rand(L, L * n, scale=0.5)
+    noise = rand(T, B, L, scale=0.3) if noisy else None
+    layers = [(rand(L, 1, n), rand(L, n, n, scale=0.4)) for _ in range(2)]
+    out = (rand(L, 1, 2), rand(L, n, 2))
+    leaves = [drive, z0, table, *out, *(p for layer in layers for p in layer)] + ([noise] if noisy else [])
+    w_z, w_m = torch.randn(T, B, L, generator=g, dtype=torch.float64), torch.randn(T, B, L, generator=g,
+                                                                                  dtype=torch.float64)
+    results = []
+    for fn in (_latent_loop, disrnn.latent_recurrence):
+        zs, means = fn(drive, z0, noise, table, layers, out)
+        loss = (zs * w_z).sum() + (means * w_m).sum() + zs.square().sum()
+        results.append((zs.detach(), means.detach(), torch.autograd.grad(loss, leaves)))
+    (zs_ref, means_ref, grads_ref), (zs, means, grads) = results
+    torch.testing.assert_close(zs, zs_ref, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(means, means_ref, rtol=1e-12, atol=1e-12)
+    for got, want in zip(grads, grads_ref):
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9 * want.abs().max().item())
+
+
+def test_disrnn_numpy_and_torch_recurrences_give_one_gradient_in_float32(monkeypatch):
+    """A whole agent's loss gradient (float32, bottlenecks on, one noise draw) is the same through the numpy and the
+    torch calls of the written-out recurrence, to float32 rounding."""
+    from interbrain.agents import disrnn
+
+    grads = []
+    for numpy in (False, True):
+        monkeypatch.setattr(disrnn, "_on_numpy", lambda x, numpy=numpy: numpy)
+        agent = active_disrnn("matched")
+        torch.manual_seed(8)
+        logits, value, hidden = agent.sequence(two_hot_obs(30, 4, seed=9))
+        (logits.square().sum() + value.square().sum() + hidden.sum() + agent.aux_loss()).backward()
+        grads.append({k: p.grad for k, p in agent.named_parameters()})
+    for name, want in grads[0].items():
+        torch.testing.assert_close(grads[1][name], want, rtol=1e-4, atol=1e-5 * want.abs().max().item(), msg=name)
+
+
 @pytest.mark.parametrize("size,kw", [("std", {}), ("matched", {}),
                                      ("matched", {"tok_mode": "concat", "tok_type_embedding": True})])
 def test_tok_transformer_gradients_reach_every_parameter(size, kw):

@@ -50,12 +50,15 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
+from scipy.special import expit
 from torch import nn
+from torch.autograd.function import once_differentiable
 from torch.nn import functional as F
 
 from interbrain.agents.base import HIDDEN, N_CELLS, OBS_DIM, Agent, check_size, init_heads, register
-from interbrain.agents.linear import Linear
+from interbrain.agents.linear import Linear, small_backend
 from interbrain.config import AgentConfig
 
 LATENTS = 10
@@ -63,6 +66,7 @@ LAYERS = 2
 WIDTHS = {"std": 10, "matched": 38}  # units per update-net layer
 MAX_LATENT = 2.0  # u = MAX_LATENT·tanh(v / MAX_LATENT)
 MIN_SIGMA = 1e-5
+LEAK = 0.01  # leaky ReLU slope (disRNN, F.leaky_relu's default)
 OPEN, PARTIAL, CLOSED = 0.1, 0.25, 0.9  # SPEC §6.7 (disRNN's log_bottlenecks thresholds)
 
 
@@ -93,6 +97,228 @@ def kl_constant(sigma: torch.Tensor) -> torch.Tensor:
     """Σ (σ² − 1 − log σ²) over a bottleneck's entries: the mean-independent part of 2·KL(N(μ, σ²) ‖ N(0, 1))."""
     var = sigma.square()
     return (var - 1.0 - var.log()).sum()
+
+
+def _on_numpy(x: torch.Tensor) -> bool:
+    """The recurrence of tensors like ``x`` runs as numpy calls: float32 on CPU where
+    :func:`~interbrain.agents.linear.small_backend` says ``numpy``. Its per-step products are [L, B, n] x [L, n, n]
+    (10 nets, 40 episodes, n = 38 for ``matched``): ~22 µs as torch's batched product (MKL) on the development
+    machine (AMD EPYC, Zen 4), ~15 µs as numpy's (OpenBLAS), and numpy's elementwise calls on such small arrays cost
+    ~1 µs against torch's 3-5."""
+    return x.device.type == "cpu" and x.dtype == torch.float32 and small_backend() == "numpy"
+
+
+def _latent_steps(drive, z, noise, latent_table, layers, out_bias, out_weight, record=None):
+    """The update nets' T steps in torch (see :func:`latent_recurrence`); with ``record`` (a dict) it also keeps
+    what the gradient needs (:func:`_record_buffers`)."""
+    T, L, B, n = drive.shape
+    zs = drive.new_empty(T, B, L)
+    means = zs if noise is None else drive.new_empty(T, B, L)
+    for t in range(T):
+        s = drive[t] + (z @ latent_table).view(B, L, n).transpose(0, 1)  # [L, B, n]
+        for k, (bias, weight) in enumerate(layers):
+            a = torch.baddbmm(bias, s, weight)
+            if record is not None:
+                record["s"][k][t], record["a"][k][t] = s, a
+            s = s + F.leaky_relu(a, LEAK)
+        if record is not None:
+            record["s"][-1][t] = s
+        gate, target = torch.baddbmm(out_bias, s, out_weight).unbind(-1)  # each [L, B]; target = v / MAX_LATENT
+        w = torch.sigmoid(gate).t()
+        u = MAX_LATENT * torch.tanh(target.t())
+        if record is not None:
+            record["w"][t], record["u"][t] = w, u
+        mean = torch.lerp(z, u, w)  # (1 - w)·z + w·u
+        if noise is None:
+            zs[t] = z = mean
+        else:
+            means[t] = mean
+            z = torch.add(mean, noise[t], out=zs[t])
+    return zs, means
+
+
+def _latent_steps_numpy(drive, z, noise, latent_table, layers, out_bias, out_weight, record=None):
+    """:func:`_latent_steps` as numpy calls on the tensors' memory (CPU; :func:`_on_numpy`)."""
+    T, L, B, n = drive.shape
+    d = drive.detach().numpy()
+    nz = None if noise is None else noise.detach().numpy()
+    table = latent_table.detach().contiguous().numpy()
+    layers = [(b.detach().numpy(), w.detach().contiguous().numpy()) for b, w in layers]
+    out_b, out_w = out_bias.detach().numpy(), out_weight.detach().contiguous().numpy()
+    zs = np.empty((T, B, L), d.dtype)
+    means = zs if nz is None else np.empty((T, B, L), d.dtype)
+    z = z.detach().numpy()
+    for t in range(T):
+        s = np.add(d[t], (z @ table).reshape(B, L, n).transpose(1, 0, 2),
+                   out=None if record is None else record["s"][0][t])
+        for k, (bias, weight) in enumerate(layers):
+            a = np.matmul(s, weight)
+            a += bias
+            if record is not None:  # the leaky ReLU's derivative, 1 or LEAK, for the backward
+                slope = np.greater(a, 0, out=record["a"][k][t])
+                slope *= 1 - LEAK
+                slope += LEAK
+            s = np.add(s, np.maximum(a, LEAK * a), out=None if record is None else record["s"][k + 1][t])
+        o = np.matmul(s, out_w)
+        o += out_b
+        w = expit(o[..., 0].T, out=None if record is None else record["w"][t])
+        u = np.tanh(o[..., 1].T, out=None if record is None else record["u"][t])
+        u *= MAX_LATENT
+        mean = np.subtract(u, z, out=means[t])
+        mean *= w
+        mean += z
+        if nz is not None:
+            np.add(mean, nz[t], out=zs[t])
+        z = zs[t]
+    return torch.from_numpy(zs), torch.from_numpy(means)
+
+
+def _record_buffers(drive: torch.Tensor, layers: int) -> dict:
+    """What :class:`LatentRecurrence`'s gradient needs from the forward, for a drive [T, L, B, n]: every layer's input
+    ``s`` (``layers`` + 1, the last the output layer's) and pre-activation ``a`` ([T, L, B, n] each), the gates ``w``
+    and targets ``u`` ([T, B, L])."""
+    T, L, B, n = drive.shape
+    if _on_numpy(drive):
+        dtype = torch.empty((), dtype=drive.dtype).numpy().dtype
+        new = lambda *shape: np.empty(shape, dtype)  # noqa: E731
+    else:
+        new = lambda *shape: drive.new_empty(shape)  # noqa: E731
+    return {"s": [new(T, L, B, n) for _ in range(layers + 1)], "a": [new(T, L, B, n) for _ in range(layers)],
+            "w": new(T, B, L), "u": new(T, B, L)}
+
+
+def latent_recurrence(drive, z0, noise, latent_table, layers, out):
+    """The carried latents z_t and the pre-noise means μ_t [T, B, L] of the update nets' recurrence, from the drive
+    [T, L, B, n] (observation terms, input bias and input noise), the initial latents ``z0`` [B, L], the latent noise
+    [T, B, L] or None and :meth:`DisRNNAgent._recurrent_weights`. Differentiated by :class:`LatentRecurrence` (the
+    gradient written out) under autograd, else run plainly; as numpy calls where :func:`_on_numpy`."""
+    layer_params = [p for layer in layers for p in layer]
+    tensors = (drive, z0, noise, latent_table, *out, *layer_params)
+    if torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in tensors):
+        return LatentRecurrence.apply(*tensors)
+    steps = _latent_steps_numpy if _on_numpy(drive) else _latent_steps
+    return steps(drive, z0, noise, latent_table, layers, *out)
+
+
+class LatentRecurrence(torch.autograd.Function):
+    """:func:`latent_recurrence` with its gradient written out: the forward records every layer's input and
+    pre-activation, the gates and targets; the backward runs the steps in reverse with only the step-to-step chain
+    inside the loop (per step: the output layer's and each hidden layer's input gradient through the leaky ReLU, and
+    the latent table's product back to z_{t-1}); the weights' gradients follow after the loop as one product per
+    layer over all T·B rows, instead of one per step as autograd's graph computes them, and the gates' elementwise
+    factors for all steps at once. Inputs: drive, z0, noise (or None), latent_table, out bias, out weight, then each
+    layer's bias and weight. As numpy calls where :func:`_on_numpy`. Checked against autograd through the plain loop
+    in float64 (``tests/test_disrnn_tok.py``)."""
+
+    @staticmethod
+    def forward(ctx, drive, z0, noise, latent_table, out_bias, out_weight, *layer_params):
+        layers = list(zip(layer_params[0::2], layer_params[1::2]))
+        record = _record_buffers(drive, len(layers))
+        numpy = _on_numpy(drive)
+        steps = _latent_steps_numpy if numpy else _latent_steps
+        zs, means = steps(drive, z0, noise, latent_table, layers, out_bias, out_weight, record)
+        if means is zs:  # noiseless: two outputs of one tensor would alias
+            means = zs.clone()
+        ctx.record, ctx.numpy, ctx.noisy = record, numpy, noise is not None
+        ctx.save_for_backward(z0, zs, latent_table, out_weight, *layer_params[1::2])
+        return zs, means
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_zs, grad_means):
+        z0, zs, latent_table, out_weight, *weights = ctx.saved_tensors
+        record = ctx.record
+        del ctx.record
+        if grad_zs is None:
+            grad_zs = torch.zeros_like(zs)
+        prev = torch.cat([z0.unsqueeze(0), zs[:-1]])  # z_{t-1} [T, B, L]
+        args = (grad_zs, grad_means, prev, latent_table, out_weight, weights, record, ctx.noisy)
+        return (_latent_backward_numpy if ctx.numpy else _latent_backward)(*args)
+
+
+def _latent_backward(grad_zs, grad_means, prev, latent_table, out_weight, weights, record, noisy):
+    """:class:`LatentRecurrence`'s gradient in torch: (drive, z0, noise, latent_table, out bias, out weight, then each
+    layer's bias and weight)."""
+    S, A, w, u = record["s"], record["a"], record["w"], record["u"]
+    K = len(weights)
+    T, L, B, n = S[0].shape
+    # μ = z_{t-1} + w·(u − z_{t-1}) with w = sigmoid(gate), u = MAX·tanh(target): per unit of dL/dμ, the gate's
+    # and the target's pre-activation gradients, for all steps at once
+    d_out = torch.stack([(u - prev) * w * (1 - w), w * (MAX_LATENT - u.square() / MAX_LATENT)], -1)  # [T, B, L, 2]
+    keep = 1 - w  # dμ/dz_{t-1}
+    out_t = out_weight.transpose(1, 2).contiguous()
+    weights_t = [x.transpose(1, 2) for x in weights]
+    table_t = latent_table.t()
+    grad_noise = torch.empty_like(prev) if noisy else None
+    grad_drive = S[0].new_empty(T, B, L, n)  # dL/ds_0 per step, as [B, L, n] rows for the latent table's product
+    G = [S[0].new_empty(T, L, B, n) for _ in range(K)]  # dL/da per layer
+    carry = torch.zeros_like(prev[0])  # dL/dz_t through step t+1
+    for t in range(T - 1, -1, -1):
+        dz = grad_zs[t] + carry
+        if grad_noise is not None:
+            grad_noise[t] = dz
+        dmean = dz if grad_means is None else dz + grad_means[t]
+        d_out[t].mul_(dmean.unsqueeze(-1))  # [B, L, 2]: dL/d(gate, target)
+        ds = torch.bmm(d_out[t].transpose(0, 1), out_t)  # [L, B, n]
+        for k in range(K - 1, -1, -1):
+            g = torch.ops.aten.leaky_relu_backward(ds, A[k][t], LEAK, False)
+            G[k][t] = g
+            ds = torch.baddbmm(ds, g, weights_t[k])
+        grad_drive[t] = ds.transpose(0, 1)
+        carry = torch.addmm(dmean * keep[t], grad_drive[t].view(B, L * n), table_t)
+    rows = lambda x: x.transpose(0, 1).reshape(L, T * B, x.shape[-1])  # noqa: E731  [T,L,B,m] -> [L,T·B,m]
+    grads_layers = []
+    for k in range(K):
+        g = rows(G[k])
+        grads_layers += [g.sum(1, keepdim=True), torch.bmm(rows(S[k]).transpose(1, 2), g)]
+    d_out_rows = d_out.permute(2, 0, 1, 3).reshape(L, T * B, 2)
+    grad_table = prev.reshape(T * B, L).t() @ grad_drive.view(T * B, L * n)
+    return (grad_drive.transpose(1, 2), carry, grad_noise, grad_table, d_out_rows.sum(1, keepdim=True),
+            torch.bmm(rows(S[K]).transpose(1, 2), d_out_rows), *grads_layers)
+
+
+def _latent_backward_numpy(grad_zs, grad_means, prev, latent_table, out_weight, weights, record, noisy):
+    """:func:`_latent_backward` as numpy calls (:func:`_on_numpy`), with the weights' gradients summed step by step
+    inside the loop ([L, n, B] x [L, B, n] products on the step's rows, which are still in cache: numpy's strided
+    passes over all T·B rows cost more than the products)."""
+    S, slopes, w, u = record["s"], record["a"], record["w"], record["u"]  # "a": the leaky ReLU's derivative
+    K = len(weights)
+    T, L, B, n = S[0].shape
+    gz = grad_zs.numpy()
+    gm = None if grad_means is None else grad_means.numpy()
+    prev = prev.numpy()
+    d_out = np.stack([(u - prev) * w * (1 - w), w * (MAX_LATENT - u * u / MAX_LATENT)], -1)  # [T, B, L, 2]
+    keep = 1 - w
+    out_t = np.ascontiguousarray(out_weight.numpy().transpose(0, 2, 1))
+    weights_t = [np.ascontiguousarray(x.numpy().transpose(0, 2, 1)) for x in weights]
+    table_t = np.ascontiguousarray(latent_table.numpy().T)
+    grad_noise = np.empty_like(prev) if noisy else None
+    grad_drive = np.empty((T, B, L, n), prev.dtype)
+    grad_w = [np.zeros((L, n, n), prev.dtype) for _ in range(K)]
+    grad_b = [np.zeros((L, 1, n), prev.dtype) for _ in range(K)]
+    grad_out_w = np.zeros((L, n, 2), prev.dtype)
+    scratch = np.empty((L, n, n), prev.dtype)
+    carry = np.zeros_like(prev[0])
+    for t in range(T - 1, -1, -1):
+        dz = np.add(gz[t], carry, out=None if grad_noise is None else grad_noise[t])
+        dmean = dz if gm is None else dz + gm[t]
+        d_out[t] *= dmean[..., None]
+        d_o = d_out[t].transpose(1, 0, 2)  # [L, B, 2]
+        ds = np.matmul(d_o, out_t)
+        grad_out_w += np.matmul(S[K][t].transpose(0, 2, 1), d_o)
+        for k in range(K - 1, -1, -1):
+            g = np.multiply(ds, slopes[k][t])
+            ds += np.matmul(g, weights_t[k])
+            grad_w[k] += np.matmul(S[k][t].transpose(0, 2, 1), g, out=scratch)
+            grad_b[k] += g.sum(1, keepdims=True)
+        grad_drive[t] = ds.transpose(1, 0, 2)
+        carry = grad_drive[t].reshape(B, L * n) @ table_t
+        carry += dmean * keep[t]
+    grads_layers = [x for k in range(K) for x in (grad_b[k], grad_w[k])]
+    grad_table = prev.reshape(T * B, L).T @ grad_drive.reshape(T * B, L * n)
+    grads = (grad_drive.transpose(0, 2, 1, 3), carry, grad_noise, grad_table, d_out.sum((0, 1))[:, None],
+             grad_out_w, *grads_layers)
+    return tuple(None if x is None else torch.from_numpy(x) for x in grads)
 
 
 @register("disrnn")
@@ -143,17 +369,18 @@ class DisRNNAgent(Agent):
                 "latent": reparameterize_sigma(self.latent_sigma_param)}
 
     # --- forward pieces -------------------------------------------------------------------------
-    def _obs_terms(self, obs: torch.Tensor | None = None, index: torch.Tensor | None = None):
+    def _obs_terms(self, obs: torch.Tensor | None = None, index: torch.Tensor | None = None, mu2: bool = True):
         """Noise-free observation drive of the update nets [..., L, n] (through the multipliers) and Σ_{j,i} μ_{j,i}²
-        [...] of the observation bottlenecks, from a float observation [..., 200] or an index [..., 2]."""
+        [...] of the observation bottlenecks (None without ``mu2``: acting needs no KL), from a float observation
+        [..., 200] or an index [..., 2]."""
         L, n = self.latents, self.width
         if index is None:
             table, m2 = self._obs_table()
-            return (obs @ table.reshape(OBS_DIM, L * n)).unflatten(-1, (L, n)), obs.square() @ m2
+            return (obs @ table.reshape(OBS_DIM, L * n)).unflatten(-1, (L, n)), obs.square() @ m2 if mu2 else None
         # index: x is two-hot (own cell, partner cell or none), so gathering rows is exact; row 200 = not shown
         table, m2 = self.cached("obs_index_table", (self.obs_multiplier, self.obs_weight), self._obs_index_table)
         own, partner = index[..., 0], index[..., 1] + N_CELLS
-        return table[own] + table[partner], m2[own] + m2[partner]
+        return table[own] + table[partner], m2[own] + m2[partner] if mu2 else None
 
     def _obs_table(self) -> tuple[torch.Tensor, torch.Tensor]:
         """[200, L, n]: input j's multiplied weights into every update net; [200]: Σ_i m_{j,i}²."""
@@ -195,35 +422,20 @@ class DisRNNAgent(Agent):
 
     def _run(self, drive: torch.Tensor, z: torch.Tensor, noisy: bool):
         """Latents for T steps from ``z`` [B, L] and the observation drive [T, B, L, n] of :meth:`_obs_terms`.
-        Returns the carried latents z_t, the previous latents z_{t-1} and the pre-noise means μ_t, each [T, B, L]."""
+        Returns the carried latents z_t and the pre-noise means μ_t, each [T, B, L]."""
         T, B = drive.shape[:2]
         L, n = self.latents, self.width
         drive = drive.transpose(1, 2) + self.in_bias.unsqueeze(1)  # [T, L, B, n]: one residual stream per update net
+        noise = None
         if noisy:  # all the noise of the call, drawn up front from the global torch RNG
             drive = drive + self._input_noise(T * B, drive.dtype).view(L, T, B, n).transpose(0, 1)
-            eps_z = torch.randn(T, B, L, device=drive.device, dtype=drive.dtype) * reparameterize_sigma(
-                self.latent_sigma_param)
-        latent_table, layers, (out_bias, out_weight) = self.cached(
-            "recurrent_weights", (self.latent_in_multiplier, self.latent_weight, self.layer_bias, self.layer_weight,
-                                  self.out_bias, self.out_weight), self._recurrent_weights)
-        # per-step slices with unbind, not indexing: an indexed slice's backward fills a zero tensor of the whole
-        # input (here the [T, L, B, n] drive) for every step; unbind's stacks the slices' gradients
-        drive_steps = drive.unbind(0)
-        noise_steps = eps_z.unbind(0) if noisy else None
-        zs, means, prevs = [], [], []
-        for t in range(T):
-            s = drive_steps[t] + (z @ latent_table).view(B, L, n).transpose(0, 1)  # [L, B, n]
-            for bias, weight in layers:
-                s = s + F.leaky_relu(torch.baddbmm(bias, s, weight))
-            gate, target = torch.baddbmm(out_bias, s, out_weight).unbind(-1)  # each [L, B]; target = v / MAX_LATENT
-            w = torch.sigmoid(gate).t()
-            u = MAX_LATENT * torch.tanh(target.t())
-            mean = torch.lerp(z, u, w)  # (1 - w)·z + w·u
-            prevs.append(z)
-            means.append(mean)
-            z = mean + noise_steps[t] if noisy else mean
-            zs.append(z)
-        return torch.stack(zs), torch.stack(prevs), torch.stack(means)
+            sigma = self.cached("latent_sigma", (self.latent_sigma_param,),
+                                lambda: reparameterize_sigma(self.latent_sigma_param))
+            noise = torch.randn(T, B, L, device=drive.device, dtype=drive.dtype) * sigma
+        weights = self.cached("recurrent_weights", (self.latent_in_multiplier, self.latent_weight, self.layer_bias,
+                                                    self.layer_weight, self.out_bias, self.out_weight),
+                              self._recurrent_weights)
+        return latent_recurrence(drive, z, noise, *weights)
 
     def _kl(self, mu2: torch.Tensor, prev: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
         """Σ over all bottlenecks of KL(N(μ, σ²) ‖ N(0, 1)) per step [T, B]; ``mu2``: Σ μ² of the observation inputs."""
@@ -245,7 +457,8 @@ class DisRNNAgent(Agent):
     def _sequence(self, drive, mu2, state0):
         z0 = self.latent_init.expand(drive.shape[1], -1) if state0 is None else state0[0]
         noisy = self.bottlenecks_active
-        z_all, prev, mean = self._run(drive, z0, noisy)
+        z_all, mean = self._run(drive, z0, noisy)
+        prev = torch.cat([z0.unsqueeze(0), z_all[:-1]])  # z_{t-1}
         self._aux = self.beta * self._kl(mu2, prev, mean).mean() if noisy else None
         return self._outputs(z_all)
 
@@ -255,13 +468,13 @@ class DisRNNAgent(Agent):
         return (self.latent_init.detach().to(device).expand(batch, -1).clone(),)
 
     def step(self, obs, state):
-        return self._step(*self._obs_terms(obs=obs), state)
+        return self._step(*self._obs_terms(obs=obs, mu2=False), state)
 
     def sequence(self, obs, state0=None):
         return self._sequence(*self._obs_terms(obs=obs), state0)
 
     def step_index(self, index, state):
-        return self._step(*self._obs_terms(index=index), state)
+        return self._step(*self._obs_terms(index=index, mu2=False), state)
 
     def sequence_index(self, index, state0=None):
         return self._sequence(*self._obs_terms(index=index), state0)
@@ -306,7 +519,9 @@ def bottleneck_summary(agent: DisRNNAgent, obs: torch.Tensor | None = None) -> d
     }
     if obs is not None:
         drive, _ = agent._obs_terms(obs=obs)
-        z_all, prev, _ = agent._run(drive, agent.latent_init.expand(obs.shape[1], -1), noisy=False)  # z = μ
+        z0 = agent.latent_init.expand(obs.shape[1], -1)
+        z_all = agent._run(drive, z0, noisy=False)[0]  # z = μ
+        prev = torch.cat([z0.unsqueeze(0), z_all[:-1]])
         half_kl = lambda mu2, s: 0.5 * (mu2 + s.square() - 1.0 - s.square().log())  # noqa: E731
         obs_mu2 = torch.einsum("tbj,ji->tbji", obs.square(), agent.obs_multiplier.square())
         lat_mu2 = torch.einsum("tbj,ji->tbji", prev.square(), agent.latent_in_multiplier.square())
