@@ -552,6 +552,34 @@ def test_disrnn_numpy_and_torch_recurrences_give_one_gradient_in_float32(monkeyp
         torch.testing.assert_close(grads[1][name], want, rtol=1e-4, atol=1e-5 * want.abs().max().item(), msg=name)
 
 
+@pytest.mark.parametrize("active", [False, True])
+def test_disrnn_numpy_acting_step_equals_the_torch_step_with_the_same_draws(monkeypatch, active):
+    """The acting step as numpy calls (_act_numpy: input bias in the own-cell rows, heads as numpy products) against
+    the torch step, from one seed: the same outputs and state to float32 rounding, so the same noise draws in the
+    same order (a draw out of order would move the latents by the bottlenecks' σ ~ 0.03); and the RNG is left at
+    the same point."""
+    from interbrain.agents import disrnn
+
+    agent = active_disrnn("matched") if active else make_agent("disrnn", "matched")
+    index = torch.stack([torch.randint(0, 100, (40,)), torch.randint(0, 101, (40,))], -1)
+    state = agent.initial_state(40)
+    results = []
+    for numpy in (True, False):
+        monkeypatch.setattr(disrnn, "_on_numpy", lambda x, numpy=numpy: numpy)
+        torch.manual_seed(3)
+        with torch.no_grad():
+            out = [agent.step_index(index, state) for _ in range(3)][-1]
+            state_after = out[3]
+            for _ in range(4):
+                out = agent.step_index(index, state_after)
+                state_after = out[3]
+        results.append((out, torch.rand(1)))
+    (got, rng_numpy), (want, rng_torch) = results
+    for a, b in zip(got[:3] + got[3], want[:3] + want[3]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert rng_numpy.item() == rng_torch.item()
+
+
 @pytest.mark.parametrize("size,kw", [("std", {}), ("matched", {}),
                                      ("matched", {"tok_mode": "concat", "tok_type_embedding": True})])
 def test_tok_transformer_gradients_reach_every_parameter(size, kw):
