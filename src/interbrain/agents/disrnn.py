@@ -463,7 +463,9 @@ class DisRNNAgent(Agent):
         drive = drive.transpose(1, 2)  # [T, L, B, n]: one residual stream per update net
         noise = None
         if noisy:  # all the noise of the call, drawn up front from the global torch RNG
-            drive = drive + self._input_noise(T * B, drive.dtype).view(L, T, B, n).transpose(0, 1)
+            # noise first: the sum then takes the noise's net-major layout, whose step slices the recurrence reads
+            # faster than the drive's episode-major one
+            drive = self._input_noise(T * B, drive.dtype).view(L, T, B, n).transpose(0, 1) + drive
             sigma = self.cached("latent_sigma", (self.latent_sigma_param,),
                                 lambda: reparameterize_sigma(self.latent_sigma_param))
             noise = torch.randn(T, B, L, device=drive.device, dtype=drive.dtype) * sigma
