@@ -509,6 +509,20 @@ def test_gradients_reach_every_parameter(arch, size):
         assert p.grad is not None and p.grad.abs().sum() > 0, name
 
 
+@pytest.mark.parametrize("arch", ARCHS + ["disrnn", "tok_transformer"])
+def test_acting_steps_are_differentiable_and_equal_their_no_grad_values(arch):
+    """``step`` under autograd (the acting fast paths, e.g. attention products on numpy, are taken only without a
+    gradient) gives the no-grad step's values to float rounding, and its gradient reaches the weights."""
+    agent = make_agent(arch, "matched", window=20)
+    obs = two_hot_obs(6, 3, seed=41)
+    with torch.no_grad():
+        (_, _, want), _ = run_steps(agent, obs, agent.initial_state(3))
+    (_, _, got), _ = run_steps(agent, obs, agent.initial_state(3))
+    torch.testing.assert_close(got.detach(), want, rtol=1e-5, atol=1e-5)
+    got.square().sum().backward()
+    assert sum(int(p.grad is not None and p.grad.abs().sum() > 0) for p in agent.parameters()) > 0
+
+
 def test_transformer_kv_buffers_survive_branching():
     """Acting appends into preallocated buffers; stepping twice from one state (a branch) must not corrupt either."""
     agent = make_agent("transformer", "matched", window=12)

@@ -552,6 +552,28 @@ def test_disrnn_numpy_and_torch_recurrences_give_one_gradient_in_float32(monkeyp
         torch.testing.assert_close(grads[1][name], want, rtol=1e-4, atol=1e-5 * want.abs().max().item(), msg=name)
 
 
+def test_disrnn_second_backward_and_replaced_parameters():
+    """retain_graph: a second backward through the written-out recurrence adds the same gradient again; parameters
+    replaced by load_state_dict(assign=True) are what the next acting step uses (its cache is keyed by them)."""
+    agent = active_disrnn("matched")
+    torch.manual_seed(4)
+    logits, value, hidden = agent.sequence(two_hot_obs(12, 3, seed=5))
+    loss = logits.square().sum() + hidden.sum()
+    loss.backward(retain_graph=True)
+    first = agent.layer_weight.grad.clone()
+    loss.backward()
+    torch.testing.assert_close(agent.layer_weight.grad, 2 * first)
+
+    a, b = make_agent("disrnn", "matched", seed=1), make_agent("disrnn", "matched", seed=2)
+    index = torch.stack([torch.randint(0, 100, (5,)), torch.randint(0, 101, (5,))], -1)
+    with torch.no_grad():
+        a.step_index(index, a.initial_state(5))  # fills a's acting cache
+        a.load_state_dict(b.state_dict(), assign=True)
+        got, want = a.step_index(index, a.initial_state(5)), b.step_index(index, b.initial_state(5))
+    for x, y in zip(got[:3], want[:3]):
+        torch.testing.assert_close(x, y)
+
+
 @pytest.mark.parametrize("active", [False, True])
 def test_disrnn_numpy_acting_step_equals_the_torch_step_with_the_same_draws(monkeypatch, active):
     """The acting step as numpy calls (_act_numpy: input bias in the own-cell rows, heads as numpy products) against

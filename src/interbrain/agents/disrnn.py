@@ -257,8 +257,7 @@ class LatentRecurrence(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_zs, grad_means):
         z0, zs, latent_table, out_weight, *weights = ctx.saved_tensors
-        record = ctx.record
-        del ctx.record
+        record = ctx.record  # only read: a second backward (retain_graph) gets the same gradient
         if grad_zs is None:
             grad_zs = torch.zeros_like(zs)
         prev = torch.cat([z0.unsqueeze(0), zs[:-1]])  # z_{t-1} [T, B, L]
@@ -381,7 +380,6 @@ class DisRNNAgent(Agent):
         nn.init.kaiming_uniform_(self.hidden_proj.weight, nonlinearity="relu")
         nn.init.zeros_(self.hidden_proj.bias)
         init_heads(self)
-        self._acting_params: tuple | None = None  # every parameter, the key of the acting arrays' cache
         self._aux: torch.Tensor | None = None  # β·KL of the latest `sequence` call while the bottlenecks are active
 
     # --- bottleneck schedule --------------------------------------------------------------------
@@ -504,9 +502,8 @@ class DisRNNAgent(Agent):
         instead of ~0.4 per agent and step on the development machine. The same draws from the global torch RNG in
         the same order as :meth:`_run` (the input noise [L, B, n], then the latent noise), the same recurrence
         (:func:`_latent_steps_numpy`); the sums in another order (equal to float rounding, ``tests/test_disrnn_tok.py``)."""
-        if self._acting_params is None:
-            self._acting_params = tuple(self.parameters())
-        P = self.cached("acting_arrays", self._acting_params, self._acting_arrays)
+        # the key: every parameter as it is now (a Parameter replaced, e.g. load_state_dict(assign=True), rebuilds)
+        P = self.cached("acting_arrays", tuple(self.parameters()), self._acting_arrays)
         L, n = self.latents, self.width
         idx = index.numpy()
         B = idx.shape[0]

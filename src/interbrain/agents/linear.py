@@ -83,12 +83,15 @@ def small_backend() -> str:
     ~22 µs on the development machine (AMD EPYC, Zen 4: MKL runs its AVX2 kernel on AMD processors), numpy's
     OpenBLAS ~12 µs (its AVX-512 small-matrix kernel); the ``rllib`` update then took 0.4-1.1 s less in paired runs
     (3.8-4.5 -> 2.95-3.4 s), and with the whole minibatch step written out in numpy
-    (:class:`interbrain.agents.rnn_numpy.KLPenaltyMinibatches`, chosen by this backend too) 1.8-1.9 s. ``INTERBRAIN_CPU_SMALL_MATMUL`` = ``auto`` (default: numpy on AMD processors where numpy's
-    BLAS is OpenBLAS and torch runs AVX-512 kernels, else torch: on Intel processors MKL runs AVX-512 kernels itself,
-    and the comparison is not measured there), ``torch`` or ``numpy``. Fixed per process; recorded in every
-    artifact's provenance (``cpu_small_matmul``) with :func:`cpu_backend`'s choice. The two differ in float summation
-    order and in the sign of zeros (``tests/test_fast_paths.py``; a non-finite gradient where the ReLU is off stays
-    non-finite on numpy, where torch zeroes it, :func:`interbrain.agents.rnn.relu_recurrence_backward`)."""
+    (:class:`interbrain.agents.rnn_numpy.KLPenaltyMinibatches`, chosen by this backend too) 1.8-1.9 s. The same choice
+    sends disrnn's recurrence and acting step (:mod:`interbrain.agents.disrnn`) and the attention agents' acting
+    products (:func:`interbrain.agents.transformer.attend`) to numpy. ``INTERBRAIN_CPU_SMALL_MATMUL`` = ``auto``
+    (default: numpy on AMD processors where numpy's BLAS is OpenBLAS and torch runs AVX-512 kernels, else torch: on
+    Intel processors MKL runs AVX-512 kernels itself, and the comparison is not measured there), ``torch`` or
+    ``numpy``. Fixed per process; recorded in every artifact's provenance (``cpu_small_matmul``) with
+    :func:`cpu_backend`'s choice. The two differ in float summation order and in the sign of zeros
+    (``tests/test_fast_paths.py``; a non-finite gradient where the ReLU is off stays non-finite on numpy, where torch
+    zeroes it, :func:`interbrain.agents.rnn.relu_recurrence_backward`)."""
     from interbrain.provenance import cpu_info
 
     choice = os.environ.get(SMALL_ENV_VAR, "auto")

@@ -69,18 +69,19 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Ten
     attention agents' own step and their pair step use it, so these stay bit for bit equal. The two products run on
     numpy's BLAS where :func:`~interbrain.agents.linear.small_backend` says ``numpy`` (CPU, float32): a
     ``matched`` transformer's rollout then takes ~20 ms less (121 against 144 ms, interleaved runs)."""
-    if q.device.type == "cpu" and q.dtype == torch.float32 and small_backend() == "numpy":
-        # the two products as numpy's (OpenBLAS): ~107 µs a call against ~146 through torch's batched products (MKL)
-        # for a pair step's [80, 4, 1, 16] queries over 1-100 cached steps on the development machine (AMD EPYC)
+    # the two products as numpy's (OpenBLAS) where no gradient is asked for: ~107 µs a call against ~146 through
+    # torch's batched products (MKL) for a pair step's [80, 4, 1, 16] queries over 1-100 cached steps on the
+    # development machine (AMD EPYC)
+    numpy = (q.device.type == "cpu" and q.dtype == torch.float32 and small_backend() == "numpy"
+             and not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)))
+    if numpy:
         scores = torch.from_numpy(np.matmul(q.numpy(), k.numpy().swapaxes(2, 3))).mul_(q.shape[-1] ** -0.5)
     else:
         scores = torch.matmul(q, k.transpose(2, 3)).mul_(q.shape[-1] ** -0.5)
     if allowed is not None:
         scores.masked_fill_(~allowed, float("-inf"))
     weights = torch.softmax(scores, -1)
-    if weights.device.type == "cpu" and weights.dtype == torch.float32 and small_backend() == "numpy":
-        return torch.from_numpy(np.matmul(weights.numpy(), v.numpy()))
-    return torch.matmul(weights, v)
+    return torch.from_numpy(np.matmul(weights.numpy(), v.numpy())) if numpy else torch.matmul(weights, v)
 
 
 class CausalBlock(nn.Module):
