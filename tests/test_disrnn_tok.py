@@ -511,7 +511,7 @@ def test_disrnn_written_out_gradient_equals_autograd_through_the_loop(monkeypatc
     per-step loop, in float64, for every input: drive, z0, noise, latent table, output and hidden layers."""
     from interbrain.agents import disrnn
 
-    monkeypatch.setattr(disrnn, "_on_numpy", lambda x: backend == "numpy")
+    monkeypatch.setattr(disrnn, "small_products_on_numpy", lambda x: backend == "numpy")
     g = torch.Generator().manual_seed(5)
     T, L, B, n = 6, 4, 3, 5
     rand = lambda *shape, scale=1.0: (torch.randn(*shape, generator=g, dtype=torch.float64) * scale  # noqa: E731
@@ -542,7 +542,7 @@ def test_disrnn_numpy_and_torch_recurrences_give_one_gradient_in_float32(monkeyp
 
     grads = []
     for numpy in (False, True):
-        monkeypatch.setattr(disrnn, "_on_numpy", lambda x, numpy=numpy: numpy)
+        monkeypatch.setattr(disrnn, "small_products_on_numpy", lambda x, numpy=numpy: numpy)
         agent = active_disrnn("matched")
         torch.manual_seed(8)
         logits, value, hidden = agent.sequence(two_hot_obs(30, 4, seed=9))
@@ -587,7 +587,7 @@ def test_disrnn_numpy_acting_step_equals_the_torch_step_with_the_same_draws(monk
     state = agent.initial_state(40)
     results = []
     for numpy in (True, False):
-        monkeypatch.setattr(disrnn, "_on_numpy", lambda x, numpy=numpy: numpy)
+        monkeypatch.setattr(disrnn, "small_products_on_numpy", lambda x, numpy=numpy: numpy)
         torch.manual_seed(3)
         with torch.no_grad():
             out = [agent.step_index(index, state) for _ in range(3)][-1]

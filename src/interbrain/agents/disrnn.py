@@ -28,8 +28,11 @@ is the noisy network being trained (their draws differ from those of the loss's 
 
 The recurrence runs in :func:`latent_recurrence`; under autograd its gradient is written out
 (:class:`LatentRecurrence`), and on CPU in float32 it runs as numpy calls where
-:func:`~interbrain.agents.linear.small_backend` says ``numpy`` (issue 6): fixed per process, so fixed seeds stay
-deterministic; the two backends agree to float rounding (``tests/test_disrnn_tok.py``).
+:func:`~interbrain.agents.linear.small_backend` says ``numpy`` (issue 6): its per-step products, [L, B, n] x [L, n, n]
+(10 nets, 40 episodes, n = 38 for ``matched``), take ~15 µs on numpy's OpenBLAS against ~22 µs as torch's batched
+product (MKL) on the development machine (AMD EPYC, Zen 4), and numpy's elementwise calls on such small arrays cost
+less per call than torch's. Fixed per process, so fixed seeds stay deterministic; the two backends agree to float
+rounding (``tests/test_disrnn_tok.py``).
 
 Parameters (L = 10): update nets ``obs_weight`` [L,200,n], ``latent_weight`` [L,L,n], ``in_bias`` [L,n],
 ``layer_weight`` [2,L,n,n], ``layer_bias`` [2,L,n], ``out_weight`` [L,n,2] (column 0 gate, 1 target), ``out_bias``
@@ -63,7 +66,7 @@ from torch.autograd.function import once_differentiable
 from torch.nn import functional as F
 
 from interbrain.agents.base import HIDDEN, N_ACTIONS, N_CELLS, OBS_DIM, Agent, check_size, init_heads, register
-from interbrain.agents.linear import Linear, small_backend
+from interbrain.agents.linear import Linear, small_products_on_numpy
 from interbrain.config import AgentConfig
 
 LATENTS = 10
@@ -104,15 +107,6 @@ def kl_constant(sigma: torch.Tensor) -> torch.Tensor:
     return (var - 1.0 - var.log()).sum()
 
 
-def _on_numpy(x: torch.Tensor) -> bool:
-    """The recurrence of tensors like ``x`` runs as numpy calls: float32 on CPU where
-    :func:`~interbrain.agents.linear.small_backend` says ``numpy``. Its per-step products are [L, B, n] x [L, n, n]
-    (10 nets, 40 episodes, n = 38 for ``matched``): ~22 µs as torch's batched product (MKL) on the development
-    machine (AMD EPYC, Zen 4), ~15 µs as numpy's (OpenBLAS), and numpy's elementwise calls on such small arrays cost
-    ~1 µs against torch's 3-5."""
-    return x.device.type == "cpu" and x.dtype == torch.float32 and small_backend() == "numpy"
-
-
 def _array(x, contiguous: bool = False) -> np.ndarray:
     """A numpy view of a CPU tensor (contiguous if asked), or the array itself."""
     if isinstance(x, np.ndarray):
@@ -150,8 +144,8 @@ def _latent_steps(drive, z, noise, latent_table, layers, out_bias, out_weight, r
 
 
 def _latent_steps_numpy(drive, z, noise, latent_table, layers, out_bias, out_weight, record=None):
-    """:func:`_latent_steps` as numpy calls on the tensors' memory (CPU; :func:`_on_numpy`); takes tensors or
-    arrays."""
+    """:func:`_latent_steps` as numpy calls on the tensors' memory (CPU; :func:`small_products_on_numpy`); takes tensors
+    or arrays."""
     T, L, B, n = drive.shape
     d, nz, z = _array(drive), None if noise is None else _array(noise), _array(z)
     table = _array(latent_table, contiguous=True)
@@ -186,8 +180,8 @@ def _latent_steps_numpy(drive, z, noise, latent_table, layers, out_bias, out_wei
 
 class NoiseProduct(torch.autograd.Function):
     """``eps @ factor`` for the input noise's normals ``eps`` [L, R, n] (no gradient) and the factors [L, n, n], as
-    numpy products (:func:`_on_numpy`): for a ``matched`` learning pass (R = 4,000 rows) OpenBLAS takes ~1 ms forward
-    and ~2.3 ms for the factor's gradient, MKL (``torch.bmm``) ~2.7 and ~3.2 on the development machine."""
+    numpy products (:func:`small_products_on_numpy`): for a ``matched`` learning pass (R = 4,000 rows) OpenBLAS takes ~1
+    ms forward and ~2.3 ms for the factor's gradient, MKL (``torch.bmm``) ~2.7 and ~3.2 on the development machine."""
 
     @staticmethod
     def forward(ctx, eps, factor):
@@ -206,7 +200,7 @@ def _record_buffers(drive: torch.Tensor, layers: int) -> dict:
     ``s`` (``layers`` + 1, the last the output layer's) and pre-activation ``a`` ([T, L, B, n] each), the gates ``w``
     and targets ``u`` ([T, B, L])."""
     T, L, B, n = drive.shape
-    if _on_numpy(drive):
+    if small_products_on_numpy(drive):
         dtype = torch.empty((), dtype=drive.dtype).numpy().dtype
         new = lambda *shape: np.empty(shape, dtype)  # noqa: E731
     else:
@@ -219,32 +213,32 @@ def latent_recurrence(drive, z0, noise, latent_table, layers, out):
     """The carried latents z_t and the pre-noise means μ_t [T, B, L] of the update nets' recurrence, from the drive
     [T, L, B, n] (observation terms, input bias and input noise), the initial latents ``z0`` [B, L], the latent noise
     [T, B, L] or None and :meth:`DisRNNAgent._recurrent_weights`. Differentiated by :class:`LatentRecurrence` (the
-    gradient written out) under autograd, else run plainly; as numpy calls where :func:`_on_numpy`."""
+    gradient written out) under autograd, else run plainly; as numpy calls where :func:`small_products_on_numpy`."""
     layer_params = [p for layer in layers for p in layer]
     tensors = (drive, z0, noise, latent_table, *out, *layer_params)
     if torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in tensors):
         return LatentRecurrence.apply(*tensors)
-    steps = _latent_steps_numpy if _on_numpy(drive) else _latent_steps
+    steps = _latent_steps_numpy if small_products_on_numpy(drive) else _latent_steps
     return steps(drive, z0, noise, latent_table, layers, *out)
 
 
 class LatentRecurrence(torch.autograd.Function):
-    """:func:`latent_recurrence` with its gradient written out, without autograd's graph of ~15 nodes per step:
-    the forward records every layer's input, the leaky ReLU's pre-activation (torch) or derivative (numpy), the gates
-    and targets; the backward runs the steps in reverse (per step: the output layer's and each hidden layer's input
-    gradient and the latent table's product back to z_{t-1}); the gates' elementwise factors are computed for all
-    steps at once; the weights' gradients come after the loop as one product per layer over all T·B rows (torch) or
-    are summed step by step on rows still in cache (numpy). Inputs: drive, z0, noise (or None), latent_table, out
-    bias, out weight, then each layer's bias and weight. As numpy calls where :func:`_on_numpy`. Checked against
-    autograd through the plain loop in float64, for both (``tests/test_disrnn_tok.py``). On the development machine
-    (``matched``, 100 steps x 40 episodes, one core) forward and backward take ~30 ms on numpy against ~50 ms for
-    autograd through the loop."""
+    """:func:`latent_recurrence` with its gradient written out, without autograd's graph of ~15 nodes per step: the
+    forward records every layer's input, the leaky ReLU's pre-activation (torch) or derivative (numpy), the gates and
+    targets; the backward runs the steps in reverse (per step: the output layer's and each hidden layer's input gradient
+    and the latent table's product back to z_{t-1}); the gates' elementwise factors are computed for all steps at once;
+    the weights' gradients come after the loop as one product per layer over all T·B rows (torch) or are summed step by
+    step on rows still in cache (numpy). Inputs: drive, z0, noise (or None), latent_table, out bias, out weight, then
+    each layer's bias and weight. As numpy calls where :func:`small_products_on_numpy`. Checked against autograd through
+    the plain loop in float64, for both (``tests/test_disrnn_tok.py``). On the development machine (``matched``, 100
+    steps x 40 episodes, one core) forward and backward take ~30 ms on numpy against ~50 ms for autograd through the
+    loop."""
 
     @staticmethod
     def forward(ctx, drive, z0, noise, latent_table, out_bias, out_weight, *layer_params):
         layers = list(zip(layer_params[0::2], layer_params[1::2]))
         record = _record_buffers(drive, len(layers))
-        numpy = _on_numpy(drive)
+        numpy = small_products_on_numpy(drive)
         steps = _latent_steps_numpy if numpy else _latent_steps
         zs, means = steps(drive, z0, noise, latent_table, layers, out_bias, out_weight, record)
         if means is zs:  # noiseless: two outputs of one tensor would alias
@@ -307,9 +301,9 @@ def _latent_backward(grad_zs, grad_means, prev, latent_table, out_weight, weight
 
 
 def _latent_backward_numpy(grad_zs, grad_means, prev, latent_table, out_weight, weights, record, noisy):
-    """:func:`_latent_backward` as numpy calls (:func:`_on_numpy`), with the weights' gradients summed step by step
-    inside the loop ([L, n, B] x [L, B, n] products on the step's rows, which are still in cache: numpy's strided
-    passes over all T·B rows cost more than the products)."""
+    """:func:`_latent_backward` as numpy calls (:func:`small_products_on_numpy`), with the weights' gradients summed
+    step by step inside the loop ([L, n, B] x [L, B, n] products on the step's rows, which are still in cache: numpy's
+    strided passes over all T·B rows cost more than the products)."""
     S, slopes, w, u = record["s"], record["a"], record["w"], record["u"]  # "a": the leaky ReLU's derivative
     K = len(weights)
     T, L, B, n = S[0].shape
@@ -451,7 +445,7 @@ class DisRNNAgent(Agent):
         the net's :func:`noise_factor` (the same distribution; see :func:`noise_factor`)."""
         factor = self._input_factor().to(dtype)
         eps = torch.randn(self.latents, rows, self.width, device=factor.device, dtype=dtype)
-        return NoiseProduct.apply(eps, factor) if _on_numpy(eps) else torch.bmm(eps, factor)
+        return NoiseProduct.apply(eps, factor) if small_products_on_numpy(eps) else torch.bmm(eps, factor)
 
     def _run(self, drive: torch.Tensor, z: torch.Tensor, noisy: bool):
         """Latents for T steps from ``z`` [B, L] and the drive [T, B, L, n] of :meth:`_obs_terms`.
@@ -498,10 +492,11 @@ class DisRNNAgent(Agent):
                 "latent_sigma": arr(reparameterize_sigma(self.latent_sigma_param))}
 
     def _act_numpy(self, index: torch.Tensor, z: torch.Tensor, noisy: bool):
-        """:meth:`step_index` as numpy calls, for acting (no autograd; CPU float32 where :func:`_on_numpy`): ~0.2 ms
-        instead of ~0.4 per agent and step on the development machine. The same draws from the global torch RNG in
-        the same order as :meth:`_run` (the input noise [L, B, n], then the latent noise), the same recurrence
-        (:func:`_latent_steps_numpy`); the sums in another order (equal to float rounding, ``tests/test_disrnn_tok.py``)."""
+        """:meth:`step_index` as numpy calls, for acting (no autograd; CPU float32 where
+        :func:`small_products_on_numpy`): ~0.25 ms instead of ~0.4 per agent and step on the development machine. The
+        same draws from the global torch RNG in the same order as :meth:`_run` (the input noise [L, B, n], then the
+        latent noise), the same recurrence (:func:`_latent_steps_numpy`); the sums in another order (equal to float
+        rounding, ``tests/test_disrnn_tok.py``)."""
         # the key: every parameter as it is now (a Parameter replaced, e.g. load_state_dict(assign=True), rebuilds)
         P = self.cached("acting_arrays", tuple(self.parameters()), self._acting_arrays)
         L, n = self.latents, self.width
@@ -548,7 +543,7 @@ class DisRNNAgent(Agent):
         return self._sequence(*self._obs_terms(obs=obs), state0)
 
     def step_index(self, index, state):
-        if not torch.is_grad_enabled() and index.device.type == "cpu" and _on_numpy(state[0]):
+        if not torch.is_grad_enabled() and index.device.type == "cpu" and small_products_on_numpy(state[0]):
             return self._act_numpy(index, state[0], self.bottlenecks_active)
         return self._step(*self._obs_terms(index=index, mu2=False), state)
 

@@ -103,6 +103,13 @@ def small_backend() -> str:
     return choice
 
 
+def small_products_on_numpy(x: torch.Tensor) -> bool:
+    """Small products on tensors like ``x`` go to numpy: float32 on CPU where :func:`small_backend` says ``numpy``
+    (the one test behind every numpy path: the ``rllib`` minibatch step, disrnn's recurrence and acting step, the
+    attention agents' acting products)."""
+    return x.device.type == "cpu" and x.dtype == torch.float32 and small_backend() == "numpy"
+
+
 def set_cpu_threads(threads: int) -> None:
     """torch's CPU threads and numpy's BLAS threads (:func:`small_backend`), for this process: ``threads`` = 1 is one
     training job per core, as Snakemake schedules them."""

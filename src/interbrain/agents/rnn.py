@@ -29,7 +29,7 @@ from torch import nn
 
 from interbrain.agents.base import (HIDDEN, N_ACTIONS, N_CELLS, OBS_DIM, Agent, FrobeniusNorm, gather_index, gather_rows,
                                     index_table, param_key, register, stacked_row_offsets, sum_rows)
-from interbrain.agents.linear import SMALL_ROWS, small_backend
+from interbrain.agents.linear import SMALL_ROWS, small_products_on_numpy
 from interbrain.config import AgentConfig
 from interbrain.errors import InterbrainError
 
@@ -46,8 +46,8 @@ def numpy_steps(x: torch.Tensor, w: torch.Tensor) -> bool:
 def small_steps_on_numpy(x: torch.Tensor, rows: int) -> bool:
     """Stacked products of ``rows`` rows per unit on tensors like ``x`` go to numpy: float32 on CPU, at most
     :data:`~interbrain.agents.linear.SMALL_ROWS` rows, and :func:`~interbrain.agents.linear.small_backend` says
-    ``numpy``."""
-    return x.device.type == "cpu" and x.dtype == torch.float32 and rows <= SMALL_ROWS and small_backend() == "numpy"
+    ``numpy`` (:func:`~interbrain.agents.linear.small_products_on_numpy`)."""
+    return rows <= SMALL_ROWS and small_products_on_numpy(x)
 
 
 def relu_recurrence(pre: torch.Tensor, h0: torch.Tensor, w: torch.Tensor) -> torch.Tensor:

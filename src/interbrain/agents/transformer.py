@@ -31,7 +31,7 @@ from torch.nn import functional as F
 
 from interbrain.agents.base import (HIDDEN, OBS_DIM, Agent, bag_sum, check_size, index_table, init_heads, param_key,
                                     register, stacked_row_offsets)
-from interbrain.agents.linear import Linear, small_backend
+from interbrain.agents.linear import Linear, small_products_on_numpy
 from interbrain.config import AgentConfig
 from interbrain.errors import InterbrainError
 
@@ -72,8 +72,8 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Ten
     # the two products as numpy's (OpenBLAS) where no gradient is asked for: ~107 µs a call against ~146 through
     # torch's batched products (MKL) for a pair step's [80, 4, 1, 16] queries over 1-100 cached steps on the
     # development machine (AMD EPYC)
-    numpy = (q.device.type == "cpu" and q.dtype == torch.float32 and small_backend() == "numpy"
-             and not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)))
+    numpy = small_products_on_numpy(q) and not (torch.is_grad_enabled()
+                                                and (q.requires_grad or k.requires_grad or v.requires_grad))
     if numpy:
         scores = torch.from_numpy(np.matmul(q.numpy(), k.numpy().swapaxes(2, 3))).mul_(q.shape[-1] ** -0.5)
     else:
