@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from interbrain.agents import ARCHITECTURES, build_agent
-from interbrain.agents.base import gather_index, param_key
+from interbrain.agents.base import action_log_softmax, gather_index, param_key
 from interbrain.agents.rnn import ReluRNNHeads, RNNAgent, RNNPair
 from interbrain.config import AgentConfig, EnvConfig, make_train_config
 from interbrain.errors import InterbrainError
@@ -124,6 +124,25 @@ def test_two_row_gather_gradient_is_the_two_hot_linear_gradient():
     (gather_index(index, table) * w_out).sum().backward()
     torch.testing.assert_close(layer.weight.grad, want_w, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(layer.bias.grad, want_b, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_action_log_softmax_is_bitwise_torch_log_softmax(dtype):
+    """The leading-dimension form gives torch.log_softmax's bits over the 4 actions, forward and backward, on a
+    rollout's strided logits view (heads[..., :4]), across scales and with a row of huge and tiny logits."""
+    g = torch.Generator().manual_seed(5)
+    for scale in (1e-3, 1.0, 30.0, 1e4):
+        heads = (torch.randn(50, 2, 40, 5, generator=g, dtype=dtype) * scale)
+        heads[0, 0, 0, :4] = torch.tensor([1e30, -1e30, 0.0, 3.0], dtype=dtype)
+        a = heads[..., :4].clone().requires_grad_()
+        b = heads[..., :4].clone().requires_grad_()
+        want, got = torch.log_softmax(a, -1), action_log_softmax(b)
+        assert torch.equal(got, want) and got.shape == want.shape
+        grad = torch.randn(want.shape, generator=g, dtype=dtype)
+        want.backward(grad)
+        got.backward(grad)
+        assert torch.equal(b.grad, a.grad)
+    assert torch.equal(action_log_softmax(heads[..., :4]), torch.log_softmax(heads[..., :4], -1))  # the strided view
 
 
 def test_rnn_pair_step_is_bitwise_the_two_agents_own_steps():

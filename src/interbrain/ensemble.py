@@ -35,7 +35,7 @@ from typing import Callable
 
 import torch
 
-from interbrain.agents.base import HIDDEN
+from interbrain.agents.base import HIDDEN, action_log_softmax
 from interbrain.agents.linear import set_cpu_threads
 from interbrain.agents.rnn import StackedRNN
 from interbrain.config import TrainConfig
@@ -137,7 +137,7 @@ def collect_ensemble_rollout(env: ChaseEnv, spawn_envs: list[ChaseEnv], stacks: 
     logits, values, actions, pairs, z_norm = acting(noise, env.pair)
     env.moved(pairs[T], T)
     obs_index, rewards, events = settle_rollout(env, pairs, actions)
-    logp = torch.log_softmax(logits, -1).gather(-1, actions[..., None]).squeeze(-1)
+    logp = action_log_softmax(logits).gather(-1, actions[..., None]).squeeze(-1)
     done = (torch.arange(T, device=dev) + 1 >= T)[:, None].expand(T, E * B)
     per_agent = lambda joint: {a: joint[:, i] for i, a in enumerate(AGENTS)}  # noqa: E731
     return Rollout(dict(zip(AGENTS, obs_index)), per_agent(actions), per_agent(logp), per_agent(logits),

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from interbrain.agents import Agent
-from interbrain.agents.base import HIDDEN, N_ACTIONS, param_key
+from interbrain.agents.base import HIDDEN, N_ACTIONS, action_log_softmax, param_key
 from interbrain.config import PPOConfig
 from interbrain.env import ChaseEnv
 from interbrain.errors import InterbrainError, NonFiniteError
@@ -148,7 +148,7 @@ def collect_rollout(env: ChaseEnv, agents: dict[str, Agent], env_gen: torch.Gene
         index = env.observation_index()
         for i, a in enumerate(AGENTS):
             boot[a] = agents[a].step_index(index[i], states[a])[1]
-    logp = torch.log_softmax(logits, -1).gather(-1, actions[..., None]).squeeze(-1)
+    logp = action_log_softmax(logits).gather(-1, actions[..., None]).squeeze(-1)
     z_norm = {}
     for a in AGENTS:
         w = agents[a].action_head.weight
@@ -216,7 +216,7 @@ def policy_loss(agent: Agent, obs_index, actions, old_logp, adv, returns, cfg: P
         logits, value, _ = agent.replay_index(obs_index, replay[1])  # the acting forward, recorded (same bits)
     else:
         logits, value, _ = agent.sequence_index(obs_index, state0)
-    logp_all = torch.log_softmax(logits, -1)
+    logp_all = action_log_softmax(logits)
     logp = logp_all.gather(-1, actions[..., None]).squeeze(-1)
     log_ratio = logp - old_logp
     ratio = log_ratio.exp()
@@ -230,7 +230,7 @@ def policy_loss(agent: Agent, obs_index, actions, old_logp, adv, returns, cfg: P
     if cfg.input_l2:
         loss = loss + cfg.input_l2 * agent.input_weight_norm()
     if old_logits is not None:
-        old_logp_all = torch.log_softmax(old_logits, -1)
+        old_logp_all = action_log_softmax(old_logits)
         kl = mean((old_logp_all.exp() * (old_logp_all - logp_all)).sum(-1))
         loss = loss + kl_coef * kl
     else:
@@ -260,7 +260,7 @@ class StackedKLPenaltyLoss(torch.autograd.Function):
     def forward(ctx, logits, value, actions, old_logp, adv, returns, old_logits, kl_coef, cfg: PPOConfig):
         dims = (0, 2)
         unit = lambda x: x.view(1, -1, 1)  # noqa: E731  [E] -> broadcast over [T, E, B]
-        logp_all = torch.log_softmax(logits, -1)
+        logp_all = action_log_softmax(logits)
         p = logp_all.exp()
         logp = logp_all.gather(-1, actions[..., None]).squeeze(-1)
         log_ratio = logp - old_logp
@@ -271,7 +271,7 @@ class StackedKLPenaltyLoss(torch.autograd.Function):
         err = value - returns
         sq = err * err
         entropy = -(p * logp_all).sum(-1)
-        old_logp_all = torch.log_softmax(old_logits, -1)
+        old_logp_all = action_log_softmax(old_logits)
         p_old = old_logp_all.exp()
         kl = (p_old * (old_logp_all - logp_all)).sum(-1)
         pg_loss, v_loss = -surrogate.mean(dims), sq.clamp(max=cfg.value_cap).mean(dims)

@@ -37,7 +37,7 @@ import os
 import numpy as np
 import torch
 
-from interbrain.agents.base import N_ACTIONS, N_CELLS
+from interbrain.agents.base import N_ACTIONS, N_CELLS, action_log_softmax
 from interbrain.config import PPOConfig
 
 #: the statistics of one minibatch step, rows of :meth:`KLPenaltyMinibatches.step`'s result (those of
@@ -143,7 +143,7 @@ class KLPenaltyMinibatches:
             own = unit + index[..., 0]
             partner = torch.where(index[..., 1] == N_CELLS, E * rows, unit + N_CELLS + index[..., 1])
             self.own, self.partner = (r.permute(1, 0, 2).reshape(-1).numpy().copy() for r in (own, partner))
-            old_lp = torch.log_softmax(old_logits, -1)
+            old_lp = action_log_softmax(old_logits)
             onehot = torch.nn.functional.one_hot(actions, N_ACTIONS).to(dtype)
             data = torch.cat([old_logp.unsqueeze(-1), adv.unsqueeze(-1), returns.unsqueeze(-1), onehot, old_lp.exp(),
                               old_lp], -1)
