@@ -18,7 +18,9 @@ Prints one JSON document with:
   ``rnn`` ran too, that time over the RNN's (``vs_rnn``, same size and preset), env steps/s,
   the rollout's share of the update, the update's floating-point work and that work as a fraction of the device's
   matmul throughput (``matmul_fraction`` = GFLOP per update / seconds / ``matmul_gflops``: 1.0 would be an update
-  that is nothing but dense matmuls at full speed; ``hardware_fraction``: the same against ``hardware_gflops``);
+  that is nothing but dense matmuls at full speed; ``hardware_fraction``: the same against ``hardware_gflops``;
+  ``vs_rnn_at_hardware_rate``: the update's counted work done at ``hardware_gflops`` with no other cost, over the
+  RNN's measured time: the least ``vs_rnn`` that any code could reach on this device, for the work as counted);
   ``rollout_nonmatrix_fraction`` (CPU): the share of the rollout's time that is not matrix work, measured: 1 -
   ``rollout_matrix_seconds`` / ``rollout_seconds``, where ``rollout_matrix_seconds`` is the time one rollout spends
   inside matrix-product kernels (their self time under ``torch.profiler``, which adds its own cost between the kernels
@@ -382,6 +384,8 @@ def main() -> None:
     for r in results:  # issue 6: every other architecture within 3x of the RNN (same run, size and preset)
         if (r["size"], r["preset"]) in rnn:
             r["vs_rnn"] = r["seconds_per_update"] / rnn[(r["size"], r["preset"])]
+            # the least vs_rnn any code could reach here: the counted work at the hardware rate, nothing else
+            r["vs_rnn_at_hardware_rate"] = r["gflop_per_update"] / hardware / rnn[(r["size"], r["preset"])]
     out = {
         "benchmark": "train_throughput", "date": now(), "torch_threads": args.threads,
         "machine": cpu_info() | {"python": platform.python_version(), "packages": package_versions(),
