@@ -11,6 +11,8 @@ Prints one JSON document with:
   CPU also the same product through oneDNN (``onednn_matmul_gflops``), which can be much faster
   where MKL takes a slower code path (on AMD processors MKL runs AVX2 kernels, oneDNN AVX-512 ones), and
   ``hardware_gflops``, the faster of the two;
+- ``allocator_keeps_freed_memory``: whether glibc took :func:`interbrain.allocator.keep_freed_memory`, which training
+  processes set (and this benchmark too, so its figures are training's);
 - ``env_only_steps_per_s_batch40``: the vectorised environment alone (full step with every event);
   ``env_rollout_path_steps_per_s_batch40``: the environment as a training rollout drives it (per step the observation
   index and ``ChaseEnv.move``; per 100-step episode batch the reset and ``settle_rollout``: rewards, events, record);
@@ -71,6 +73,7 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, 
 
 from interbrain.agents import ARCHITECTURES
 from interbrain.agents.linear import SMALL_ENV_VAR, onednn_available, set_cpu_threads, small_backend
+from interbrain.allocator import keep_freed_memory
 from interbrain.checkpoint import save_checkpoint
 from interbrain.config import EnvConfig, make_train_config
 from interbrain.ensemble import EnsembleTrainer
@@ -371,6 +374,7 @@ def main() -> None:
     p.add_argument("--no-dag", action="store_true", help="skip the paper DAG build timing")
     args = p.parse_args()
     set_cpu_threads(args.threads)  # torch's and numpy's BLAS (the rllib learner's small steps, interbrain.agents.linear)
+    kept_freed_memory = keep_freed_memory()  # as training runs (interbrain.allocator)
     load_at_start = os.getloadavg()[0]  # another job on the machine would slow every figure
     device = resolve_device(args.device)
     peak = matmul_gflops(device)
@@ -394,6 +398,7 @@ def main() -> None:
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_info()["cpu_model"],
         # the CPU kernels' choices (interbrain.agents.linear): large dense products, the rllib learner's small steps
         **{k: v for k, v in device_info(device).items() if k in ("cpu_matmul", "cpu_small_matmul")},
+        "allocator_keeps_freed_memory": kept_freed_memory,  # glibc's mallopt, as training sets it
         "matmul_gflops": peak,
         "onednn_matmul_gflops": onednn,
         "hardware_gflops": hardware,

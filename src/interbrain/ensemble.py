@@ -37,6 +37,7 @@ import torch
 
 from interbrain.agents.base import HIDDEN, action_log_softmax
 from interbrain.agents.linear import set_cpu_threads
+from interbrain.allocator import keep_freed_memory
 from interbrain.agents.rnn import StackedRNN
 from interbrain.config import TrainConfig
 from interbrain.cuda_graph import Captured
@@ -327,6 +328,7 @@ def train_ensemble(configs: list[TrainConfig], outs: list[str | Path], *, device
     if len(outs) != len(configs):
         raise InterbrainError(f"an ensemble of {len(configs)} units needs {len(configs)} output folders, got {len(outs)}")
     dev = resolve_device(device)
+    keep_freed_memory()  # the learning pass's buffers stay mapped between updates (interbrain.allocator)
     if threads is not None:
         set_cpu_threads(threads)
     outputs = [UnitOutput(c, ensure_dir(o)) for c, o in zip(configs, outs)]

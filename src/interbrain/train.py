@@ -22,6 +22,7 @@ import torch
 
 from interbrain.agents import build_pair
 from interbrain.agents.linear import set_cpu_threads
+from interbrain.allocator import keep_freed_memory
 from interbrain.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from interbrain.config import TrainConfig, make_train_config
 from interbrain.env import ChaseEnv
@@ -317,6 +318,7 @@ def train(arch: str = "rnn", task: str = "social", seed: int = 0, preset: str = 
 def train_config(config: TrainConfig, *, device: str = "auto", out: str | Path = "results/unit", progress: bool = True,
                  threads: int | None = None) -> Path:
     dev = resolve_device(device)
+    keep_freed_memory()  # the learning pass's buffers stay mapped between updates (interbrain.allocator)
     if threads is not None:
         set_cpu_threads(threads)
     out = ensure_dir(out)
