@@ -69,13 +69,25 @@ def cached_block(block: CausalBlock, x: torch.Tensor, k_cache: torch.Tensor, v_c
     new tokens 0..j. Returns ``(out [N, S, d], k, v)`` with the caches extended (see ``append_along``); with
     ``last_only`` (the last block, whose other outputs nothing reads), out is the last token's only, [N, 1, d]."""
     q, k, v = block._qkv(x)
-    n, S = k_cache.shape[2], x.shape[1]
+    S = x.shape[1]
     k = append_along(k_cache, k, 2, capacity)
     v = append_along(v_cache, v, 2, capacity)
     if last_only:  # the last token attends to every cached and new token
         return block._finish(x[:, -1:], attend(q[:, :, -1:], k, v)), k, v
-    mask = torch.ones(S, n + S, dtype=torch.bool, device=x.device).tril(n)
-    return block._finish(x, attend(q, k, v, mask)), k, v
+    return block._finish(x, attend(q, k, v, block_mask(S, x.device))), k, v
+
+
+_BLOCK_MASKS: dict = {}
+
+
+def block_mask(S: int, device: torch.device) -> torch.Tensor:
+    """bool [S, S]: new token j of a step's block sees new tokens 0..j (the cached tokens before them are all seen);
+    one tensor per (S, device)."""
+    key = (S, torch.device(device))
+    mask = _BLOCK_MASKS.get(key)
+    if mask is None:
+        mask = _BLOCK_MASKS[key] = torch.ones(S, S, dtype=torch.bool, device=device).tril()
+    return mask
 
 
 def last_tokens_block(block: CausalBlock, x: torch.Tensor, S: int) -> torch.Tensor:

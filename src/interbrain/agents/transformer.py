@@ -63,7 +63,8 @@ def append_along(prefix: torch.Tensor, new: torch.Tensor, dim: int, capacity: in
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor | None = None) -> torch.Tensor:
     """Softmax attention of a step's few queries over a KV cache (acting): q [N, heads, S, dh], k and v
-    [N, heads, L, dh], ``allowed`` (bool [S, L], None: all) -> [N, heads, S, dh], as two batched products around a
+    [N, heads, L, dh], ``allowed`` (bool [S, L'], None: all) for the last L' <= L keys (every earlier key is allowed:
+    a block's causal mask only touches its own new tokens) -> [N, heads, S, dh], as two batched products around a
     softmax. On CPU, for S of 1 or 3 and dh 16 this is faster than ``scaled_dot_product_attention``'s flash kernel,
     whose per-(row, head) set-up dominates there (issue 6); the result equals it to float tolerance, and both
     attention agents' own step and their pair step use it, so these stay bit for bit equal. The two products run on
@@ -79,7 +80,7 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Ten
     else:
         scores = torch.matmul(q, k.transpose(2, 3)).mul_(q.shape[-1] ** -0.5)
     if allowed is not None:
-        scores.masked_fill_(~allowed, float("-inf"))
+        scores[..., scores.shape[-1] - allowed.shape[-1]:].masked_fill_(~allowed, float("-inf"))
     weights = torch.softmax(scores, -1)
     return torch.from_numpy(np.matmul(weights.numpy(), v.numpy())) if numpy else torch.matmul(weights, v)
 
@@ -143,13 +144,15 @@ class WindowedContext:
             raise InterbrainError(
                 f"{self.arch} position range {start}..{stop - 1} is outside the learned table 0..{self.window - 1} "
                 f"(window={self.window}); SPEC §3.2 context rule")
-        self.max_position_used = max(self.max_position_used, stop - 1)
+        if stop - 1 > self.max_position_used:  # assigned only when it grows (nn.Module's __setattr__ costs ~5 µs)
+            self.max_position_used = stop - 1
         return self.pos_table[start:stop]
 
     def _note_context(self, steps: int) -> None:
         if steps > self.window:
             raise InterbrainError(f"{self.arch} context of {steps} steps exceeds window={self.window}")
-        self.max_context_used = max(self.max_context_used, steps)
+        if steps > self.max_context_used:
+            self.max_context_used = steps
 
 
 @register("transformer")
@@ -372,8 +375,10 @@ class TransformerPair:
             torch.baddbmm(self.proj[1], h, self.proj[0], out=hidden_out).relu_()
         torch.baddbmm(self.heads[1], hidden_out, self.heads[0], out=heads_out)
         for a in self.agents:  # the context rule's bookkeeping, as each agent's own step keeps it
-            a.max_position_used = max(a.max_position_used, t)
-            a.max_context_used = max(a.max_context_used, t + 1)
+            if t > a.max_position_used:  # assigned only when it grows (nn.Module's __setattr__ costs ~5 µs)
+                a.max_position_used = t
+            if t + 1 > a.max_context_used:
+                a.max_context_used = t + 1
         return (t + 1, emb, caches)
 
     def states(self, state: tuple) -> list[tuple]:
