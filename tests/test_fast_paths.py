@@ -165,6 +165,43 @@ def test_rnn_pair_step_is_bitwise_the_two_agents_own_steps():
     assert (hidden == 0).any() and (hidden > 0).any()
 
 
+@pytest.mark.parametrize("per_episode", [False, True])
+def test_rnn_pair_play_is_bitwise_the_stepped_loop(per_episode):
+    """RNNPair.play (the acting loop written out) gives the bits of the loop it replaces: pair.step, then
+    act_and_move, each step; also with per-episode visibility modes (the observation table's episode offsets)."""
+    from interbrain.ppo import act_and_move, gumbel_noise
+
+    torch.manual_seed(1)
+    agents = [build_agent(AgentConfig(arch="rnn")) for _ in range(2)]
+    T, B = 30, 6
+    cfg = EnvConfig(horizon=T)
+    episodes = [EnvConfig(horizon=T, visibility=("partial", "full", "none")[b % 3], task=("social", "non_social")[b % 2])
+                for b in range(B)] if per_episode else None
+    envs = [ChaseEnv(cfg, batch=B, episodes=episodes) for _ in range(2)]
+    g = torch.Generator().manual_seed(7)
+    noise = gumbel_noise((T, 2, B, 4), g, torch.device("cpu"))
+    out = []
+    for way, env in zip(("play", "step"), envs):
+        env.reset(torch.Generator().manual_seed(3))
+        pair = agents[0].pair_with(agents[1], T)
+        heads, actions = torch.empty(T, 2, B, 5), torch.empty(T, 2, B, dtype=torch.long)
+        pairs, hidden = torch.empty(T + 1, B, dtype=torch.long), torch.empty(2, T, B, 256)
+        pairs[0] = env.pair
+        with torch.no_grad():
+            if way == "play":
+                h = pair.play(env, noise, heads, actions, pairs, hidden)
+            else:
+                h = pair.initial_state(B)
+                for t in range(T):
+                    h = pair.step(env.observation_index(offsets=pair.row_offsets), h, hidden[:, t], heads[t])
+                    act_and_move(env, heads[t, ..., :4], noise[t], actions[t], pairs[t + 1])
+        core = env.settle(pairs, actions)
+        out.append((heads, actions, pairs, hidden, h.clone(), core.rewards, env.t))
+    for a, b in zip(*out):
+        assert a == b if isinstance(a, int) else torch.equal(a, b)
+    assert len(out[0][2].unique()) > 5  # the agents moved
+
+
 @pytest.mark.parametrize("size", ["std", "matched"])
 def test_transformer_pair_step_is_bitwise_the_two_agents_own_steps(size):
     """Both transformer agents as one batched call (TransformerPair) give the same bits as each agent's step_index over

@@ -404,6 +404,14 @@ class ChaseEnv:
         self._last_offsets = (offsets, offsets._version, table)
         return table
 
+    def acting_tables(self, offsets: Tensor) -> tuple[Tensor, Tensor | None, Tensor]:
+        """What a written-out acting loop needs to do :meth:`observation_index` (with ``offsets``) and :meth:`next_pair`
+        itself: the observation table [2, rows, 2] plus ``offsets``, the per-episode row offset of each episode's
+        visibility mode (long [B]; None when one mode serves the batch) and the next-pair table (long [10,000 · 16],
+        row 16 p + 4 a_c + a_e). Read-only; after the loop's moves the caller calls :meth:`moved`."""
+        self._require_state()
+        return self._offset_obs_rows(offsets), self._obs_offset, self._next_pair
+
     # --- step ------------------------------------------------------------------------------------
     def _check_actions(self, chaser_action: Tensor, explorer_action: Tensor) -> tuple[Tensor, Tensor]:
         checked = []

@@ -117,11 +117,14 @@ def collect_rollout(env: ChaseEnv, agents: dict[str, Agent], env_gen: torch.Gene
         pair = None  # the rllib learner's sequence starts come from the per-agent loop
     if pair is not None:
         hidden = torch.empty(2, T, B, HIDDEN, device=dev)  # agent-major: each agent's [T,B,256] is contiguous
-        h, offsets = pair.initial_state(B), pair.row_offsets
-        hid, hd = hidden.unbind(1), heads.unbind(0)
-        for t in range(T):
-            h = pair.step(env.observation_index(offsets=offsets), h, hid[t], hd[t])
-            act_and_move(env, lg[t], nz[t], act[t], pr[t + 1])
+        if hasattr(pair, "play"):  # the loop below, written out by the pair
+            h = pair.play(env, noise, heads, actions, pairs, hidden)
+        else:
+            h, offsets = pair.initial_state(B), pair.row_offsets
+            hid, hd = hidden.unbind(1), heads.unbind(0)
+            for t in range(T):
+                h = pair.step(env.observation_index(offsets=offsets), h, hid[t], hd[t])
+                act_and_move(env, lg[t], nz[t], act[t], pr[t + 1])
         z_hidden = {a: hidden[i, ::Z_SAMPLE_EVERY].reshape(-1, HIDDEN) for i, a in enumerate(AGENTS)}
         states = dict(zip(AGENTS, pair.states(h)))
         replay = {a: (key, hidden[i]) for i, (a, key) in enumerate(zip(AGENTS, pair.keys))} if pair.replays else {}

@@ -12,8 +12,9 @@ Speed (issue 6), with the arithmetic unchanged (up to float summation order wher
   large matmul for dW_hh = sum_t g_t h_{t-1}^T, instead of autograd's per-step graph. :class:`ReluRNNHeads`, the
   learning pass of one agent, adds the joint heads and computes their gradient for all steps as one product;
   :class:`StackedReluRNNHeads` runs the same loops for E stacked units.
-- :class:`RNNPair`: while acting, both agents step as one batched call (same bits as two ``step_index`` calls), and
-  the hidden states it records let the first learning epoch skip the recurrence's forward (:meth:`replay_index`).
+- :class:`RNNPair`: while acting, both agents step as one batched call (same bits as two ``step_index`` calls), in a
+  written-out acting loop (:meth:`RNNPair.play`), and the hidden states it records let the first learning epoch skip
+  the recurrence's forward (:meth:`replay_index`).
 - :class:`StackedRNN`: E agents as stacked parameters, one batched product per step for all of them. The ensemble
   (:mod:`interbrain.ensemble`) stacks E training units; the ``rllib`` learner stacks a pair's two agents, so each of
   its 960 minibatch steps per update is one graph (:class:`StackedReluRNNHeads`, :class:`StackedInputTable`) instead
@@ -349,6 +350,34 @@ class RNNPair:
         written into ``hidden_out`` [2, B, 256] (which must not share memory with ``h``) and returned; the joint heads
         (4 logits, then the value) written into ``heads_out`` [2, B, 5]."""
         return step_rows(rows, h, self.table, self.weight_hh, self.heads, hidden_out, heads_out)[1]
+
+    def play(self, env, noise: torch.Tensor, heads: torch.Tensor, actions: torch.Tensor, pairs: torch.Tensor,
+             hidden: torch.Tensor) -> torch.Tensor:
+        """The whole acting loop of :func:`interbrain.ppo.collect_rollout`, written out: per step the calls of
+        ``observation_index(offsets=)``, :meth:`step` and ``act_and_move`` (the same kernels on the same operands,
+        so the same bits), without their Python layers (the loop's non-matrix time, issue 6). ``noise`` [T, 2, B, 4];
+        writes ``heads`` [T, 2, B, 5], ``actions`` [T, 2, B], ``pairs`` [T + 1, B] (row 0 given: s_0) and ``hidden``
+        [2, T, B, 256]; records the moves in ``env`` (``ChaseEnv.moved``) and returns the last h [2, B, 256]."""
+        obs, episode_offset, next_pair = env.acting_tables(self.row_offsets)
+        T, E, B = noise.shape[0], len(self.keys), noise.shape[2]
+        table, w = self.table, self.weight_hh
+        head_w, head_b = self.heads
+        bags = torch.arange(0, 2 * E * B, 2, device=table.device)  # bag_sum's offsets: two rows per bag
+        h = self.initial_state(B)
+        hid, hd, nz, act, pr = hidden.unbind(1), heads.unbind(0), noise.unbind(0), actions.unbind(0), pairs.unbind(0)
+        logits = heads[..., :N_ACTIONS].unbind(0)
+        for t in range(T):
+            at = pr[t] if episode_offset is None else pr[t] + episode_offset
+            rows = torch.index_select(obs, 1, at).view(-1)  # observation_index(offsets=): [2, B, 2]
+            x = torch.embedding_bag(table, rows, bags, False, 0, False, None, False, None)[0].view(E, B, HIDDEN)
+            h = torch.baddbmm(x, h, w, out=hid[t]).relu_()  # step_rows
+            torch.baddbmm(head_b, h, head_w, out=hd[t])
+            a = act[t]  # act_and_move: Gumbel-max actions, then ChaseEnv.next_pair
+            torch.argmax(torch.add(logits[t], nz[t]), dim=-1, out=a)
+            torch.index_select(next_pair, 0, torch.add(torch.add(a[1], a[0], alpha=N_ACTIONS), pr[t],
+                                                       alpha=N_ACTIONS * N_ACTIONS), out=pr[t + 1])
+        env.moved(pr[T], T)
+        return h
 
     def states(self, h: torch.Tensor) -> list[tuple]:
         return [(h[i],) for i in range(len(self.keys))]
