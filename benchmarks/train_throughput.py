@@ -25,8 +25,9 @@ Prints one JSON document with:
   RNN's measured time: the least ``vs_rnn`` that any code could reach on this device, for the work as counted);
   ``rollout_nonmatrix_fraction`` (CPU): the share of the rollout's time that is not matrix work, measured: 1 -
   ``rollout_matrix_seconds`` / ``rollout_seconds``, where ``rollout_matrix_seconds`` is the time one rollout spends
-  inside matrix-product kernels (their self time under ``torch.profiler``, which adds its own cost between the kernels
-  rather than inside them) and ``rollout_seconds`` the unprofiled median; ``rollout_overhead_fraction``, stricter: the
+  inside matrix-product kernels (torch's: their self time under ``torch.profiler``, which adds its own cost between
+  the kernels rather than inside them; numpy's: each ``np.matmul`` of the numpy paths, timed) and ``rollout_seconds``
+  the unprofiled median; ``rollout_overhead_fraction``, stricter: the
   same share taking the counted matrix work (``rollout_gflop``) at the full ``matmul_gflops`` rate (an upper bound on
   the overhead: it also charges the small per-step products' shortfall from the 1024^3 rate);
 - ``ensemble`` (``--ensemble E[,E2...]``): E ``rnn`` units of one preset trained as one batch (:mod:`interbrain.ensemble`)
@@ -68,6 +69,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
@@ -98,13 +100,26 @@ MATRIX_KERNELS = frozenset({"aten::mm", "aten::addmm", "aten::addmm_", "aten::bm
 
 
 def matrix_kernel_seconds(fn) -> float:
-    """Seconds that one call of ``fn`` spends inside matrix-product kernels (:data:`MATRIX_KERNELS`, their self time
-    under ``torch.profiler``; CPU only)."""
+    """Seconds that one call of ``fn`` spends inside matrix-product kernels (CPU only): torch's (:data:`MATRIX_KERNELS`,
+    their self time under ``torch.profiler``) plus numpy's (the code's numpy paths, :func:`interbrain.agents.linear.
+    small_products_on_numpy`, call ``np.matmul``; for this one call it is wrapped to time each product)."""
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
-        fn()
-    return sum(e.self_cpu_time_total for e in prof.key_averages() if e.key in MATRIX_KERNELS) / 1e6
+    numpy_s, matmul = [0.0], np.matmul
+
+    def timed_matmul(*args, **kwargs):
+        t = time.perf_counter()
+        out = matmul(*args, **kwargs)
+        numpy_s[0] += time.perf_counter() - t
+        return out
+
+    np.matmul = timed_matmul
+    try:
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            fn()
+    finally:
+        np.matmul = matmul
+    return sum(e.self_cpu_time_total for e in prof.key_averages() if e.key in MATRIX_KERNELS) / 1e6 + numpy_s[0]
 
 
 def _product_gflops(product, n: int, repeats: int, device: torch.device) -> float:

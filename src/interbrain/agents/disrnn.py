@@ -157,7 +157,7 @@ def _latent_steps_numpy(drive, z, noise, latent_table, layers, out_bias, out_wei
     # over many steps a contiguous add beats a broadcast one
     biases = [np.broadcast_to(b, (L, B, n)).copy() if T > 1 else b for b, _ in layers]
     for t in range(T):
-        s = np.add(d[t], (z @ table).reshape(B, L, n).transpose(1, 0, 2),
+        s = np.add(d[t], np.matmul(z, table).reshape(B, L, n).transpose(1, 0, 2),
                    out=None if record is None else record["s"][0][t])
         for k, (_, weight) in enumerate(layers):
             a = np.matmul(s, weight)
@@ -336,10 +336,10 @@ def _latent_backward_numpy(grad_zs, grad_means, prev, latent_table, out_weight, 
             grad_w[k] += np.matmul(S[k][t].transpose(0, 2, 1), g, out=scratch)
             grad_b[k] += g.sum(1, keepdims=True)
         grad_drive[t] = ds.transpose(1, 0, 2)
-        carry = grad_drive[t].reshape(B, L * n) @ table_t
+        carry = np.matmul(grad_drive[t].reshape(B, L * n), table_t)
         carry += dmean * keep[t]
     grads_layers = [x for k in range(K) for x in (grad_b[k], grad_w[k])]
-    grad_table = prev.reshape(T * B, L).T @ grad_drive.reshape(T * B, L * n)
+    grad_table = np.matmul(prev.reshape(T * B, L).T, grad_drive.reshape(T * B, L * n))
     grads = (grad_drive.transpose(0, 2, 1, 3), carry, grad_noise, grad_table, d_out.sum((0, 1))[:, None],
              grad_out_w, *grads_layers)
     return tuple(None if x is None else torch.from_numpy(x) for x in grads)
@@ -514,10 +514,10 @@ class DisRNNAgent(Agent):
             drive += np.matmul(eps.numpy(), self._input_factor().numpy())
             noise = torch.randn(1, B, L, dtype=z.dtype).numpy() * P["latent_sigma"]
         z = _latent_steps_numpy(drive[None], z, noise, P["latent_table"], P["layers"], *P["out"])[0][0]
-        hidden = z.numpy() @ P["proj_w"]
+        hidden = np.matmul(z.numpy(), P["proj_w"])
         hidden += P["proj_b"]
         np.maximum(hidden, 0, out=hidden)
-        heads = hidden @ P["heads_w"]
+        heads = np.matmul(hidden, P["heads_w"])
         heads += P["heads_b"]
         heads = torch.from_numpy(heads)
         return heads[:, :N_ACTIONS], heads[:, N_ACTIONS], torch.from_numpy(hidden), (z,)
