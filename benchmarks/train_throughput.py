@@ -102,7 +102,8 @@ MATRIX_KERNELS = frozenset({"aten::mm", "aten::addmm", "aten::addmm_", "aten::bm
 def matrix_kernel_seconds(fn) -> float:
     """Seconds that one call of ``fn`` spends inside matrix-product kernels (CPU only): torch's (:data:`MATRIX_KERNELS`,
     their self time under ``torch.profiler``) plus numpy's (the code's numpy paths, :func:`interbrain.agents.linear.
-    small_products_on_numpy`, call ``np.matmul``; for this one call it is wrapped to time each product)."""
+    small_products_on_numpy`, call ``np.matmul``; for this one call it is wrapped to time each product: a numpy product
+    written as ``@``, ``np.dot`` or ``np.einsum`` would count as non-matrix time, so the numpy paths use ``np.matmul``)."""
     from torch.profiler import ProfilerActivity, profile
 
     numpy_s, matmul = [0.0], np.matmul

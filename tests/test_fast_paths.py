@@ -128,21 +128,24 @@ def test_two_row_gather_gradient_is_the_two_hot_linear_gradient():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_action_log_softmax_is_bitwise_torch_log_softmax(dtype):
-    """The leading-dimension form gives torch.log_softmax's bits over the 4 actions, forward and backward, on a
-    rollout's strided logits view (heads[..., :4]), across scales and with a row of huge and tiny logits."""
+    """The leading-dimension form gives torch.log_softmax's bits over the 4 actions, forward and backward: on a
+    rollout's strided logits view (heads[..., :4]), across scales, with a row of huge and tiny logits, and for row
+    counts on and off the 64-byte grid (1, 7, 120 and 140: the rllib learner's minibatches; 200; 4,000 and 8,000)."""
     g = torch.Generator().manual_seed(5)
-    for scale in (1e-3, 1.0, 30.0, 1e4):
-        heads = (torch.randn(50, 2, 40, 5, generator=g, dtype=dtype) * scale)
-        heads[0, 0, 0, :4] = torch.tensor([1e30, -1e30, 0.0, 3.0], dtype=dtype)
-        a = heads[..., :4].clone().requires_grad_()
-        b = heads[..., :4].clone().requires_grad_()
-        want, got = torch.log_softmax(a, -1), action_log_softmax(b)
-        assert torch.equal(got, want) and got.shape == want.shape
-        grad = torch.randn(want.shape, generator=g, dtype=dtype)
-        want.backward(grad)
-        got.backward(grad)
-        assert torch.equal(b.grad, a.grad)
-    assert torch.equal(action_log_softmax(heads[..., :4]), torch.log_softmax(heads[..., :4], -1))  # the strided view
+    shapes = [(50, 2, 40), (1,), (7,), (20, 6), (20, 7), (20, 2, 7), (200,), (100, 40), (100, 2, 40)]
+    for shape in shapes:
+        for scale in (1e-3, 1.0, 30.0, 1e4):
+            heads = torch.randn(*shape, 5, generator=g, dtype=dtype) * scale
+            heads.view(-1, 5)[0, :4] = torch.tensor([1e30, -1e30, 0.0, 3.0], dtype=dtype)
+            a = heads[..., :4].clone().requires_grad_()
+            b = heads[..., :4].clone().requires_grad_()
+            want, got = torch.log_softmax(a, -1), action_log_softmax(b)
+            assert torch.equal(got, want) and got.shape == want.shape, (shape, scale)
+            grad = torch.randn(want.shape, generator=g, dtype=dtype)
+            want.backward(grad)
+            got.backward(grad)
+            assert torch.equal(b.grad, a.grad), (shape, scale)
+        assert torch.equal(action_log_softmax(heads[..., :4]), torch.log_softmax(heads[..., :4], -1))  # strided
 
 
 def test_rnn_pair_step_is_bitwise_the_two_agents_own_steps():

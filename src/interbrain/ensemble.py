@@ -37,8 +37,8 @@ import torch
 
 from interbrain.agents.base import HIDDEN, action_log_softmax
 from interbrain.agents.linear import set_cpu_threads
-from interbrain.allocator import keep_freed_memory
 from interbrain.agents.rnn import StackedRNN
+from interbrain.allocator import keep_freed_memory
 from interbrain.config import TrainConfig
 from interbrain.cuda_graph import Captured
 from interbrain.env import ChaseEnv

@@ -207,11 +207,15 @@ def init_heads(agent: Agent) -> None:
 
 
 def action_log_softmax(logits: torch.Tensor) -> torch.Tensor:
-    """``torch.log_softmax(logits, -1)`` over the 4 actions, the same bits forward and backward. On CPU it runs on a
-    copy with the actions as the leading dimension: torch's CPU kernel for a last dimension of 4 pays its set-up per
-    row (~0.47 ms for a rollout's [100, 2, 40, 4] logits, forward and backward ~0.77 ms), the leading-dimension kernel
-    vectorises across the rows (~0.03 / ~0.15 ms; issue 6). ``tests/test_fast_paths.py`` checks the bits."""
-    if logits.device.type != "cpu":
+    """``torch.log_softmax(logits, -1)`` over the 4 actions, the same bits forward and backward. torch's CPU kernel for a
+    last dimension of 4 pays its set-up per row (~0.47 ms for a rollout's [100, 2, 40, 4] logits, forward and backward
+    ~0.77 ms); on a copy with the actions as the leading dimension the kernel vectorises across the rows (~0.03 /
+    ~0.15 ms; issue 6). That path is taken on CPU when the rows fill whole 64-byte vectors (a multiple of 16 rows in
+    float32, 8 in float64: the rollout's 8,000 and a learning pass's 4,000 rows): for other row counts its scalar tail
+    rounds differently from the last-dimension kernel, so those keep ``torch.log_softmax`` itself.
+    ``tests/test_fast_paths.py`` checks the bits for row counts on and off that grid."""
+    rows = logits.numel() // max(logits.shape[-1], 1)
+    if logits.device.type != "cpu" or rows % (64 // logits.element_size()) or logits.dim() < 2:
         return torch.log_softmax(logits, -1)
     return torch.log_softmax(logits.movedim(-1, 0).contiguous(), 0).movedim(0, -1)
 

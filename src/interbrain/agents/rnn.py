@@ -322,8 +322,9 @@ def step_rows(rows: torch.Tensor, h: torch.Tensor, table: torch.Tensor, weight_h
 
 class RNNPair:
     """Both agents of a pair acting as one batched call (issue 6): the tensors of a :class:`StackedRNN` of the two,
-    stepped by :func:`step_rows` as :meth:`StackedRNN.step_index` steps it (one gather from the two stacked input tables, one
-    ``baddbmm`` for the two recurrences and one for the two joint heads). The environment adds :attr:`row_offsets`
+    stepped as :meth:`StackedRNN.step_index` steps it (:func:`step_rows`; :meth:`play` calls the same kernels in its
+    written-out loop: one gather from the two stacked input tables, one ``baddbmm`` for the two recurrences and one for
+    the two joint heads). The environment adds :attr:`row_offsets`
     to the observation index (``observation_index(offsets=...)``), so the step gets the table rows directly. On CPU
     ``baddbmm`` runs each agent's product as the ``addmm`` of :meth:`RNNAgent.step_index` does, so the results are
     the same bits (``tests/test_fast_paths.py``); on CUDA the batched kernel may round differently, and the first
