@@ -206,6 +206,53 @@ def test_rnn_pair_play_is_bitwise_the_stepped_loop(per_episode):
 
 
 @pytest.mark.parametrize("size", ["std", "matched"])
+@pytest.mark.parametrize("noisy", ["neither", "both", "explorer"])
+def test_disrnn_pair_step_is_bitwise_the_two_agents_own_steps(size, noisy):
+    """Both disRNN agents as one numpy call per step (DisRNNPair) give the same bits as each agent's step_index, with
+    the bottleneck noise off, on, or on for one agent only (the same draws from the global torch RNG in the same
+    order), and hand back states that continue as the agents' own; offered only to a disRNN partner of the same shape
+    on the numpy path."""
+    from interbrain.agents.disrnn import DisRNNPair
+
+    torch.manual_seed(0)
+    agents = [build_agent(AgentConfig(arch="disrnn", size=size)) for _ in range(2)]
+    for agent, on in zip(agents, {"neither": (0, 0), "both": (1, 1), "explorer": (0, 1)}[noisy]):
+        agent.set_progress(agent.warmup + 1 if on else 0)
+    assert [a.bottlenecks_active for a in agents] == [noisy == "both", noisy != "neither"]
+    T, B = 12, 7
+    pair = agents[0].pair_with(agents[1], T)
+    assert isinstance(pair, DisRNNPair)
+    assert agents[0].pair_with(build_agent(AgentConfig(arch="disrnn", size="std" if size == "matched" else "matched")),
+                               T) is None
+    assert agents[0].pair_with(build_agent(AgentConfig(arch="rnn")), T) is None
+    assert agents[0].pair_with(build_agent(AgentConfig(arch="disrnn", size=size)).double(), T) is None
+    indices = [torch.stack([random_index(1, B, seed=10 * t + i)[0] for i in range(2)]) for t in range(T)]
+    hidden, heads = torch.empty(2, T, B, 256), torch.empty(T, 2, B, 5)
+    with torch.no_grad():
+        torch.manual_seed(5)
+        z = pair.initial_state(B)
+        for t in range(T):
+            z = pair.step(indices[t] + pair.row_offsets, z, hidden[:, t], heads[t])  # observation_index(offsets=)
+        after_pair = torch.randn(3)  # the stream continues where the agents' own steps leave it
+        torch.manual_seed(5)
+        states = [a.initial_state(B) for a in agents]
+        for t in range(T):
+            for i, agent in enumerate(agents):
+                logits, value, h_i, states[i] = agent.step_index(indices[t][i], states[i])
+                assert torch.equal(hidden[i, t], h_i), (t, i)
+                assert torch.equal(heads[t, i, :, :4], logits) and torch.equal(heads[t, i, :, 4], value), (t, i)
+        assert torch.equal(torch.randn(3), after_pair)
+        index = random_index(1, B, seed=99)[0]
+        for i, (mine, own) in enumerate(zip(pair.states(z), states)):  # a bootstrap step from the pair's states
+            torch.manual_seed(6)
+            a = agents[i].step_index(index, mine)
+            torch.manual_seed(6)
+            b = agents[i].step_index(index, own)
+            assert all(torch.equal(x, y) for x, y in zip(a[:3], b[:3]))
+    assert (hidden == 0).any() and (hidden > 0).any()
+
+
+@pytest.mark.parametrize("size", ["std", "matched"])
 def test_transformer_pair_step_is_bitwise_the_two_agents_own_steps(size):
     """Both transformer agents as one batched call (TransformerPair) give the same bits as each agent's step_index over
     a whole window (KV caches, the context bookkeeping), and the per-agent states it hands back (a bootstrap step)

@@ -66,7 +66,7 @@ from torch.autograd.function import once_differentiable
 from torch.nn import functional as F
 
 from interbrain.agents.base import (HIDDEN, N_ACTIONS, N_CELLS, OBS_DIM, Agent, check_size, gather_index, init_heads,
-                                    register)
+                                    param_key, register, stacked_row_offsets)
 from interbrain.agents.linear import Linear, small_products_on_numpy
 from interbrain.config import AgentConfig
 
@@ -554,6 +554,11 @@ class DisRNNAgent(Agent):
     def sequence_index(self, index, state0=None):
         return self._sequence(*self._obs_terms(index=index), state0)
 
+    def pair_with(self, partner: Agent, steps: int) -> DisRNNPair | None:
+        same = (type(partner) is DisRNNAgent and (partner.latents, partner.width) == (self.latents, self.width)
+                and small_products_on_numpy(self.obs_weight) and small_products_on_numpy(partner.obs_weight))
+        return DisRNNPair(self, partner) if same else None
+
     def extra_sites(self, state):
         return {"latents": state[0]}
 
@@ -563,6 +568,92 @@ class DisRNNAgent(Agent):
 
     def input_weight_norm(self):
         return torch.linalg.vector_norm(self.obs_weight)
+
+
+class DisRNNPair:
+    """Both disRNN agents acting as one numpy call per step (issue 6; CPU float32 where
+    :func:`small_products_on_numpy`), in place of two :meth:`DisRNNAgent.step_index` calls: their acting arrays
+    fetched once per rollout instead of every step (the cache's key alone, a walk over 19 parameters, cost ~45 µs a
+    step), and each of :meth:`DisRNNAgent._act_numpy`'s products and elementwise calls made once for the two agents'
+    2·L update nets, stacked latent-major (net l of agent e is row l·2 + e: the observation gather then lands in that
+    order without a copy). numpy's stacked products run each net's product as the agent's own call does, and the
+    elementwise calls are the same per element, so the results are the same bits; the noise is drawn from the global
+    torch RNG in the same calls and order as the two agents' steps (chaser: input noise, latent noise; then the
+    explorer), so the stream is unchanged too (``tests/test_fast_paths.py``). Built from the current weights (no
+    gradient); rebuild it after they change."""
+
+    replays = False  # nothing to replay: the learning pass runs its own (noisy) recurrence
+
+    def __init__(self, *agents: DisRNNAgent):
+        self.agents = agents
+        L, n = agents[0].latents, agents[0].width
+        self.latents, self.width = L, n
+        with torch.no_grad():
+            arrays = [a.cached("acting_arrays", tuple(a.parameters()), a._acting_arrays) for a in agents]
+            self.noisy = [a.bottlenecks_active for a in agents]
+            self.factors = [a._input_factor().numpy() if noisy else None for a, noisy in zip(agents, self.noisy)]
+            self.latent_sigma = [P["latent_sigma"] for P in arrays]
+            self.z0 = np.stack([_array(a.latent_init) for a in agents])  # [2, L]
+        stack = lambda key, k=None: np.stack([P[key] if k is None else P[key][k] for P in arrays], 1)  # noqa: E731
+        merge = lambda x: np.ascontiguousarray(x.reshape(2 * L, *x.shape[2:]))  # noqa: E731  [L, 2, ...] -> [2L, ...]
+        self.table = np.concatenate([P["table"] for P in arrays], 1)  # [L, 2·201, n]: agent e's rows at 201 e
+        self.latent_table = np.stack([P["latent_table"] for P in arrays])  # [2, L(j), L·n]
+        self.layers = [(merge(np.stack([P["layers"][k][0] for P in arrays], 1)),
+                        merge(np.stack([P["layers"][k][1] for P in arrays], 1))) for k in range(len(arrays[0]["layers"]))]
+        self.out_bias, self.out_weight = merge(stack("out", 0)), merge(stack("out", 1))
+        self.proj_w, self.proj_b = np.stack([P["proj_w"] for P in arrays]), np.stack([P["proj_b"] for P in arrays])[:, None]
+        self.heads_w, self.heads_b = np.stack([P["heads_w"] for P in arrays]), np.stack([P["heads_b"] for P in arrays])[:, None]
+        self.row_offsets = stacked_row_offsets(2, agents[0].obs_weight.device)
+        self.keys = [param_key(a) for a in agents]
+
+    def initial_state(self, batch: int) -> np.ndarray:
+        """The carried latents of both agents, [2, B, L] (each agent's learned initial latents)."""
+        return np.repeat(self.z0[:, None], batch, 1)
+
+    def step(self, rows: torch.Tensor, z: np.ndarray, hidden_out: torch.Tensor, heads_out: torch.Tensor) -> np.ndarray:
+        """rows [2, B, 2] (the observation index plus :attr:`row_offsets`), z [2, B, L] -> the new z; writes both
+        agents' hidden [2, B, 256] and joint heads [2, B, 5] into ``hidden_out``/``heads_out``."""
+        L, n = self.latents, self.width
+        r = rows.numpy()
+        B = r.shape[1]
+        drive = self.table[:, r[..., 0]]  # [L, 2, B, n]
+        drive += self.table[:, r[..., 1]]
+        noise = [None, None]
+        for e, factor in enumerate(self.factors):  # the draws of DisRNNAgent._act_numpy, agent after agent
+            if factor is not None:
+                eps = torch.randn(L, B, n, dtype=torch.float32)
+                drive[:, e] += np.matmul(eps.numpy(), factor)
+                noise[e] = torch.randn(1, B, L, dtype=torch.float32).numpy() * self.latent_sigma[e]
+        drive += np.matmul(z, self.latent_table).reshape(2, B, L, n).transpose(2, 0, 1, 3)
+        s = drive.reshape(2 * L, B, n)
+        for bias, weight in self.layers:
+            a = np.matmul(s, weight)
+            a += bias
+            s = np.add(s, np.maximum(a, LEAK * a))
+        o = np.matmul(s, self.out_weight)
+        o += self.out_bias
+        o = o.reshape(L, 2, B, 2)
+        w = expit(o[..., 0].transpose(1, 2, 0))  # [2, B, L]
+        u = np.tanh(o[..., 1].transpose(1, 2, 0))
+        u *= MAX_LATENT
+        mean = np.subtract(u, z)
+        mean *= w
+        mean += z
+        for e, nz in enumerate(noise):
+            if nz is not None:
+                np.add(mean[e], nz[0], out=mean[e])
+        hidden = hidden_out.numpy()
+        np.matmul(mean, self.proj_w, out=hidden)
+        hidden += self.proj_b
+        np.maximum(hidden, 0, out=hidden)
+        heads = heads_out.numpy()
+        np.matmul(hidden, self.heads_w, out=heads)
+        heads += self.heads_b
+        return mean
+
+    def states(self, z: np.ndarray) -> list[tuple]:
+        """Each agent's own state, ``(z,)`` with z [B, L], as :meth:`DisRNNAgent.step_index` returns it."""
+        return [(torch.from_numpy(z[e]),) for e in range(len(self.agents))]
 
 
 @torch.no_grad()
