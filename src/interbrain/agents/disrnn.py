@@ -32,7 +32,8 @@ The recurrence runs in :func:`latent_recurrence`; under autograd its gradient is
 (10 nets, 40 episodes, n = 38 for ``matched``), take ~15 µs on numpy's OpenBLAS against ~22 µs as torch's batched
 product (MKL) on the development machine (AMD EPYC, Zen 4), and numpy's elementwise calls on such small arrays cost
 less per call than torch's. Fixed per process, so fixed seeds stay deterministic; the two backends agree to float
-rounding (``tests/test_disrnn_tok.py``).
+rounding (``tests/test_disrnn_tok.py``). On that path a training rollout steps both agents as one :class:`DisRNNPair`
+(:meth:`DisRNNAgent.pair_with`), the same bits as their own acting steps.
 
 Parameters (L = 10): update nets ``obs_weight`` [L,200,n], ``latent_weight`` [L,L,n], ``in_bias`` [L,n],
 ``layer_weight`` [2,L,n,n], ``layer_bias`` [2,L,n], ``out_weight`` [L,n,2] (column 0 gate, 1 target), ``out_bias``
