@@ -30,6 +30,10 @@ Prints one JSON document with:
   the unprofiled median; ``rollout_overhead_fraction``, stricter: the
   same share taking the counted matrix work (``rollout_gflop``) at the full ``matmul_gflops`` rate (an upper bound on
   the overhead: it also charges the small per-step products' shortfall from the 1024^3 rate);
+- ``interleaved`` (``--interleave ROUNDS``): per size and preset, the architectures' updates alternating one by one in
+  one process (rnn first in each round) for ROUNDS rounds after ``--warmup``: median seconds per update and
+  ``vs_rnn_interleaved``, the median of per-round ratios to the same round's RNN update (with its range): on a shared
+  host the steadier form of ``vs_rnn``, since a burst of another tenant's load hits every architecture of a round alike;
 - ``ensemble`` (``--ensemble E[,E2...]``): E ``rnn`` units of one preset trained as one batch (:mod:`interbrain.ensemble`)
   against the same E units one after another: aggregate env steps/s of each;
 - ``analysis_rollout``: one 25 x 500 self-play rollout with hidden states (``interbrain.rollout``) per architecture;
@@ -52,7 +56,8 @@ rollout's own, recorded while acting under the same weights and replayed (``RNNA
 ``fast``. (The counted figure is slightly lower still: the backward needs no dh for t = 0.)
 
     python benchmarks/train_throughput.py [--device auto] [--threads 1] [--archs rnn,mlp] [--presets paper,fast]
-                                          [--sizes std,matched] [--ensemble 4[,20,...]] [--no-rollout] [--no-dag]
+                                          [--sizes std,matched] [--ensemble 4[,20,...]] [--interleave 10]
+                                          [--no-rollout] [--no-dag]
 """
 
 from __future__ import annotations
@@ -313,6 +318,34 @@ def time_update(arch: str, size: str, preset: str, warmup: int, repeats: int, de
     return out
 
 
+def time_interleaved(archs: list[str], size: str, preset: str, warmup: int, rounds: int,
+                     device: torch.device) -> dict:
+    """The architectures' updates alternating in one process, round by round (rnn first in each round): per
+    architecture the median seconds per update and ``vs_rnn_interleaved``, the median over rounds of its update's time
+    over the same round's RNN update. On a shared host another tenant's load comes and goes over seconds, and
+    separate runs (``vs_rnn``, from ``time_update``'s blocks of updates) can catch it in one architecture's block and
+    not in the RNN's; within a round every architecture meets the same load, so this ratio is the steadier one."""
+    order = ["rnn"] + [a for a in archs if a != "rnn"]
+    trainers = {}
+    for arch in order:
+        cfg = make_train_config(arch, "social", 0, preset, warmup + rounds + 1, size=size)
+        trainers[arch] = (Trainer(cfg, device), cfg.agent.bottleneck_warmup)  # timed past disrnn's warm-up
+    times: dict[str, list[float]] = {arch: [] for arch in order}
+    for i in range(warmup + rounds):
+        for arch in order:
+            tr, first = trainers[arch]
+            total = one_update(tr, first + i + 1)[1]
+            if i >= warmup:
+                times[arch].append(total)
+    rnn = times["rnn"]
+    return {"size": size, "preset": preset, "rounds": rounds,
+            "updates": [{"arch": arch, "seconds_per_update": statistics.median(t),
+                         "vs_rnn_interleaved": statistics.median(x / r for x, r in zip(t, rnn)),
+                         "vs_rnn_interleaved_range": [min(x / r for x, r in zip(t, rnn)),
+                                                      max(x / r for x, r in zip(t, rnn))]}
+                        for arch, t in times.items()]}
+
+
 def time_ensemble(units: int, preset: str, warmup: int, repeats: int, device: torch.device) -> dict:
     """E rnn units (seeds 0..E-1, social and non-social alternating) as one ensemble vs one after another."""
     configs = [make_train_config("rnn", ("social", "non_social")[e % 2], e, preset, 10_000) for e in range(units)]
@@ -386,6 +419,9 @@ def main() -> None:
                    help="units in the ensemble comparison, comma-separated for several ensemble sizes, e.g. 20,80 "
                         "(0: skip)")
     p.add_argument("--ensemble-presets", default="fast,paper")
+    p.add_argument("--interleave", type=int, default=0, metavar="ROUNDS",
+                   help="also time the architectures alternating update by update in one process for ROUNDS rounds "
+                        "per size and preset (after --warmup rounds): vs_rnn_interleaved (0: skip)")
     p.add_argument("--no-rollout", action="store_true", help="skip the analysis-rollout timing")
     p.add_argument("--no-dag", action="store_true", help="skip the paper DAG build timing")
     args = p.parse_args()
@@ -422,6 +458,9 @@ def main() -> None:
         "env_rollout_path_steps_per_s_batch40": env_rollout_path_steps_per_s(device),
         "updates": results,
     }
+    if args.interleave:
+        out["interleaved"] = [time_interleaved(args.archs.split(","), size, preset, args.warmup, args.interleave, device)
+                              for size in args.sizes.split(",") for preset in args.presets.split(",")]
     sizes = args.ensemble
     if sizes:
         out["ensemble"] = [time_ensemble(units, preset, 1, max(args.repeats // 2, 1), device)

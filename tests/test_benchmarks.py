@@ -190,3 +190,31 @@ def test_cpu_info_names_this_processor():
         assert f"cpu family\t: {info['cpu_family']}\n" in text and f"model\t\t: {info['cpu_model_number']}\n" in text
         flags = next(line for line in text.splitlines() if line.startswith("flags")).split(":", 1)[1].split()
         assert info["avx512f"] == ("avx512f" in flags)
+
+
+def test_interleaved_ratio_is_per_round_and_immune_to_a_load_burst(monkeypatch):
+    """time_interleaved alternates the architectures update by update (rnn first in each round, the update numbers
+    the same update numbers for all, past disrnn's noiseless warm-up) and takes the median of per-round ratios: planted times where the mlp always
+    takes 3x the same round's RNN update, and a burst slows the machine tenfold in some rounds, give exactly 3 with
+    no spread, and the warm-up rounds are not timed."""
+    calls = []
+    load = [1.0, 1.0, 10.0, 10.0, 1.0, 10.0, 1.0]  # per round, warm-up rounds included
+    cost = {"rnn": 1.0, "mlp": 3.0}
+
+    def fake_update(tr, update):
+        arch = tr.config.agent.arch
+        rnd = sum(1 for a, _ in calls if a == arch)
+        calls.append((arch, update))
+        return 0.0, cost[arch] * load[rnd] * (1 + 0.01 * rnd)
+
+    monkeypatch.setattr(bench, "one_update", fake_update)
+    out = bench.time_interleaved(["mlp", "rnn"], "matched", "fast", warmup=2, rounds=5, device=torch.device("cpu"))
+    assert [a for a, _ in calls] == ["rnn", "mlp"] * 7
+    first = make_train_config("mlp", "social", 0, "fast", 2, size="matched").agent.bottleneck_warmup
+    assert [u for a, u in calls if a == "rnn"] == [u for a, u in calls if a == "mlp"] == list(range(first + 1, first + 8))
+    rows = {r["arch"]: r for r in out["updates"]}
+    assert rows["rnn"]["vs_rnn_interleaved"] == 1.0
+    assert rows["mlp"]["vs_rnn_interleaved"] == pytest.approx(3.0)
+    assert rows["mlp"]["vs_rnn_interleaved_range"] == pytest.approx([3.0, 3.0])
+    assert rows["mlp"]["seconds_per_update"] == pytest.approx(3 * 10 * 1.02)  # rounds 2..6: 30.6, 30.9, 3.12, 31.5, 3.18
+    assert out["rounds"] == 5 and out["preset"] == "fast"
