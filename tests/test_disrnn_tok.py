@@ -602,6 +602,40 @@ def test_disrnn_numpy_acting_step_equals_the_torch_step_with_the_same_draws(monk
     assert rng_numpy.item() == rng_torch.item()
 
 
+def test_disrnn_kept_acting_step_follows_the_warm_up_and_eval_mode_without_a_weight_change():
+    """The numpy acting step the agent keeps while its weights stay (a one-agent DisRNNActing) reads whether the
+    bottlenecks are noisy at every step: built during the warm-up, it draws noise once the warm-up ends (the draws of
+    the torch step, to float rounding), and none again in eval mode (the noiseless bits, the RNG untouched)."""
+    from interbrain.agents import disrnn
+
+    if not disrnn.small_products_on_numpy(torch.zeros(1)):
+        pytest.skip("the numpy acting path is not this machine's")
+    agent = make_agent("disrnn", "matched").train()
+    index = torch.stack([torch.randint(0, 100, (40,)), torch.randint(0, 101, (40,))], -1)
+    state = agent.initial_state(40)
+    with torch.no_grad():
+        torch.manual_seed(2)
+        quiet = agent.step_index(index, state)  # builds the kept step, noiseless
+        agent.set_progress(agent.warmup + 1)
+        assert agent.bottlenecks_active
+        torch.manual_seed(2)
+        noisy = agent.step_index(index, state)
+        rng_numpy = torch.rand(1)
+        assert not torch.allclose(noisy[2], quiet[2], atol=1e-4)
+        torch.manual_seed(2)
+        want = agent._step(*agent._obs_terms(index=index, mu2=False), state)  # the torch step, noisy
+        assert torch.rand(1).item() == rng_numpy.item()
+        for x, y in zip(noisy[:3] + noisy[3], want[:3] + want[3]):
+            torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-5)
+        agent.eval()
+        torch.manual_seed(2)
+        again = agent.step_index(index, state)
+        after_eval = torch.rand(1).item()
+        torch.manual_seed(2)
+        assert after_eval == torch.rand(1).item()  # no draw
+    assert all(torch.equal(x, y) for x, y in zip(again[:3] + again[3], quiet[:3] + quiet[3]))
+
+
 @pytest.mark.parametrize("size,kw", [("std", {}), ("matched", {}),
                                      ("matched", {"tok_mode": "concat", "tok_type_embedding": True})])
 def test_tok_transformer_gradients_reach_every_parameter(size, kw):

@@ -208,11 +208,12 @@ def test_rnn_pair_play_is_bitwise_the_stepped_loop(per_episode):
 @pytest.mark.parametrize("size", ["std", "matched"])
 @pytest.mark.parametrize("noisy", ["neither", "both", "explorer"])
 def test_disrnn_pair_step_is_bitwise_the_two_agents_own_steps(size, noisy):
-    """Both disRNN agents as one numpy call per step (DisRNNPair) give the same bits as each agent's step_index, with
+    """Both disRNN agents as one numpy call per step (a two-agent DisRNNActing) give the same bits as each agent's
+    step_index (a one-agent one: the stacked products and elementwise calls must not change a bit), with
     the bottleneck noise off, on, or on for one agent only (the same draws from the global torch RNG in the same
     order), and hand back states that continue as the agents' own; offered only to a disRNN partner of the same shape
     on the numpy path."""
-    from interbrain.agents.disrnn import DisRNNPair
+    from interbrain.agents.disrnn import DisRNNActing
 
     torch.manual_seed(0)
     agents = [build_agent(AgentConfig(arch="disrnn", size=size)) for _ in range(2)]
@@ -221,7 +222,7 @@ def test_disrnn_pair_step_is_bitwise_the_two_agents_own_steps(size, noisy):
     assert [a.bottlenecks_active for a in agents] == [noisy == "both", noisy != "neither"]
     T, B = 12, 7
     pair = agents[0].pair_with(agents[1], T)
-    assert isinstance(pair, DisRNNPair)
+    assert isinstance(pair, DisRNNActing)
     assert agents[0].pair_with(build_agent(AgentConfig(arch="disrnn", size="std" if size == "matched" else "matched")),
                                T) is None
     assert agents[0].pair_with(build_agent(AgentConfig(arch="rnn")), T) is None

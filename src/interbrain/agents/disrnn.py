@@ -32,7 +32,7 @@ The recurrence runs in :func:`latent_recurrence`; under autograd its gradient is
 (10 nets, 40 episodes, n = 38 for ``matched``), take ~15 µs on numpy's OpenBLAS against ~22 µs as torch's batched
 product (MKL) on the development machine (AMD EPYC, Zen 4), and numpy's elementwise calls on such small arrays cost
 less per call than torch's. Fixed per process, so fixed seeds stay deterministic; the two backends agree to float
-rounding (``tests/test_disrnn_tok.py``). On that path a training rollout steps both agents as one :class:`DisRNNPair`
+rounding (``tests/test_disrnn_tok.py``). On that path a training rollout steps both agents as one :class:`DisRNNActing`
 (:meth:`DisRNNAgent.pair_with`), the same bits as their own acting steps.
 
 Parameters (L = 10): update nets ``obs_weight`` [L,200,n], ``latent_weight`` [L,L,n], ``in_bias`` [L,n],
@@ -156,28 +156,40 @@ def _latent_steps_numpy(drive, z, noise, latent_table, layers, out_bias, out_wei
     zs = np.empty((T, B, L), d.dtype)
     means = zs if nz is None else np.empty((T, B, L), d.dtype)
     # over many steps a contiguous add beats a broadcast one
-    biases = [np.broadcast_to(b, (L, B, n)).copy() if T > 1 else b for b, _ in layers]
+    layers = [(np.broadcast_to(b, (L, B, n)).copy() if T > 1 else b, w) for b, w in layers]
     for t in range(T):
         s = np.add(d[t], np.matmul(z, table).reshape(B, L, n).transpose(1, 0, 2),
                    out=None if record is None else record["s"][0][t])
-        for k, (_, weight) in enumerate(layers):
-            a = np.matmul(s, weight)
-            a += biases[k]
-            if record is not None:  # the leaky ReLU's derivative for the backward: max(sign(a), LEAK) = 1 or LEAK
-                np.maximum(np.sign(a, out=record["a"][k][t]), LEAK, out=record["a"][k][t])
-            s = np.add(s, np.maximum(a, LEAK * a), out=None if record is None else record["s"][k + 1][t])
-        o = np.matmul(s, out_w)
-        o += out_b
-        w = expit(o[..., 0].T, out=None if record is None else record["w"][t])
-        u = np.tanh(o[..., 1].T, out=None if record is None else record["u"][t])
-        u *= MAX_LATENT
-        mean = np.subtract(u, z, out=means[t])
-        mean *= w
-        mean += z
+        _update_nets(s, z[None], layers, out_b, out_w, means[t][None], record, t)
         if nz is not None:
-            np.add(mean, nz[t], out=zs[t])
+            np.add(means[t], nz[t], out=zs[t])
         z = zs[t]
     return torch.from_numpy(zs), torch.from_numpy(means)
+
+
+def _update_nets(s, z, layers, out_bias, out_weight, mean_out, record=None, t=None):
+    """One step of E agents' update nets as numpy calls (the body of :func:`_latent_steps`): ``s`` [E·L, B, n] the
+    first pre-activations' inputs (observation drive plus latent product), nets stacked latent-major (net l of agent e
+    at row l·E + e), ``z`` [E, B, L] the latents before the step, ``layers`` [(bias, weight [E·L, n, n])] and the
+    output layer likewise; writes the noiseless update (1 - w)·z + w·u into ``mean_out`` [E, B, L]. With ``record``
+    (E = 1: :func:`_latent_steps_numpy`'s buffers) it writes step ``t``'s later layer inputs, the leaky ReLU's
+    derivative and the gate and target into them."""
+    E, B, L = z.shape
+    for k, (bias, weight) in enumerate(layers):
+        a = np.matmul(s, weight)
+        a += bias
+        if record is not None:  # the leaky ReLU's derivative for the backward: max(sign(a), LEAK) = 1 or LEAK
+            np.maximum(np.sign(a, out=record["a"][k][t]), LEAK, out=record["a"][k][t])
+        s = np.add(s, np.maximum(a, LEAK * a), out=None if record is None else record["s"][k + 1][t])
+    o = np.matmul(s, out_weight)
+    o += out_bias
+    o = o.reshape(L, E, B, 2)
+    w = expit(o[..., 0].transpose(1, 2, 0), out=None if record is None else record["w"][t][None])  # [E, B, L]
+    u = np.tanh(o[..., 1].transpose(1, 2, 0), out=None if record is None else record["u"][t][None])
+    u *= MAX_LATENT
+    mean = np.subtract(u, z, out=mean_out)
+    mean *= w
+    mean += z
 
 
 class NoiseProduct(torch.autograd.Function):
@@ -484,7 +496,7 @@ class DisRNNAgent(Agent):
         return logits, value, hidden
 
     def _acting_arrays(self) -> dict:
-        """numpy copies of what :meth:`_act_numpy` multiplies by: the index table (input bias included) as
+        """numpy copies of what :class:`DisRNNActing` multiplies by: the index table (input bias included) as
         [L, 201, n], the recurrent weights, the hidden layer's and the joint heads' transposed weights, the latent
         bottleneck's σ."""
         table = self._obs_index_table()[0].transpose(0, 1)
@@ -496,32 +508,15 @@ class DisRNNAgent(Agent):
                 "proj_b": arr(self.hidden_proj.bias), "heads_w": arr(heads_w.t()), "heads_b": arr(heads_b),
                 "latent_sigma": arr(reparameterize_sigma(self.latent_sigma_param))}
 
-    def _act_numpy(self, index: torch.Tensor, z: torch.Tensor, noisy: bool):
+    def _act_numpy(self, index: torch.Tensor, z: torch.Tensor):
         """:meth:`step_index` as numpy calls, for acting (no autograd; CPU float32 where
-        :func:`small_products_on_numpy`): ~0.25 ms instead of ~0.4 per agent and step on the development machine. The
-        same draws from the global torch RNG in the same order as :meth:`_run` (the input noise [L, B, n], then the
-        latent noise), the same recurrence (:func:`_latent_steps_numpy`); the sums in another order (equal to float
-        rounding, ``tests/test_disrnn_tok.py``)."""
-        # the key: every parameter as it is now (a Parameter replaced, e.g. load_state_dict(assign=True), rebuilds)
-        P = self.cached("acting_arrays", tuple(self.parameters()), self._acting_arrays)
-        L, n = self.latents, self.width
-        idx = index.numpy()
-        B = idx.shape[0]
-        drive = P["table"][:, idx[:, 0]]  # [L, B, n]
-        drive += P["table"][:, idx[:, 1] + N_CELLS]
-        noise = None
-        if noisy:
-            eps = torch.randn(L, B, n, dtype=z.dtype)
-            drive += np.matmul(eps.numpy(), self._input_factor().numpy())
-            noise = torch.randn(1, B, L, dtype=z.dtype).numpy() * P["latent_sigma"]
-        z = _latent_steps_numpy(drive[None], z, noise, P["latent_table"], P["layers"], *P["out"])[0][0]
-        hidden = np.matmul(z.numpy(), P["proj_w"])
-        hidden += P["proj_b"]
-        np.maximum(hidden, 0, out=hidden)
-        heads = np.matmul(hidden, P["heads_w"])
-        heads += P["heads_b"]
-        heads = torch.from_numpy(heads)
-        return heads[:, :N_ACTIONS], heads[:, N_ACTIONS], torch.from_numpy(hidden), (z,)
+        :func:`small_products_on_numpy`): a one-agent :class:`DisRNNActing`, kept while the weights stay (the key:
+        every parameter as it is now; a Parameter replaced, e.g. ``load_state_dict(assign=True)``, rebuilds it)."""
+        acting = self.cached("acting", tuple(self.parameters()), lambda: DisRNNActing(self))
+        B = index.shape[0]
+        hidden, heads = z.new_empty(1, B, HIDDEN), z.new_empty(1, B, N_ACTIONS + 1)
+        z = acting.step((index + acting.row_offsets).view(1, B, 2), z.numpy()[None], hidden, heads)
+        return heads[0, :, :N_ACTIONS], heads[0, :, N_ACTIONS], hidden[0], (torch.from_numpy(z[0]),)
 
     def _step(self, drive, mu2, state):
         z = self._run(drive.unsqueeze(0), state[0], self.bottlenecks_active)[0][0]
@@ -549,16 +544,16 @@ class DisRNNAgent(Agent):
 
     def step_index(self, index, state):
         if not torch.is_grad_enabled() and index.device.type == "cpu" and small_products_on_numpy(state[0]):
-            return self._act_numpy(index, state[0], self.bottlenecks_active)
+            return self._act_numpy(index, state[0])
         return self._step(*self._obs_terms(index=index, mu2=False), state)
 
     def sequence_index(self, index, state0=None):
         return self._sequence(*self._obs_terms(index=index), state0)
 
-    def pair_with(self, partner: Agent, steps: int) -> DisRNNPair | None:
+    def pair_with(self, partner: Agent, steps: int) -> DisRNNActing | None:
         same = (type(partner) is DisRNNAgent and (partner.latents, partner.width) == (self.latents, self.width)
                 and small_products_on_numpy(self.obs_weight) and small_products_on_numpy(partner.obs_weight))
-        return DisRNNPair(self, partner) if same else None
+        return DisRNNActing(self, partner) if same else None
 
     def extra_sites(self, state):
         return {"latents": state[0]}
@@ -571,75 +566,66 @@ class DisRNNAgent(Agent):
         return torch.linalg.vector_norm(self.obs_weight)
 
 
-class DisRNNPair:
-    """Both disRNN agents acting as one numpy call per step (issue 6; CPU float32 where
-    :func:`small_products_on_numpy`), in place of two :meth:`DisRNNAgent.step_index` calls: their acting arrays
-    fetched once per rollout instead of every step (the cache's key alone, a walk over 19 parameters, cost ~45 µs a
-    step), and each of :meth:`DisRNNAgent._act_numpy`'s products and elementwise calls made once for the two agents'
-    2·L update nets, stacked latent-major (net l of agent e is row l·2 + e: the observation gather then lands in that
-    order without a copy). numpy's stacked products run each net's product as the agent's own call does, and the
-    elementwise calls are the same per element, so the results are the same bits; the noise is drawn from the global
-    torch RNG in the same calls and order as the two agents' steps (chaser: input noise, latent noise; then the
-    explorer), so the stream is unchanged too (``tests/test_fast_paths.py``). Built from the current weights (no
-    gradient); rebuild it after they change."""
+class DisRNNActing:
+    """E disRNN agents of one shape acting as one numpy call per step (issue 6; CPU float32 where
+    :func:`small_products_on_numpy`): E = 1 is an agent's own acting step (:meth:`DisRNNAgent.step_index` without
+    autograd, kept by the agent while its weights stay), E = 2 both agents of a rollout
+    (:meth:`DisRNNAgent.pair_with`) in place of two such steps. The acting arrays are fetched once, not every step
+    (the cache's key alone, a walk over 19 parameters, cost ~45 µs a step), and each product and elementwise call is
+    made once for the E agents' E·L update nets, stacked latent-major (net l of agent e is row l·E + e: the
+    observation gather then lands in that order without a copy; :func:`_update_nets`). numpy's stacked products run
+    each net's product as a one-agent call does and the elementwise calls are the same per element, so each agent
+    gets the bits of its own steps; the noise is drawn from the global torch RNG in the calls and order of
+    :meth:`DisRNNAgent._run` (per agent the input noise [L, B, n], then the latent noise; agent after agent), so the
+    stream is that of the separate steps too (``tests/test_fast_paths.py``). The sums run in another order than the
+    torch step's (equal to float rounding, ``tests/test_disrnn_tok.py``). Built from the current weights (no
+    gradient); rebuild it after they change. Whether an agent's bottlenecks are noisy is read at every step (the
+    warm-up and eval mode change it, not the weights)."""
 
     replays = False  # nothing to replay: the learning pass runs its own (noisy) recurrence
 
     def __init__(self, *agents: DisRNNAgent):
         self.agents = agents
-        L, n = agents[0].latents, agents[0].width
-        self.latents, self.width = L, n
+        E, L = len(agents), agents[0].latents
+        self.latents, self.width = L, agents[0].width
         with torch.no_grad():
-            arrays = [a.cached("acting_arrays", tuple(a.parameters()), a._acting_arrays) for a in agents]
-            self.noisy = [a.bottlenecks_active for a in agents]
-            self.factors = [a._input_factor().numpy() if noisy else None for a, noisy in zip(agents, self.noisy)]
-            self.latent_sigma = [P["latent_sigma"] for P in arrays]
-            self.z0 = np.stack([_array(a.latent_init) for a in agents])  # [2, L]
-        stack = lambda key, k=None: np.stack([P[key] if k is None else P[key][k] for P in arrays], 1)  # noqa: E731
-        merge = lambda x: np.ascontiguousarray(x.reshape(2 * L, *x.shape[2:]))  # noqa: E731  [L, 2, ...] -> [2L, ...]
-        self.table = np.concatenate([P["table"] for P in arrays], 1)  # [L, 2·201, n]: agent e's rows at 201 e
-        self.latent_table = np.stack([P["latent_table"] for P in arrays])  # [2, L(j), L·n]
-        self.layers = [(merge(np.stack([P["layers"][k][0] for P in arrays], 1)),
-                        merge(np.stack([P["layers"][k][1] for P in arrays], 1))) for k in range(len(arrays[0]["layers"]))]
-        self.out_bias, self.out_weight = merge(stack("out", 0)), merge(stack("out", 1))
+            arrays = [a._acting_arrays() for a in agents]
+            self.factors = [a._input_factor().numpy() for a in agents]  # the input noise's, drawn or not
+            self.z0 = np.stack([_array(a.latent_init) for a in agents])  # [E, L]
+        self.latent_sigma = [P["latent_sigma"] for P in arrays]
+        merge = lambda x: np.ascontiguousarray(x.reshape(E * L, *x.shape[2:]))  # noqa: E731  [L, E, ...] -> [E·L, ...]
+        stacked = lambda get: merge(np.stack([get(P) for P in arrays], 1))  # noqa: E731
+        self.table = np.concatenate([P["table"] for P in arrays], 1)  # [L, E·201, n]: agent e's rows at 201 e
+        self.latent_table = np.stack([P["latent_table"] for P in arrays])  # [E, L(j), L·n]
+        self.layers = [(stacked(lambda P: P["layers"][k][0]), stacked(lambda P: P["layers"][k][1]))
+                       for k in range(len(arrays[0]["layers"]))]
+        self.out_bias, self.out_weight = stacked(lambda P: P["out"][0]), stacked(lambda P: P["out"][1])
         self.proj_w, self.proj_b = np.stack([P["proj_w"] for P in arrays]), np.stack([P["proj_b"] for P in arrays])[:, None]
         self.heads_w, self.heads_b = np.stack([P["heads_w"] for P in arrays]), np.stack([P["heads_b"] for P in arrays])[:, None]
-        self.row_offsets = stacked_row_offsets(2, agents[0].obs_weight.device)
+        self.row_offsets = stacked_row_offsets(E, agents[0].obs_weight.device)
         self.keys = [param_key(a) for a in agents]
 
     def initial_state(self, batch: int) -> np.ndarray:
-        """The carried latents of both agents, [2, B, L] (each agent's learned initial latents)."""
+        """The carried latents of the agents, [E, B, L] (each agent's learned initial latents)."""
         return np.repeat(self.z0[:, None], batch, 1)
 
     def step(self, rows: torch.Tensor, z: np.ndarray, hidden_out: torch.Tensor, heads_out: torch.Tensor) -> np.ndarray:
-        """rows [2, B, 2] (the observation index plus :attr:`row_offsets`), z [2, B, L] -> the new z; writes both
-        agents' hidden [2, B, 256] and joint heads [2, B, 5] into ``hidden_out``/``heads_out``."""
+        """rows [E, B, 2] (the observation index plus :attr:`row_offsets`), z [E, B, L] -> the new z; writes the
+        agents' hidden [E, B, 256] and joint heads [E, B, 5] into ``hidden_out``/``heads_out``."""
         L, n = self.latents, self.width
         r = rows.numpy()
-        B = r.shape[1]
-        drive = self.table[:, r[..., 0]]  # [L, 2, B, n]
+        E, B = r.shape[:2]
+        drive = self.table[:, r[..., 0]]  # [L, E, B, n]
         drive += self.table[:, r[..., 1]]
-        noise = [None, None]
-        for e, factor in enumerate(self.factors):  # the draws of DisRNNAgent._act_numpy, agent after agent
-            if factor is not None:
+        noise = [None] * E
+        for e, agent in enumerate(self.agents):  # the draws of DisRNNAgent._run, agent after agent
+            if agent.bottlenecks_active:
                 eps = torch.randn(L, B, n, dtype=torch.float32)
-                drive[:, e] += np.matmul(eps.numpy(), factor)
+                drive[:, e] += np.matmul(eps.numpy(), self.factors[e])
                 noise[e] = torch.randn(1, B, L, dtype=torch.float32).numpy() * self.latent_sigma[e]
-        drive += np.matmul(z, self.latent_table).reshape(2, B, L, n).transpose(2, 0, 1, 3)
-        s = drive.reshape(2 * L, B, n)
-        for bias, weight in self.layers:
-            a = np.matmul(s, weight)
-            a += bias
-            s = np.add(s, np.maximum(a, LEAK * a))
-        o = np.matmul(s, self.out_weight)
-        o += self.out_bias
-        o = o.reshape(L, 2, B, 2)
-        w = expit(o[..., 0].transpose(1, 2, 0))  # [2, B, L]
-        u = np.tanh(o[..., 1].transpose(1, 2, 0))
-        u *= MAX_LATENT
-        mean = np.subtract(u, z)
-        mean *= w
-        mean += z
+        drive += np.matmul(z, self.latent_table).reshape(E, B, L, n).transpose(2, 0, 1, 3)
+        mean = np.empty((E, B, L), np.float32)
+        _update_nets(drive.reshape(E * L, B, n), z, self.layers, self.out_bias, self.out_weight, mean)
         for e, nz in enumerate(noise):
             if nz is not None:
                 np.add(mean[e], nz[0], out=mean[e])
