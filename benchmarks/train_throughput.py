@@ -337,13 +337,11 @@ def time_interleaved(archs: list[str], size: str, preset: str, warmup: int, roun
             total = one_update(tr, first + i + 1)[1]
             if i >= warmup:
                 times[arch].append(total)
-    rnn = times["rnn"]
+    ratios = {arch: [x / r for x, r in zip(t, times["rnn"])] for arch, t in times.items()}  # per round
     return {"size": size, "preset": preset, "rounds": rounds,
-            "updates": [{"arch": arch, "seconds_per_update": statistics.median(t),
-                         "vs_rnn_interleaved": statistics.median(x / r for x, r in zip(t, rnn)),
-                         "vs_rnn_interleaved_range": [min(x / r for x, r in zip(t, rnn)),
-                                                      max(x / r for x, r in zip(t, rnn))]}
-                        for arch, t in times.items()]}
+            "updates": [{"arch": arch, "seconds_per_update": statistics.median(times[arch]),
+                         "vs_rnn_interleaved": statistics.median(q), "vs_rnn_interleaved_range": [min(q), max(q)]}
+                        for arch, q in ratios.items()]}
 
 
 def time_ensemble(units: int, preset: str, warmup: int, repeats: int, device: torch.device) -> dict:

@@ -193,10 +193,10 @@ def test_cpu_info_names_this_processor():
 
 
 def test_interleaved_ratio_is_per_round_and_immune_to_a_load_burst(monkeypatch):
-    """time_interleaved alternates the architectures update by update (rnn first in each round, the update numbers
-    the same update numbers for all, past disrnn's noiseless warm-up) and takes the median of per-round ratios: planted times where the mlp always
-    takes 3x the same round's RNN update, and a burst slows the machine tenfold in some rounds, give exactly 3 with
-    no spread, and the warm-up rounds are not timed."""
+    """time_interleaved alternates the architectures update by update (rnn first in each round; the same update
+    numbers for all, past disrnn's noiseless warm-up) and takes the median of per-round ratios: planted times where
+    the mlp always takes 3x the same round's RNN update, and a burst slows the machine tenfold in some rounds, give
+    exactly 3 with no spread, and the warm-up rounds are not timed."""
     calls = []
     load = [1.0, 1.0, 10.0, 10.0, 1.0, 10.0, 1.0]  # per round, warm-up rounds included
     cost = {"rnn": 1.0, "mlp": 3.0}

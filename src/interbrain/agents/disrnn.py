@@ -515,7 +515,7 @@ class DisRNNAgent(Agent):
         acting = self.cached("acting", tuple(self.parameters()), lambda: DisRNNActing(self))
         B = index.shape[0]
         hidden, heads = z.new_empty(1, B, HIDDEN), z.new_empty(1, B, N_ACTIONS + 1)
-        z = acting.step((index + acting.row_offsets).view(1, B, 2), z.numpy()[None], hidden, heads)
+        z = acting.step(index + acting.row_offsets, z.numpy()[None], hidden, heads)  # rows [1, B, 2]
         return heads[0, :, :N_ACTIONS], heads[0, :, N_ACTIONS], hidden[0], (torch.from_numpy(z[0]),)
 
     def _step(self, drive, mu2, state):
@@ -590,7 +590,7 @@ class DisRNNActing:
         self.latents, self.width = L, agents[0].width
         with torch.no_grad():
             arrays = [a._acting_arrays() for a in agents]
-            self.factors = [a._input_factor().numpy() for a in agents]  # the input noise's, drawn or not
+            self.factors = [None] * E  # the input noise's factors, taken at an agent's first noisy step
             self.z0 = np.stack([_array(a.latent_init) for a in agents])  # [E, L]
         self.latent_sigma = [P["latent_sigma"] for P in arrays]
         merge = lambda x: np.ascontiguousarray(x.reshape(E * L, *x.shape[2:]))  # noqa: E731  [L, E, ...] -> [E·L, ...]
@@ -620,6 +620,9 @@ class DisRNNActing:
         noise = [None] * E
         for e, agent in enumerate(self.agents):  # the draws of DisRNNAgent._run, agent after agent
             if agent.bottlenecks_active:
+                if self.factors[e] is None:
+                    with torch.no_grad():
+                        self.factors[e] = agent._input_factor().numpy()
                 eps = torch.randn(L, B, n, dtype=torch.float32)
                 drive[:, e] += np.matmul(eps.numpy(), self.factors[e])
                 noise[e] = torch.randn(1, B, L, dtype=torch.float32).numpy() * self.latent_sigma[e]
