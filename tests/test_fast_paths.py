@@ -343,6 +343,145 @@ def test_update_with_replay_equals_update_without(tiny_overrides, monkeypatch):
             assert torch.equal(p, q)
 
 
+def _transformer_batch(tiny_overrides, preset="fast", seed=0):
+    cfg = make_train_config("transformer", "social", seed, preset, 2, size="matched", overrides=tiny_overrides)
+    tr = Trainer(cfg, torch.device("cpu"))
+    return cfg, tr, collect_rollout(tr.env, tr.agents, tr.env_gen, tr.action_gens)
+
+
+def _loss_and_grads(agent, batch, a, adv, cfg, replay):
+    agent.zero_grad()
+    loss, stats = policy_loss(agent, batch.obs_index[a], batch.actions[a], batch.logp[a], adv, batch.rewards[a],
+                              cfg.ppo, replay=replay)
+    loss.backward()
+    return loss.detach(), [p.grad.clone() for p in agent.parameters()]
+
+
+def test_transformer_replayed_first_epoch_equals_the_recomputed_one(tiny_overrides):
+    """The transformer pair records, while acting, each block's product and attention outputs and each query's own-
+    token weight; the first learning epoch replays them (only the backward is computed for the products and the
+    attention, the flash kernel's from the log-sum-exp rebuilt from that weight). Loss and every gradient equal the
+    recomputed pass's to float32 tolerance, and a gradient the replay got wrong by one block or the attention would
+    differ at the percent level (checked: dropping the attention's gradient fails); a record taken under other
+    weights is not used."""
+    from interbrain.agents.transformer import TransformerPair
+
+    cfg, tr, batch = _transformer_batch(tiny_overrides)
+    assert set(batch.replay) == set(AGENTS)
+    adv = torch.randn(batch.rewards[AGENTS[0]].shape, generator=torch.Generator().manual_seed(5))
+    for a in AGENTS:
+        agent = tr.agents[a]
+        assert batch.replay[a][0] == param_key(agent)
+        (l1, g1), (l2, g2) = (_loss_and_grads(agent, batch, a, adv, cfg, r) for r in (batch.replay[a], None))
+        assert torch.allclose(l1, l2, rtol=1e-5, atol=1e-6)
+        # float32: a ReLU pre-activation within float rounding of 0 may fall on either side of the kink in the acting
+        # pass and the recomputation (one unit of one step here), so gradients agree to 1e-2, not 1e-6 (the float64
+        # test below, driven through the pair step, holds them to 1e-9)
+        for (name, _), x, y in zip(agent.named_parameters(), g1, g2):
+            assert (x - y).norm() <= 1e-2 * y.norm() + 1e-7, name
+        with torch.no_grad():  # a record from other weights: policy_loss recomputes (equals the fresh forward)
+            agent.blocks[0].qkv.weight.mul_(0.5)
+        stale = _loss_and_grads(agent, batch, a, adv, cfg, batch.replay[a])[0]
+        assert torch.equal(stale, _loss_and_grads(agent, batch, a, adv, cfg, None)[0])
+    # the pair's record is made on CPU only (the replay's attention backward is the CPU flash kernel)
+    assert TransformerPair(*tr.agents.values()).replays
+
+
+@pytest.mark.parametrize("size", ["std", "matched"])
+def test_transformer_replay_equals_the_recomputed_pass_in_float64(size):
+    """Driven through the pair step in float64 (no ReLU lands within rounding of its kink): the replayed pass's
+    outputs and the gradients of a random functional of logits, value and hidden states with respect to every
+    parameter equal the recomputed pass's to 1e-9, for both agents, over a window shorter than W and a whole one."""
+    W, B = 9, 5
+    for T in (6, W):
+        torch.manual_seed(2)
+        agents = [build_agent(AgentConfig(arch="transformer", size=size, window=W)).double() for _ in range(2)]
+        pair = agents[0].pair_with(agents[1], T)
+        assert pair.replays
+        state = pair.initial_state(B)
+        hidden, heads = torch.empty(T, 2, B, 256, dtype=torch.float64), torch.empty(T, 2, B, 5, dtype=torch.float64)
+        index = torch.stack([random_index(T, B, seed=7 + i) for i in range(2)], 1)  # [T, 2, B, 2]
+        with torch.no_grad():
+            for t in range(T):
+                state = pair.step(index[t] + pair.row_offsets, state, hidden[t], heads[t])
+        records = pair.records(state, hidden)
+        for i, agent in enumerate(agents):
+            weights = [torch.randn(x.shape, generator=torch.Generator().manual_seed(30 + j), dtype=torch.float64)
+                       for j, x in enumerate((heads[:, i, :, :4], heads[:, i, :, 4], hidden[:, i]))]
+            results = []
+            for replay in (True, False):
+                agent.zero_grad()
+                out = agent.replay_index(index[:, i], records[i]) if replay else agent.sequence_index(index[:, i])
+                sum((w * o).sum() for w, o in zip(weights, out)).backward()
+                results.append(([o.detach() for o in out], [p.grad.clone() for p in agent.parameters()]))
+            (o1, g1), (o2, g2) = results
+            assert all(torch.allclose(x, y, rtol=1e-9, atol=1e-12) for x, y in zip(o1, o2))
+            for (name, _), x, y in zip(agent.named_parameters(), g1, g2):
+                assert (x - y).norm() <= 1e-9 * y.norm() + 1e-13, (T, i, name)
+
+
+def test_transformer_replay_detects_a_wrong_attention_gradient(tiny_overrides, monkeypatch):
+    """The equality above is tight enough to catch an error in the replayed attention: with the attention's
+    gradient for q zeroed, the replayed gradients of the qkv weights no longer match."""
+    from interbrain.agents import transformer as tf
+
+    cfg, tr, batch = _transformer_batch(tiny_overrides)
+    backward = tf.KnownAttention.backward
+    monkeypatch.setattr(tf.KnownAttention, "backward",
+                        staticmethod(lambda ctx, grad: (lambda g: (g[0] * 0, *g[1:]))(backward(ctx, grad))))
+    a, agent = AGENTS[0], tr.agents[AGENTS[0]]
+    adv = torch.randn(batch.rewards[a].shape, generator=torch.Generator().manual_seed(5))
+    (_, g1), (_, g2) = (_loss_and_grads(agent, batch, a, adv, cfg, r) for r in (batch.replay[a], None))
+    wrong = [name for (name, _), x, y in zip(agent.named_parameters(), g1, g2) if (x - y).norm() > 1e-4 * y.norm()]
+    assert "blocks.0.qkv.weight" in wrong
+
+
+def test_transformer_replay_recomputes_where_an_own_token_weight_is_too_small(tiny_overrides):
+    """The log-sum-exp is rebuilt as s_ii - log w_ii, exact only while the own-token weight w_ii is representable
+    with float32 precision: below e^-60 the replay falls back to the recomputed pass, bit for bit."""
+    from interbrain.agents.transformer import SELF_WEIGHT_FLOOR, known_lse
+
+    cfg, tr, batch = _transformer_batch(tiny_overrides)
+    a, agent = AGENTS[0], tr.agents[AGENTS[0]]
+    key, record = batch.replay[a]
+    # the rebuilt log-sum-exp equals the scores' own, from the recorded q and k (hand check on layer 1)
+    q, k, _ = agent.blocks[0].step_major_heads(record[0]["qkv"])
+    scores = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5
+    L = scores.shape[-1]
+    scores = scores.masked_fill(~torch.ones(L, L, dtype=torch.bool).tril(), float("-inf"))
+    assert torch.allclose(known_lse(q, k, record[0]["log_self"]), torch.logsumexp(scores, -1), atol=2e-5)
+    record[1]["log_self"][0, 0, 3] = SELF_WEIGHT_FLOOR - 1
+    assert known_lse(*agent.blocks[1].step_major_heads(record[1]["qkv"])[:2], record[1]["log_self"]) is None
+    with torch.no_grad():
+        replayed = agent.replay_index(batch.obs_index[a], record)
+        fresh = agent.sequence_index(batch.obs_index[a])
+    assert all(torch.equal(x, y) for x, y in zip(replayed, fresh))
+
+
+def test_transformer_update_replays_its_first_epoch_only(tiny_overrides, monkeypatch):
+    """A `paper` update (4 epochs) replays each transformer agent's record once, in the first epoch; the later
+    epochs recompute (their weights changed). An update without the record replays nothing and ends within float
+    tolerance of Adam's first step (its moments normalise the float32-level gradient differences, so a few
+    near-zero-gradient weights move by up to the learning rate: compared in norm)."""
+    from interbrain.agents.transformer import TransformerAgent
+
+    cfg, a_tr, batch_a = _transformer_batch(tiny_overrides, "paper", seed=3)
+    _, b_tr, batch_b = _transformer_batch(tiny_overrides, "paper", seed=3)
+    batch_b.replay = {}
+    calls = []
+    replay = TransformerAgent.replay_index
+    monkeypatch.setattr(TransformerAgent, "replay_index", lambda self, *args: calls.append(self) or replay(self, *args))
+    update_clipped(a_tr.agents, a_tr.optimizers, batch_a, cfg.ppo, 1)
+    assert calls == [a_tr.agents[name] for name in AGENTS]
+    update_clipped(b_tr.agents, b_tr.optimizers, batch_b, cfg.ppo, 1)
+    assert len(calls) == 2
+    for name in AGENTS:
+        moved = [(p - q).norm() / (q - p0).norm() for p, q, p0 in
+                 zip(a_tr.agents[name].parameters(), b_tr.agents[name].parameters(),
+                     Trainer(a_tr.config, torch.device("cpu")).agents[name].parameters())]
+        assert max(moved) < 0.05
+
+
 @pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
 def test_index_forms_equal_the_float_observation_contract(arch):
     torch.manual_seed(1)

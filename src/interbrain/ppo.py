@@ -50,7 +50,8 @@ class Rollout:
     z_norm: dict[str, torch.Tensor]  # [B * T/10] samples of ||W_a^T W_a h_t||
     seq_states: dict[str, list] = field(default_factory=dict)  # agent -> states at the start of each sequence
     bootstrap: dict[str, torch.Tensor] = field(default_factory=dict)  # agent -> V(s_H) when bootstrapping
-    # agent -> (param_key when acting, hidden [T,B,256]) recorded by a replaying pair step (Agent.replay_index)
+    # agent -> (param_key when acting, its record: the RNN's hidden [T,B,256], the transformer's per-layer outputs)
+    # recorded by a replaying pair step (Agent.replay_index)
     replay: dict[str, tuple] = field(default_factory=dict)
 
 
@@ -127,7 +128,7 @@ def collect_rollout(env: ChaseEnv, agents: dict[str, Agent], env_gen: torch.Gene
                 act_and_move(env, lg[t], nz[t], act[t], pr[t + 1])
         z_hidden = {a: hidden[i, ::Z_SAMPLE_EVERY].reshape(-1, HIDDEN) for i, a in enumerate(AGENTS)}
         states = dict(zip(AGENTS, pair.states(h)))
-        replay = {a: (key, hidden[i]) for i, (a, key) in enumerate(zip(AGENTS, pair.keys))} if pair.replays else {}
+        replay = dict(zip(AGENTS, zip(pair.keys, pair.records(h, hidden)))) if pair.replays else {}
         seq_states = {} if seq_len is None else dict(zip(AGENTS, pair.sequence_states(hidden, seq_len)))
     else:
         z_list = {a: [] for a in AGENTS}

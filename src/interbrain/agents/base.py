@@ -95,7 +95,8 @@ class Agent(nn.Module):
     def pair_with(self, partner: "Agent", steps: int):
         """An object that steps this agent (chaser) and ``partner`` (explorer) as one batched call while acting, for
         ``steps`` steps from the zero state, with ``keys`` (:func:`param_key` of both agents when built), ``replays``
-        (whether the recorded hidden states may feed :meth:`replay_index`), ``row_offsets`` (:func:`stacked_row_offsets`
+        (whether it records what :meth:`replay_index` needs; then ``records(state, hidden)`` gives each agent's record
+        after the episode's steps, from its final state and the hidden states [2, T, B, 256]), ``row_offsets`` (:func:`stacked_row_offsets`
         of its two stacked input tables), ``initial_state(B)``, ``step(rows [2,B,2], state, hidden_out [2,B,256],
         heads_out [2,B,5]) -> state`` (rows: the observation index plus ``row_offsets``, as
         ``ChaseEnv.observation_index(offsets=row_offsets)`` gives it; on CPU the same bits as each agent's
@@ -105,9 +106,9 @@ class Agent(nn.Module):
         then calls each agent's :meth:`step_index`)."""
         return None
 
-    def replay_index(self, index: torch.Tensor, hidden: torch.Tensor):
-        """:meth:`sequence_index` from the zero state given the hidden states the pair step recorded under the same
-        weights; only agents whose :meth:`pair_with` returns a pair marked ``replays`` implement it."""
+    def replay_index(self, index: torch.Tensor, record):
+        """:meth:`sequence_index` from the zero state given what the pair step recorded under the same weights (its
+        ``records``); only agents whose :meth:`pair_with` returns a pair marked ``replays`` implement it."""
         raise NotImplementedError(f"arch {self.arch!r} cannot replay a recorded forward")
 
     @classmethod

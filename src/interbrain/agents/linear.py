@@ -138,20 +138,58 @@ class OneDNNLinear(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad):
-        x, weight = ctx.saved_tensors
-        grad_x = _onednn_product(grad, weight.t(), None) if ctx.needs_input_grad[0] else None
-        grad_weight = grad.t() @ x if ctx.needs_input_grad[1] else None
-        grad_bias = grad.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
-        return grad_x, grad_weight, grad_bias
+        return _linear_grads(ctx, grad, onednn=True)
+
+
+def _linear_grads(ctx, grad: torch.Tensor, onednn: bool) -> tuple:
+    """Gradients of ``x W^T + b`` (x, W saved on ``ctx``; 2-D): the input's as ``grad W`` (on oneDNN with ``onednn``),
+    the weight's as ``grad^T x``, the bias's as the column sums."""
+    x, weight = ctx.saved_tensors
+    grad_x = None
+    if ctx.needs_input_grad[0]:
+        grad_x = _onednn_product(grad, weight.t(), None) if onednn else grad @ weight
+    grad_weight = grad.t() @ x if ctx.needs_input_grad[1] else None
+    grad_bias = grad.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
+    return grad_x, grad_weight, grad_bias
+
+
+class KnownLinear(torch.autograd.Function):
+    """``F.linear(x, weight, bias)`` whose output is already known (``known[0]``, x's shape but the last dim, any
+    strides: computed from the same x and weights by an acting pass and recorded): the forward returns it without the
+    product; the backward is :func:`linear`'s."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, known):
+        x2 = x.reshape(-1, x.shape[-1])
+        ctx.save_for_backward(x2, weight)
+        ctx.x_shape, ctx.has_bias, ctx.onednn = x.shape, bias is not None, _onednn_applies(x2, weight)
+        return known[0]
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        grad_x, grad_weight, grad_bias = _linear_grads(ctx, grad.reshape(-1, grad.shape[-1]), ctx.onednn)
+        return (None if grad_x is None else grad_x.view(ctx.x_shape)), grad_weight, grad_bias, None
+
+
+def _onednn_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    return (x.device.type == "cpu" and x.dtype == torch.float32 and weight.dtype == torch.float32 and x.dim() >= 2
+            and x.numel() >= MIN_ROWS * x.shape[-1] > 0 and cpu_backend() == "onednn")
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``F.linear(x, weight, bias)``; large float32 CPU products on oneDNN when :func:`cpu_backend` says so."""
-    if (x.device.type == "cpu" and x.dtype == torch.float32 and weight.dtype == torch.float32 and x.dim() >= 2
-            and x.numel() >= MIN_ROWS * x.shape[-1] > 0 and cpu_backend() == "onednn"):
+    if _onednn_applies(x, weight):
         out = OneDNNLinear.apply(x.reshape(-1, x.shape[-1]), weight, bias)
         return out.view(*x.shape[:-1], weight.shape[0])
     return F.linear(x, weight, bias)
+
+
+def known_linear(x: torch.Tensor, layer: nn.Linear, known: torch.Tensor) -> torch.Tensor:
+    """``layer(x)`` when its value ``known`` (x's shape but the last dim, the layer's output width) was recorded by an
+    acting pass from the same x and weights (to float tolerance): the value is not recomputed, only the backward is
+    built (the first learning epoch's replay, issue 6)."""
+    return KnownLinear.apply(x, layer.weight, layer.bias, (known,))
 
 
 class Linear(nn.Linear):
@@ -161,5 +199,5 @@ class Linear(nn.Linear):
         return linear(x, self.weight, self.bias)
 
 
-__all__ = ["BACKENDS", "ENV_VAR", "Linear", "MIN_ROWS", "OneDNNLinear", "SMALL_BACKENDS", "SMALL_ENV_VAR", "SMALL_ROWS",
-           "cpu_backend", "linear", "numpy_blas", "onednn_available", "set_cpu_threads", "small_backend"]
+__all__ = ["BACKENDS", "ENV_VAR", "KnownLinear", "Linear", "MIN_ROWS", "OneDNNLinear", "SMALL_BACKENDS", "SMALL_ENV_VAR", "SMALL_ROWS",
+           "cpu_backend", "known_linear", "linear", "numpy_blas", "onednn_available", "set_cpu_threads", "small_backend"]

@@ -383,6 +383,10 @@ class RNNPair:
     def states(self, h: torch.Tensor) -> list[tuple]:
         return [(h[i],) for i in range(len(self.keys))]
 
+    def records(self, h: torch.Tensor, hidden: torch.Tensor) -> list[torch.Tensor]:
+        """Each agent's record for :meth:`RNNAgent.replay_index`: its hidden states [T, B, 256] as recorded."""
+        return list(hidden.unbind(0))
+
     def sequence_states(self, hidden: torch.Tensor, seq_len: int) -> list[list[tuple]]:
         """Each agent's state at the start of every ``seq_len``-step sequence (the ``rllib`` learner's stored initial
         states: zero, then h_{kL-1}) from the hidden states [2, T, B, 256] the rollout recorded; views."""

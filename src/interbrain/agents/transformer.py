@@ -27,11 +27,12 @@ import math
 import numpy as np
 import torch
 from torch import nn
+from torch.autograd.function import once_differentiable
 from torch.nn import functional as F
 
 from interbrain.agents.base import (HIDDEN, OBS_DIM, Agent, bag_sum, check_size, index_table, init_heads, param_key,
                                     register, stacked_row_offsets)
-from interbrain.agents.linear import Linear, small_products_on_numpy
+from interbrain.agents.linear import Linear, known_linear, small_products_on_numpy
 from interbrain.config import AgentConfig
 from interbrain.errors import InterbrainError
 
@@ -61,7 +62,8 @@ def append_along(prefix: torch.Tensor, new: torch.Tensor, dim: int, capacity: in
     return base.narrow(dim, 0, n + m)
 
 
-def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor | None = None) -> torch.Tensor:
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor | None = None,
+           log_self_out: torch.Tensor | None = None) -> torch.Tensor:
     """Softmax attention of a step's few queries over a KV cache (acting): q [N, heads, S, dh], k and v
     [N, heads, L, dh], ``allowed`` (bool [S, L'], None: all) for the last L' <= L keys (every earlier key is allowed:
     a block's causal mask only touches its own new tokens) -> [N, heads, S, dh], as two batched products around a
@@ -69,7 +71,10 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Ten
     whose per-(row, head) set-up dominates there (issue 6); the result equals it to float tolerance, and both
     attention agents' own step and their pair step use it, so these stay bit for bit equal. The two products run on
     numpy's BLAS where :func:`~interbrain.agents.linear.small_backend` says ``numpy`` (CPU, float32): a
-    ``matched`` transformer's rollout then takes ~20 ms less (121 against 144 ms, interleaved runs)."""
+    ``matched`` transformer's rollout then takes ~20 ms less (121 against 144 ms, interleaved runs). With
+    ``log_self_out`` ([N, heads], S = 1) the log of each query's weight on the last key (its own token) is written
+    there: with the query's own score it gives the log-sum-exp of its scores (:class:`KnownAttention`) without a
+    reduction; the result is the same."""
     # the two products as numpy's (OpenBLAS) where no gradient is asked for: ~107 µs a call against ~146 through
     # torch's batched products (MKL) for a pair step's [80, 4, 1, 16] queries over 1-100 cached steps on the
     # development machine (AMD EPYC)
@@ -82,7 +87,44 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Ten
     if allowed is not None:
         scores[..., scores.shape[-1] - allowed.shape[-1]:].masked_fill_(~allowed, float("-inf"))
     weights = torch.softmax(scores, -1)
+    if log_self_out is not None:
+        torch.log(weights[:, :, 0, -1], out=log_self_out)
     return torch.from_numpy(np.matmul(weights.numpy(), v.numpy())) if numpy else torch.matmul(weights, v)
+
+
+class KnownAttention(torch.autograd.Function):
+    """Causal ``scaled_dot_product_attention(q, k, v)`` ([N, heads, L, dh]) whose output and log-sum-exp are already
+    known (``known`` = (out [N, heads, L, dh], lse [N, heads, L]), recorded by the acting pass from the same q, k, v to
+    float tolerance): the forward returns the output without computing it; the backward is the CPU flash kernel's,
+    which recomputes the attention weights from q, k and the log-sum-exp (the first learning epoch's replay).
+    :func:`known_lse` gives the log-sum-exp from what the acting pass recorded."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, known):
+        out, lse = known
+        ctx.save_for_backward(q, k, v, out, lse)
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        q, k, v, out, lse = ctx.saved_tensors
+        dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(grad, q, k, v, out, lse, 0.0,
+                                                                                          True)
+        return dq, dk, dv, None
+
+
+SELF_WEIGHT_FLOOR = -60.0  # log of the smallest own-token attention weight a replay takes the log-sum-exp from
+
+
+def known_lse(q: torch.Tensor, k: torch.Tensor, log_self: torch.Tensor) -> torch.Tensor | None:
+    """The log-sum-exp of causal attention's scaled scores, [N, heads, L], from q and k ([N, heads, L, dh]) and each
+    query's recorded log weight on its own token (``log_self``, [N, heads, L]): since that weight is
+    exp(s_ii - lse_i), lse_i = s_ii - log w_ii, with s_ii = q_i·k_i/√dh; an elementwise product instead of the L×L
+    scores. None when some own-token weight is below e^-60 (or not finite), where float32 would lose its precision."""
+    if not bool(log_self.min() > SELF_WEIGHT_FLOOR):
+        return None
+    return (q * k).sum(-1).mul_(q.shape[-1] ** -0.5).sub_(log_self)
 
 
 class CausalBlock(nn.Module):
@@ -116,6 +158,26 @@ class CausalBlock(nn.Module):
         """Every token attends to itself and the tokens before it."""
         q, k, v = self._qkv(x)
         return self._finish(x, F.scaled_dot_product_attention(q, k, v, is_causal=True))
+
+    def step_major_heads(self, qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q, k, v [N, heads, L, dh] (views) of step-major qkv outputs [L, N, 3d]."""
+        L, N, d3 = qkv.shape
+        return qkv.view(L, N, 3, self.heads, d3 // (3 * self.heads)).permute(2, 1, 3, 0, 4).unbind(0)
+
+    def replayed(self, x: torch.Tensor, record: dict[str, torch.Tensor], lse: torch.Tensor) -> torch.Tensor:
+        """:meth:`causal` for a step-major x [L, N, d] whose products' and attention's outputs were recorded by the
+        acting pass under the same weights (:meth:`TransformerPair.records`, this block's part: [L, N, width], log_self
+        [N, heads, L]) and the attention's log-sum-exp ``lse`` [N, heads, L] (:func:`known_lse`): only the LayerNorms,
+        the ReLU and the residual sums are recomputed; the products and the attention are taken from the record with
+        their backward built (:func:`~interbrain.agents.linear.known_linear`, :class:`KnownAttention`)."""
+        L, N, d = x.shape
+        qkv = known_linear(self.ln_attn(x), self.qkv, record["qkv"])
+        q, k, v = self.step_major_heads(qkv)
+        att = KnownAttention.apply(q, k, v, (record["att"].view(L, N, self.heads, d // self.heads).permute(1, 2, 0, 3),
+                                             lse))
+        x = x + known_linear(att.permute(2, 0, 1, 3).reshape(L, N, d), self.attn_out, record["attn_out"])
+        inner = torch.relu(known_linear(self.ln_mlp(x), self.mlp_in, record["mlp_in"]))
+        return x + known_linear(inner, self.mlp_out, record["mlp_out"])
 
     def last_query(self, x: torch.Tensor) -> torch.Tensor:
         """Output of the last token only (it attends to all tokens), shape [N, 1, d]."""
@@ -280,6 +342,31 @@ class TransformerAgent(WindowedContext, Agent):
         logits, value = self.readout(hidden)
         return logits.transpose(0, 1), value.transpose(0, 1), hidden.transpose(0, 1)  # [T, B, ...] views
 
+    def replay_index(self, index, record):
+        """:meth:`sequence_index` from the zero state over T <= W steps when ``record`` holds what
+        :class:`TransformerPair` recorded over those steps while acting under the same weights
+        (:meth:`TransformerPair.records`): the
+        blocks' products and attention are not recomputed, their backward is built on the recorded outputs
+        (:meth:`CausalBlock.replayed`). The values equal the recomputed ones to float tolerance (the acting pass
+        multiplies step by step), not bit for bit. Where an own-token attention weight is too small to give the
+        log-sum-exp (:func:`known_lse`) it recomputes: :meth:`sequence_index`."""
+        T, B, _ = index.shape
+        if T > self.window or any(rec["qkv"].shape[:2] != (T, B) for rec in record):
+            raise InterbrainError(f"a transformer record of {tuple(record[0]['qkv'].shape[:2])} (steps, episodes) "
+                                  f"cannot replay {T} steps of {B} episodes (window={self.window})")
+        lses = []
+        for block, rec in zip(self.blocks, record):
+            lses.append(known_lse(*block.step_major_heads(rec["qkv"])[:2], rec["log_self"]))
+            if lses[-1] is None:
+                return self.sequence_index(index)
+        x = self.gather_linear(index, self.inp) + self.position_embedding(0, T).unsqueeze(1)  # [T, B, d]
+        self._note_context(T)
+        for block, rec, lse in zip(self.blocks, record, lses):
+            x = block.replayed(x, rec, lse)
+        hidden = self._emit(x)
+        logits, value = self.readout(hidden)
+        return logits, value, hidden
+
     # --- observation indices: the input embedding as a gather of two rows ------------------------------
     def step_index(self, index, state):
         return self.step(None, state, e=self.gather_linear(index, self.inp))
@@ -306,15 +393,17 @@ class TransformerPair:
     against each agent's ``step_index``. Built from the current weights (no gradient); rebuild it after they
     change."""
 
-    replays = False  # nothing to replay: the learning pass is a causal pass, not a recurrence
-
     def __init__(self, *agents: TransformerAgent):
         self.agents = agents
         first = agents[0]
-        self.window, self.d_model = first.window, first.d_model
+        self.window, self.d_model, self.mlp_width = first.window, first.d_model, first.mlp_width
         n = len(agents)
         with torch.no_grad():
             self.table = torch.cat([index_table(a.inp.weight, a.inp.bias) for a in agents])  # [n·201, d]
+        # on CPU the steps record every product's and attention's output for the first learning epoch's replay
+        # (TransformerAgent.replay_index, whose attention backward is the CPU flash kernel's)
+        self.replays = self.table.device.type == "cpu"
+        with torch.no_grad():
             self.pos = torch.stack([a.pos_table for a in agents])  # [n, W, d]
             self.blocks = [{name: self._linear([getattr(a.blocks[i], name) for a in agents])
                             for name in ("qkv", "attn_out", "mlp_in", "mlp_out")}
@@ -346,11 +435,16 @@ class TransformerPair:
         n, W, d = len(self.agents), self.window, self.d_model
         new = lambda *shape: self.table.new_empty(shape)  # noqa: E731
         caches = [new(n * batch, HEADS, W, d // HEADS) for _ in range(2 * LAYERS)]
-        return (0, new(n, batch, W, d), caches)
+        record = None
+        if self.replays:  # per layer, step-major [W, n, B, width] (log_self [W, n·B, heads]): a step's slot is dense
+            widths = {"qkv": 3 * d, "att": d, "attn_out": d, "mlp_in": self.mlp_width, "mlp_out": d}
+            record = [{name: new(W, n, batch, w) for name, w in widths.items()}
+                      | {"log_self": new(W, n * batch, HEADS)} for _ in range(LAYERS)]
+        return (0, new(n, batch, W, d), caches, record)
 
     def step(self, rows: torch.Tensor, state: tuple, hidden_out: torch.Tensor, heads_out: torch.Tensor) -> tuple:
         """rows [2, B, 2]: the observation index plus :attr:`row_offsets` (``observation_index(offsets=)``)."""
-        t, emb, caches = state
+        t, emb, caches, record = state
         if t >= self.window:
             raise InterbrainError(f"the transformer pair step covers steps 0..{self.window - 1}; got step {t}")
         n, B, _ = rows.shape
@@ -359,15 +453,22 @@ class TransformerPair:
         emb[:, :, t] = e
         x = e + self.pos[:, t].unsqueeze(1)
         for i, block in enumerate(self.blocks):
-            qkv = torch.baddbmm(block["qkv"][1], self._layer_norm(x, block["ln_attn"]), block["qkv"][0])
+            # with a record, each product writes into its step's slot of the record (the same kernel, the same bits)
+            slot = {} if record is None else {name: buf[t] for name, buf in record[i].items()}
+            qkv = torch.baddbmm(block["qkv"][1], self._layer_norm(x, block["ln_attn"]), block["qkv"][0],
+                                out=slot.get("qkv"))
             q, k, v = qkv.view(n * B, 1, 3, HEADS, dh).permute(2, 0, 3, 1, 4)
             k_cache, v_cache = caches[2 * i], caches[2 * i + 1]
             k_cache[:, :, t] = k[:, :, 0]
             v_cache[:, :, t] = v[:, :, 0]
-            attended = attend(q, k_cache[:, :, :t + 1], v_cache[:, :, :t + 1])
-            x = x + torch.baddbmm(block["attn_out"][1], attended.transpose(1, 2).reshape(n, B, d), block["attn_out"][0])
-            inner = torch.baddbmm(block["mlp_in"][1], self._layer_norm(x, block["ln_mlp"]), block["mlp_in"][0]).relu_()
-            x = x + torch.baddbmm(block["mlp_out"][1], inner, block["mlp_out"][0])
+            attended = attend(q, k_cache[:, :, :t + 1], v_cache[:, :, :t + 1], log_self_out=slot.get("log_self"))
+            attended = attended.transpose(1, 2).reshape(n, B, d)
+            if slot:
+                slot["att"].copy_(attended)
+            x = x + torch.baddbmm(block["attn_out"][1], attended, block["attn_out"][0], out=slot.get("attn_out"))
+            inner = torch.baddbmm(block["mlp_in"][1], self._layer_norm(x, block["ln_mlp"]), block["mlp_in"][0],
+                                  out=slot.get("mlp_in")).relu_()
+            x = x + torch.baddbmm(block["mlp_out"][1], inner, block["mlp_out"][0], out=slot.get("mlp_out"))
         h = self._layer_norm(x, self.final_ln)
         if self.proj is None:
             hidden_out.copy_(h)
@@ -379,11 +480,11 @@ class TransformerPair:
                 a.max_position_used = t
             if t + 1 > a.max_context_used:
                 a.max_context_used = t + 1
-        return (t + 1, emb, caches)
+        return (t + 1, emb, caches, record)
 
     def states(self, state: tuple) -> list[tuple]:
         """Each agent's own state (:meth:`TransformerAgent.initial_state`'s layout) after the steps taken."""
-        t, emb, caches = state
+        t, emb, caches, _ = state
         W, B = self.window, emb.shape[1]
         kept = slice(max(0, t - (W - 1)), t)  # the last min(t, W-1) input embeddings
         out = []
@@ -392,3 +493,15 @@ class TransformerPair:
             cache = [c[rows, :, :t if t < W else 0] for c in caches]
             out.append((t, emb[i, :, kept], *cache))
         return out
+
+    def records(self, state: tuple, hidden: torch.Tensor) -> list:
+        """Each agent's record of the episode's t <= ``window`` steps for :meth:`TransformerAgent.replay_index`: per layer,
+        the outputs of its products and attention, step-major views [W, B, width], and each query's log weight on its
+        own token, [B, heads, W] (the lse's part that :func:`known_lse` completes)."""
+        t, emb, _, record = state
+        if record is None:
+            raise InterbrainError("this transformer pair keeps no record (it records when acting on CPU)")
+        B = emb.shape[1]
+        return [[{name: value[:t, i] if name != "log_self" else value[:t, i * B:(i + 1) * B].permute(1, 2, 0)
+                  for name, value in layer.items()}
+                 for layer in record] for i in range(len(self.agents))]
