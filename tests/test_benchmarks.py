@@ -106,9 +106,23 @@ def test_cpu_lstm_is_counted():
     assert counter.get_total_flops() == 2 * forward
 
 
-def test_matrix_kernel_time_is_the_products_share():
+@pytest.fixture
+def one_thread():
+    """One torch thread and one BLAS thread, as the benchmark measures (on a loaded 2-core machine a 2-thread product's
+    time swings by several times between calls); restored afterwards."""
+    from threadpoolctl import threadpool_limits
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    with threadpool_limits(limits=1, user_api="blas"):
+        yield
+    torch.set_num_threads(threads)
+
+
+def test_matrix_kernel_time_is_the_products_share(one_thread):
     """A function of nothing but large products spends (nearly) all its time in matrix kernels; one of elementwise
-    work none; a mix in between, with the products' part close to their time alone."""
+    work none; a mix in between, with the products' part close to their time alone (each the fastest of three calls:
+    the machine may be shared)."""
     import time
 
     a, b = torch.randn(512, 512), torch.randn(512, 512)
@@ -130,13 +144,13 @@ def test_matrix_kernel_time_is_the_products_share():
     products(), elementwise()  # warm-up
     assert bench.matrix_kernel_seconds(elementwise) == 0.0
     alone = min(timed(products) for _ in range(3))
-    inside = bench.matrix_kernel_seconds(products)
+    inside = min(bench.matrix_kernel_seconds(products) for _ in range(3))
     assert 0.5 * alone < inside < 2 * alone  # loose: the machine may be shared
-    mixed = bench.matrix_kernel_seconds(lambda: (products(), elementwise()))
+    mixed = min(bench.matrix_kernel_seconds(lambda: (products(), elementwise())) for _ in range(3))
     assert 0.5 * alone < mixed < 2 * alone
 
 
-def test_matrix_kernel_time_counts_numpy_products():
+def test_matrix_kernel_time_counts_numpy_products(one_thread):
     """The numpy paths' np.matmul products count as matrix work too (numpy's elementwise work does not), and
     np.matmul is left as it was."""
     import time
@@ -159,7 +173,7 @@ def test_matrix_kernel_time_counts_numpy_products():
     real = np.matmul
     assert bench.matrix_kernel_seconds(lambda: np.multiply(x, 1.5, out=x)) == 0.0
     alone = min(timed(products) for _ in range(3))
-    assert 0.5 * alone < bench.matrix_kernel_seconds(products) < 2 * alone
+    assert 0.5 * alone < min(bench.matrix_kernel_seconds(products) for _ in range(3)) < 2 * alone
     assert np.matmul is real
 
 
