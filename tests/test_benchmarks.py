@@ -108,8 +108,9 @@ def test_cpu_lstm_is_counted():
 
 @pytest.fixture
 def one_thread():
-    """One torch thread and one BLAS thread, as the benchmark measures (on a loaded 2-core machine a 2-thread product's
-    time swings by several times between calls); restored afterwards."""
+    """One torch thread and one BLAS thread, as the benchmark measures (numpy's BLAS would otherwise take both cores,
+    and on a loaded 2-core machine a 2-thread product's time swings by several times between calls); restored
+    afterwards."""
     from threadpoolctl import threadpool_limits
 
     threads = torch.get_num_threads()

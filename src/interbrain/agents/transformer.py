@@ -398,12 +398,11 @@ class TransformerPair:
         first = agents[0]
         self.window, self.d_model, self.mlp_width = first.window, first.d_model, first.mlp_width
         n = len(agents)
-        with torch.no_grad():
-            self.table = torch.cat([index_table(a.inp.weight, a.inp.bias) for a in agents])  # [n·201, d]
         # on CPU the steps record every product's and attention's output for the first learning epoch's replay
         # (TransformerAgent.replay_index, whose attention backward is the CPU flash kernel's)
-        self.replays = self.table.device.type == "cpu"
+        self.replays = first.inp.weight.device.type == "cpu"
         with torch.no_grad():
+            self.table = torch.cat([index_table(a.inp.weight, a.inp.bias) for a in agents])  # [n·201, d]
             self.pos = torch.stack([a.pos_table for a in agents])  # [n, W, d]
             self.blocks = [{name: self._linear([getattr(a.blocks[i], name) for a in agents])
                             for name in ("qkv", "attn_out", "mlp_in", "mlp_out")}
