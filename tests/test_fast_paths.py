@@ -873,7 +873,7 @@ def test_hand_written_rllib_minibatch_equals_policy_loss_per_agent_in_float64(en
         assert set(ref_stats) <= set(STATS)
         for k, v in ref_stats.items():  # policy_loss's clip fraction is a float32 mean
             tol = 1e-7 if k == "clip_fraction" else 1e-12
-            assert stats[STATS.index(k)][e] == pytest.approx(float(v), rel=tol, abs=tol), k
+            assert stats[STATS.index(k)][e] == pytest.approx(float(torch.as_tensor(v).detach()), rel=tol, abs=tol), k
         for name, source in StackedRNN.SOURCES.items():
             mine = StackedRNN._layout(name, grads[name][e])
             torch.testing.assert_close(mine, dict(agent.named_parameters())[source].grad, rtol=1e-9, atol=1e-12,
