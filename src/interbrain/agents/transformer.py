@@ -439,11 +439,14 @@ class TransformerPair:
             widths = {"qkv": 3 * d, "att": d, "attn_out": d, "mlp_in": self.mlp_width, "mlp_out": d}
             record = [{name: new(W, n, batch, w) for name, w in widths.items()}
                       | {"log_self": new(W, n * batch, HEADS)} for _ in range(LAYERS)]
-        return (0, new(n, batch, W, d), caches, record)
+        # each step's slots per layer ({name: record[i][name][t]}), built once per episode, not per step
+        slots = [[{}] * W] * LAYERS if record is None else [
+            [dict(zip(layer, views)) for views in zip(*(buf.unbind(0) for buf in layer.values()))] for layer in record]
+        return (0, new(n, batch, W, d), caches, record, slots)
 
     def step(self, rows: torch.Tensor, state: tuple, hidden_out: torch.Tensor, heads_out: torch.Tensor) -> tuple:
         """rows [2, B, 2]: the observation index plus :attr:`row_offsets` (``observation_index(offsets=)``)."""
-        t, emb, caches, record = state
+        t, emb, caches, record, slots = state
         if t >= self.window:
             raise InterbrainError(f"the transformer pair step covers steps 0..{self.window - 1}; got step {t}")
         n, B, _ = rows.shape
@@ -453,7 +456,7 @@ class TransformerPair:
         x = e + self.pos[:, t].unsqueeze(1)
         for i, block in enumerate(self.blocks):
             # with a record, each product writes into its step's slot of the record (the same kernel, the same bits)
-            slot = {} if record is None else {name: buf[t] for name, buf in record[i].items()}
+            slot = slots[i][t]
             qkv = torch.baddbmm(block["qkv"][1], self._layer_norm(x, block["ln_attn"]), block["qkv"][0],
                                 out=slot.get("qkv"))
             q, k, v = qkv.view(n * B, 1, 3, HEADS, dh).permute(2, 0, 3, 1, 4)
@@ -479,11 +482,11 @@ class TransformerPair:
                 a.max_position_used = t
             if t + 1 > a.max_context_used:
                 a.max_context_used = t + 1
-        return (t + 1, emb, caches, record)
+        return (t + 1, emb, caches, record, slots)
 
     def states(self, state: tuple) -> list[tuple]:
         """Each agent's own state (:meth:`TransformerAgent.initial_state`'s layout) after the steps taken."""
-        t, emb, caches, _ = state
+        t, emb, caches = state[:3]
         W, B = self.window, emb.shape[1]
         kept = slice(max(0, t - (W - 1)), t)  # the last min(t, W-1) input embeddings
         out = []
@@ -497,7 +500,7 @@ class TransformerPair:
         """Each agent's record of the episode's t <= ``window`` steps for :meth:`TransformerAgent.replay_index`: per layer,
         the outputs of its products and attention, step-major views [W, B, width], and each query's log weight on its
         own token, [B, heads, W] (the lse's part that :func:`known_lse` completes)."""
-        t, emb, _, record = state
+        t, emb, _, record = state[:4]
         if record is None:
             raise InterbrainError("this transformer pair keeps no record (it records when acting on CPU)")
         B = emb.shape[1]
