@@ -384,8 +384,8 @@ def _null_episode_fast(sx: _Side, sy: _Side, shifts: np.ndarray, K: int, dtype, 
     S = np.zeros((lags.numel(), K))
     r = np.zeros((lags.numel(), K))
     for i0 in range(0, lags.numel(), _BATCH):
-        idx = lags[i0 : i0 + _BATCH]
-        C = table.lags(idx, _buffer(bufs, "lags", (idx.numel(), table.a, table.b), dtype)).div_(n - 1)
+        idx = lags[i0 : i0 + _BATCH]  # the last batch may be shorter: it fills the front of the same buffer
+        C = table.lags(idx, _buffer(bufs, "lags", (_BATCH, table.a, table.b), dtype)[: idx.numel()]).div_(n - 1)
         S[i0 : i0 + _BATCH], r[i0 : i0 + _BATCH] = _spectra(C, lam_x, lam_y, K)
     return S[inverse], r[inverse]
 
