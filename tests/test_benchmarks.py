@@ -122,8 +122,8 @@ def one_thread():
 
 def test_matrix_kernel_time_is_the_products_share(one_thread):
     """A function of nothing but large products spends (nearly) all its time in matrix kernels; one of elementwise
-    work none; a mix in between, with the products' part close to their time alone (each the fastest of three calls:
-    the machine may be shared)."""
+    work none; a mix in between, with the products' part close to their time alone (each the fastest of five calls,
+    alternating: the machine may be shared)."""
     import time
 
     a, b = torch.randn(512, 512), torch.randn(512, 512)
@@ -144,10 +144,11 @@ def test_matrix_kernel_time_is_the_products_share(one_thread):
 
     products(), elementwise()  # warm-up
     assert bench.matrix_kernel_seconds(elementwise) == 0.0
-    alone = min(timed(products) for _ in range(3))
-    inside = min(bench.matrix_kernel_seconds(products) for _ in range(3))
+    # alone and inside alternate, so a burst of another tenant's load reaches both minima alike
+    alone, inside, mixed = (min(times) for times in zip(*(
+        (timed(products), bench.matrix_kernel_seconds(products),
+         bench.matrix_kernel_seconds(lambda: (products(), elementwise()))) for _ in range(5))))
     assert 0.5 * alone < inside < 2 * alone  # loose: the machine may be shared
-    mixed = min(bench.matrix_kernel_seconds(lambda: (products(), elementwise())) for _ in range(3))
     assert 0.5 * alone < mixed < 2 * alone
 
 
@@ -173,8 +174,10 @@ def test_matrix_kernel_time_counts_numpy_products(one_thread):
     products()
     real = np.matmul
     assert bench.matrix_kernel_seconds(lambda: np.multiply(x, 1.5, out=x)) == 0.0
-    alone = min(timed(products) for _ in range(3))
-    assert 0.5 * alone < min(bench.matrix_kernel_seconds(products) for _ in range(3)) < 2 * alone
+    # alone and inside alternate, so a burst of another tenant's load reaches both minima alike
+    alone, inside = (min(times) for times in zip(*((timed(products), bench.matrix_kernel_seconds(products))
+                                                  for _ in range(5))))
+    assert 0.5 * alone < inside < 2 * alone
     assert np.matmul is real
 
 
