@@ -297,9 +297,14 @@ class TwoRowGather(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         (rows,) = ctx.saved_tensors
-        grad_table = grad.new_zeros(ctx.table_shape)
-        grad_table.index_add_(0, rows[:, 0], grad).index_add_(0, rows[:, 1], grad)
-        return grad_table, None
+        return scatter_two_rows(grad, rows, ctx.table_shape), None
+
+
+def scatter_two_rows(grad: torch.Tensor, rows: torch.Tensor, table_shape) -> torch.Tensor:
+    """The gradient of table [R, out] through ``table[rows[:, 0]] + table[rows[:, 1]]`` from ``grad`` [N, out]: two
+    sequential ``index_add_`` (deterministic on CPU; :class:`TwoRowGather`'s backward)."""
+    grad_table = grad.new_zeros(table_shape)
+    return grad_table.index_add_(0, rows[:, 0], grad).index_add_(0, rows[:, 1], grad)
 
 
 class FrobeniusNorm(torch.autograd.Function):
@@ -328,7 +333,12 @@ def gather_index(index: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
 
 def gather_rows(index: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
     """:func:`gather_index` flattened to [N, out] (N = index.numel() / 2), a fresh tensor rather than a view."""
-    return sum_rows(table, (index + index_offsets(index.device)).reshape(-1, 2))
+    return sum_rows(table, table_rows(index))
+
+
+def table_rows(index: torch.Tensor) -> torch.Tensor:
+    """The :func:`index_table` rows [N, 2] that observation indices [..., 2] sum (own cell, partner cell or 200)."""
+    return (index + index_offsets(index.device)).reshape(-1, 2)
 
 
 def sum_rows(table: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
