@@ -288,10 +288,16 @@ def test_transformer_pair_step_is_bitwise_the_two_agents_own_steps(size):
         assert (agent.max_position_used, agent.max_context_used) == (W - 1, W)
 
 
-def test_replayed_first_epoch_is_bitwise_the_recomputed_one(tiny_overrides):
+def test_replayed_first_epoch_is_bitwise_the_recomputed_one(tiny_overrides, monkeypatch):
     """The rollout records each RNN agent's hidden states; the first learning epoch replays them instead of running
-    the recurrence again. Replay and recomputation give the same loss, statistics and gradients, bit for bit; a
-    record taken under other weights is not used."""
+    the recurrence again, and on CPU without gathering the step inputs either (their gradient is scattered into the
+    input table inside the recurrence's backward). Replay and recomputation give the same loss, statistics and
+    gradients, bit for bit; a record taken under other weights is not used."""
+    import interbrain.agents.rnn as rnn_module
+
+    gathers = []
+    gather_rows = rnn_module.gather_rows
+    monkeypatch.setattr(rnn_module, "gather_rows", lambda *args: gathers.append(1) or gather_rows(*args))
     cfg = make_train_config("rnn", "social", 0, "paper", 2, overrides=tiny_overrides)
     tr = Trainer(cfg, torch.device("cpu"))
     batch = collect_rollout(tr.env, tr.agents, tr.env_gen, tr.action_gens)
@@ -302,8 +308,10 @@ def test_replayed_first_epoch_is_bitwise_the_recomputed_one(tiny_overrides):
         results = []
         for replay in (batch.replay[a], None):
             agent.zero_grad()
+            gathers.clear()
             loss, stats = policy_loss(agent, batch.obs_index[a], batch.actions[a], batch.logp[a], adv[a],
                                       batch.rewards[a], cfg.ppo, replay=replay)
+            assert len(gathers) == (0 if replay is not None else 1)
             loss.backward()
             results.append((loss.detach(), {k: v.detach() for k, v in stats.items()},
                             [p.grad.clone() for p in agent.parameters()]))
