@@ -253,6 +253,25 @@ def test_disrnn_pair_step_is_bitwise_the_two_agents_own_steps(size, noisy):
     assert (hidden == 0).any() and (hidden > 0).any()
 
 
+def test_softmax_keys_is_the_softmax_over_the_unpadded_keys():
+    """The acting attention pads 3..15 keys with -inf (torch's vectorised softmax kernel): the result is a view of the
+    first L columns, equal to ``torch.softmax`` to float rounding, rows summing to 1, masked keys exactly 0, for every
+    key count around the padding width and with the queries of tok_transformer's steps (S = 3, a causal block mask)."""
+    from interbrain.agents.transformer import SOFTMAX_PAD, softmax_keys
+
+    g = torch.Generator().manual_seed(3)
+    for S in (1, 3):
+        for L in range(1, SOFTMAX_PAD + 5):
+            scores = 4 * torch.randn(6, 4, S, L, generator=g)
+            if S == 3 and L >= 3:  # query j of the step's block sees the block's first j + 1 tokens
+                scores[..., L - 3:].masked_fill_(~torch.ones(3, 3, dtype=torch.bool).tril(), float("-inf"))
+            got, ref = softmax_keys(scores), torch.softmax(scores, -1)
+            assert got.shape == ref.shape
+            torch.testing.assert_close(got, ref, rtol=0, atol=1e-6)
+            torch.testing.assert_close(got.sum(-1), torch.ones(6, 4, S), rtol=0, atol=1e-6)
+            assert torch.equal(got == 0, ref == 0)
+
+
 @pytest.mark.parametrize("size", ["std", "matched"])
 def test_transformer_pair_step_is_bitwise_the_two_agents_own_steps(size):
     """Both transformer agents as one batched call (TransformerPair) give the same bits as each agent's step_index over
