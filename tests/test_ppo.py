@@ -128,3 +128,28 @@ def test_unimplemented_options_are_refused_not_ignored():
 
     with pytest.raises(InterbrainError, match="rllib_slicing='exact'.*not implemented"):
         ppo_preset("rllib", rllib_slicing="exact")
+
+
+@pytest.mark.parametrize("arch", ["rnn", "mlp"])
+def test_rollout_z_norm_is_the_action_space_norm_every_tenth_step(arch, tiny_overrides):
+    """``Rollout.z_norm`` (SPEC §4.6) is ‖W_aᵀ W_a h_t‖ with W_a the 4 × 256 action-head weight, for h_t at steps 0, 10,
+    20, … of every episode, step-major: checked in float64 against the hidden states the agents act on, through the
+    RNN pair's written-out loop and through the per-agent loop (mlp)."""
+    from interbrain.config import make_train_config
+    from interbrain.ppo import AGENTS, Z_SAMPLE_EVERY, collect_rollout
+    from interbrain.train import Trainer
+
+    tr = Trainer(make_train_config(arch, "social", 1, "paper", 2, overrides=tiny_overrides), torch.device("cpu"))
+    batch = collect_rollout(tr.env, tr.agents, tr.env_gen, tr.action_gens)
+    T, B = batch.done.shape
+    for a in AGENTS:
+        agent = tr.agents[a]
+        with torch.no_grad():
+            logits, _, hidden = agent.sequence_index(batch.obs_index[a])  # from the zero state, as each episode
+        torch.testing.assert_close(logits, batch.logits[a], rtol=1e-5, atol=1e-5)  # the states acted on
+        h = hidden[::Z_SAMPLE_EVERY].reshape(-1, hidden.shape[-1]).double()
+        w = agent.action_head.weight.detach().double()
+        expected = (h @ w.t() @ w).norm(dim=-1)
+        assert batch.z_norm[a].shape == (T // Z_SAMPLE_EVERY * B,)
+        torch.testing.assert_close(batch.z_norm[a].double(), expected, rtol=1e-5, atol=1e-6)
+        assert expected.min() > 0
