@@ -122,3 +122,47 @@ def test_linear_module_is_nn_linear_with_the_same_parameters_and_init():
     assert all(torch.equal(mine.state_dict()[k], theirs.state_dict()[k]) for k in theirs.state_dict())
     x = torch.randn(10, 200)
     assert torch.equal(mine(x), theirs(x))  # 10 rows: torch's kernel
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_narrow_products_on_numpy_equal_the_float64_product(small_matmul, bias):
+    """The heads' narrow products (5 columns) on numpy: :func:`linear` takes :class:`NarrowLinear` at MIN_ROWS rows
+    and more, and its value and all three gradients equal the float64 product; below MIN_ROWS (acting) or under the
+    torch small backend it is F.linear itself, bit for bit."""
+    assert small_matmul("numpy") == "numpy"
+    torch.manual_seed(4)
+    x = torch.randn(4000, 256).relu_().requires_grad_()
+    w = (0.1 * torch.randn(5, 256)).requires_grad_()
+    b = torch.randn(5, requires_grad=True) if bias else None
+    params = [x, w] + ([b] if bias else [])
+    g = torch.randn(4000, 5)
+    out = L.linear(x, w, b)
+    assert "NarrowLinear" in type(out.grad_fn).__name__ or any(
+        "NarrowLinear" in type(f[0]).__name__ for f in out.grad_fn.next_functions if f[0] is not None)
+    grads = torch.autograd.grad((out * g).sum(), params)
+    ref_params = [p.detach().double().requires_grad_() for p in params]
+    ref = F.linear(ref_params[0], ref_params[1], ref_params[2] if bias else None)
+    ref_grads = torch.autograd.grad((ref * g.double()).sum(), ref_params)
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
+    for mine, want in zip(grads, ref_grads):
+        torch.testing.assert_close(mine.double(), want, rtol=1e-5, atol=1e-3)
+    small = x.detach()[: L.MIN_ROWS - 1]
+    assert torch.equal(L.linear(small, w.detach(), None), F.linear(small, w.detach()))
+    assert small_matmul("torch") == "torch"
+    assert not L.narrow_on_numpy(x, 5)
+    wide = torch.randn(L.NARROW_COLS + 1, 256)
+    assert small_matmul("numpy") == "numpy" and not L.narrow_on_numpy(x, wide.shape[0])
+
+
+def test_narrow_helpers_compute_the_product_and_its_gradients(small_matmul):
+    """narrow_product, narrow_input_grad (also into a given buffer) and narrow_weight_grad on numpy against float64
+    ground truth: x W^T + b, g W and g^T x."""
+    assert small_matmul("numpy") == "numpy"
+    torch.manual_seed(5)
+    x, w, b, g = torch.randn(500, 256), torch.randn(5, 256), torch.randn(5), torch.randn(500, 5)
+    torch.testing.assert_close(L.narrow_product(x, w, b).double(), x.double() @ w.double().t() + b.double(),
+                               rtol=1e-5, atol=1e-4)
+    buf = torch.full((500, 256), float("nan"))
+    assert L.narrow_input_grad(g, w, out=buf) is buf
+    torch.testing.assert_close(buf.double(), g.double() @ w.double(), rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(L.narrow_weight_grad(g, x).double(), g.double().t() @ x.double(), rtol=1e-5, atol=1e-3)

@@ -18,7 +18,12 @@ windows of B·W rows, which may take oneDNN.
 :func:`small_backend` is a second, separate choice: whether the stacked ReLU recurrence's small per-step products (the
 ``rllib`` learner's 7-row minibatch steps, :func:`interbrain.agents.rnn.relu_recurrence`) run on numpy's BLAS; with
 ``numpy`` the ``rllib`` learner's whole minibatch step runs as numpy calls written out by hand
-(:mod:`interbrain.agents.rnn_numpy`).
+(:mod:`interbrain.agents.rnn_numpy`). The same choice sends the narrow products of the learning passes to numpy
+(:func:`narrow_product`, :func:`narrow_input_grad`, :func:`narrow_weight_grad`: the joint heads' 5 columns, 4 logits
+and the value, over [T·B, 256] hidden states; :class:`NarrowLinear` in :func:`linear`): MKL and oneDNN are slow at a
+5-wide product (per agent and epoch at 4000 rows, caches cold after the step loops: the forward 0.40 ms on MKL,
+0.59 on oneDNN, 0.35 on numpy; the input gradient 0.53 / 0.36 / 0.15 ms; the weight gradient 0.44 / 0.28 ms on
+MKL / numpy; session 21).
 
 The backend is fixed per process, so fixed seeds stay deterministic (a resume under another backend warns that it
 is not bit for bit the uninterrupted run, :class:`interbrain.train.UnitOutput`): :func:`cpu_backend` reads
@@ -32,6 +37,7 @@ from __future__ import annotations
 import functools
 import os
 
+import numpy as np
 import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
@@ -45,6 +51,7 @@ MIN_ROWS = 256  # oneDNN is faster from ~120 rows on (measured: 40 rows slower, 
 SMALL_ENV_VAR = "INTERBRAIN_CPU_SMALL_MATMUL"
 SMALL_BACKENDS = ("auto", "torch", "numpy")
 SMALL_ROWS = 16  # the stacked recurrence's step products with at most this many rows per unit may go to numpy's BLAS
+NARROW_COLS = 8  # products of at least MIN_ROWS rows with at most this many output columns may go to numpy's BLAS
 
 
 def onednn_available() -> bool:
@@ -108,6 +115,61 @@ def small_products_on_numpy(x: torch.Tensor) -> bool:
     (the one test behind every numpy path: the ``rllib`` minibatch step, disrnn's recurrence and acting step, the
     attention agents' acting products)."""
     return x.device.type == "cpu" and x.dtype == torch.float32 and small_backend() == "numpy"
+
+
+def narrow_on_numpy(x: torch.Tensor, cols: int) -> bool:
+    """A product of ``x`` [N, k] (2-D, N >= :data:`MIN_ROWS`) with at most :data:`NARROW_COLS` output columns, or its
+    transposed forms, runs on numpy's BLAS (:func:`small_products_on_numpy`; the module explains why)."""
+    return cols <= NARROW_COLS and x.dim() == 2 and x.shape[0] >= MIN_ROWS and small_products_on_numpy(x)
+
+
+def narrow_product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear(x, weight, bias)`` for x [N, k] and a narrow ``weight`` [n, k] (n <= :data:`NARROW_COLS`): on numpy
+    where :func:`narrow_on_numpy` says so (the product, then the bias added), else ``F.linear``. No graph: the callers'
+    backward uses :func:`narrow_input_grad` and :func:`narrow_weight_grad`."""
+    if not narrow_on_numpy(x, weight.shape[0]):
+        return F.linear(x, weight, bias)
+    out = torch.from_numpy(np.matmul(x.detach().numpy(), weight.detach().numpy().T))
+    return out if bias is None else out.add_(bias.detach())
+
+
+def narrow_input_grad(grad: torch.Tensor, weight: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """grad [N, n] @ weight [n, k]: the input gradient of :func:`narrow_product` (written into ``out`` [N, k] when
+    given: contiguous)."""
+    if not narrow_on_numpy(grad, weight.shape[0]):
+        return torch.mm(grad, weight, out=out)
+    if out is None:
+        return torch.from_numpy(np.matmul(grad.numpy(), weight.detach().numpy()))
+    np.matmul(grad.numpy(), weight.detach().numpy(), out=out.numpy())
+    return out
+
+
+def narrow_weight_grad(grad: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """grad [N, n]^T @ x [N, k]: the weight gradient of :func:`narrow_product`."""
+    if not narrow_on_numpy(grad, grad.shape[1]):
+        return grad.t() @ x
+    return torch.from_numpy(np.matmul(grad.numpy().T, x.detach().numpy()))
+
+
+class NarrowLinear(torch.autograd.Function):
+    """``F.linear`` on 2-D inputs with a narrow weight, every product on numpy (:func:`narrow_product` and its two
+    gradients; :func:`linear` chooses it where :func:`narrow_on_numpy` holds)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        return narrow_product(x, weight, bias)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        grad = grad.contiguous()
+        grad_x = narrow_input_grad(grad, weight) if ctx.needs_input_grad[0] else None
+        grad_weight = narrow_weight_grad(grad, x) if ctx.needs_input_grad[1] else None
+        grad_bias = grad.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        return grad_x, grad_weight, grad_bias
 
 
 def set_cpu_threads(threads: int) -> None:
@@ -178,7 +240,11 @@ def _onednn_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``F.linear(x, weight, bias)``; large float32 CPU products on oneDNN when :func:`cpu_backend` says so."""
+    """``F.linear(x, weight, bias)``; large float32 CPU products on oneDNN when :func:`cpu_backend` says so, narrow
+    ones (at most :data:`NARROW_COLS` outputs: the heads) on numpy when :func:`small_backend` says so."""
+    if x.dim() >= 2 and x.numel() and narrow_on_numpy(x.reshape(-1, x.shape[-1]), weight.shape[0]):
+        out = NarrowLinear.apply(x.reshape(-1, x.shape[-1]), weight, bias)
+        return out.view(*x.shape[:-1], weight.shape[0])
     if _onednn_applies(x, weight):
         out = OneDNNLinear.apply(x.reshape(-1, x.shape[-1]), weight, bias)
         return out.view(*x.shape[:-1], weight.shape[0])
@@ -199,5 +265,7 @@ class Linear(nn.Linear):
         return linear(x, self.weight, self.bias)
 
 
-__all__ = ["BACKENDS", "ENV_VAR", "KnownLinear", "Linear", "MIN_ROWS", "OneDNNLinear", "SMALL_BACKENDS", "SMALL_ENV_VAR", "SMALL_ROWS",
-           "cpu_backend", "known_linear", "linear", "numpy_blas", "onednn_available", "set_cpu_threads", "small_backend"]
+__all__ = ["BACKENDS", "ENV_VAR", "KnownLinear", "Linear", "MIN_ROWS", "NARROW_COLS", "NarrowLinear", "OneDNNLinear",
+           "SMALL_BACKENDS", "SMALL_ENV_VAR", "SMALL_ROWS",
+           "cpu_backend", "known_linear", "linear", "narrow_input_grad", "narrow_on_numpy", "narrow_product",
+           "narrow_weight_grad", "numpy_blas", "onednn_available", "set_cpu_threads", "small_backend"]

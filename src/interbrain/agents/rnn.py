@@ -31,7 +31,8 @@ from torch import nn
 from interbrain.agents.base import (HIDDEN, N_ACTIONS, N_CELLS, OBS_DIM, Agent, FrobeniusNorm, gather_index, gather_rows,
                                     index_table, param_key, register, scatter_two_rows, stacked_row_offsets, sum_rows,
                                     table_rows)
-from interbrain.agents.linear import SMALL_ROWS, small_products_on_numpy
+from interbrain.agents.linear import (SMALL_ROWS, narrow_input_grad, narrow_product, narrow_weight_grad,
+                                      small_products_on_numpy)
 from interbrain.config import AgentConfig
 from interbrain.errors import InterbrainError
 
@@ -135,7 +136,8 @@ class ReluRNNHeads(torch.autograd.Function):
     recurrence runs in place in ``pre``, which must be a fresh non-leaf, non-view tensor (:meth:`RNNAgent._recur`
     passes its gather) and is returned as H. The backward computes the heads' dL/dH for all steps as one product into
     the recurrence's gradient buffer before its step loop (800 calls fewer per ``paper`` update than one product per
-    step inside the loop, which it replaced; the same bits on the development machine). With ``known`` (the H this
+    step inside the loop, which it replaced; the same bits on the development machine). The heads' three products
+    are narrow (5 columns) and may run on numpy (:func:`~interbrain.agents.linear.narrow_product`). With ``known`` (the H this
     forward would compute, recorded by :class:`RNNPair` while acting with the same weights) the recurrence is not run again and
     ``pre`` is left as it is; a replay may then pass, instead of ``pre``, the input table [201, H] and ``rows`` (the
     [T·B, 2] table rows each step sums, pre = table[rows[:, 0]] + table[rows[:, 1]]): the step inputs, which a replay
@@ -154,7 +156,7 @@ class ReluRNNHeads(torch.autograd.Function):
             ctx.mark_dirty(pre)
         else:
             out = known.reshape(-1, known.shape[-1])
-        heads = torch.nn.functional.linear(out, head_w, head_b)
+        heads = narrow_product(out, head_w, head_b)
         ctx.save_for_backward(out, h0, w, head_w)
         ctx.steps = steps
         ctx.set_materialize_grads(False)
@@ -168,14 +170,14 @@ class ReluRNNHeads(torch.autograd.Function):
         if grad_heads is None:
             g.zero_()
         else:  # the heads' dL/dH for all steps as one product
-            torch.mm(grad_heads, head_w, out=g.view(-1, H))
+            narrow_input_grad(grad_heads, head_w, out=g.view(-1, H))
         if grad_hidden is not None:
             g.add_(grad_hidden.view(g.shape))
         g, grad_h0, grad_w = relu_recurrence_backward(g, out.view(T, -1, H), h0, w, ctx.needs_input_grad[1],
                                                       ctx.needs_input_grad[2])
         grad_head_w = grad_head_b = None
         if grad_heads is not None:
-            grad_head_w, grad_head_b = grad_heads.t() @ out, grad_heads.sum(0)
+            grad_head_w, grad_head_b = narrow_weight_grad(grad_heads, out), grad_heads.sum(0)
         g = g.view(out.shape)
         if ctx.rows is not None and ctx.needs_input_grad[0]:
             g = scatter_two_rows(g, ctx.rows, ctx.table_shape)
