@@ -153,3 +153,33 @@ def test_rollout_z_norm_is_the_action_space_norm_every_tenth_step(arch, tiny_ove
         assert batch.z_norm[a].shape == (T // Z_SAMPLE_EVERY * B,)
         torch.testing.assert_close(batch.z_norm[a].double(), expected, rtol=1e-5, atol=1e-6)
         assert expected.min() > 0
+
+
+def test_fused_adam_bumps_versions_so_cached_tables_follow_the_step():
+    """FusedAdam is torch's fused Adam, bit for bit, and it bumps the parameters' version counters: tensors derived
+    from the weights and cached while acting (an RNN's input table, its joint heads) are rebuilt after a step. The
+    fused kernel alone does not bump them, and the cache would keep the old table."""
+    from interbrain.agents.base import build_agent
+    from interbrain.ppo import FusedAdam
+
+    torch.manual_seed(0)
+    agent = build_agent(AgentConfig(arch="rnn"))
+    twin = build_agent(AgentConfig(arch="rnn"))
+    twin.load_state_dict(agent.state_dict())
+    mine = FusedAdam(agent.parameters(), lr=1e-2)
+    plain = torch.optim.Adam(twin.parameters(), lr=1e-2, fused=True)
+    for step in range(3):
+        for p, q in zip(agent.parameters(), twin.parameters()):
+            p.grad = torch.randn_like(p)
+            q.grad = p.grad.clone()
+        with torch.no_grad():
+            before = agent._table()
+        versions = [p._version for p in agent.parameters()]
+        mine.step()
+        plain.step()
+        assert all(p._version > v for p, v in zip(agent.parameters(), versions))
+        assert all(torch.equal(p, q) for p, q in zip(agent.parameters(), twin.parameters()))
+        with torch.no_grad():
+            after = agent._table()
+            assert not torch.equal(after, before)
+            assert torch.equal(after, agent.input_table())  # the current weights' table, not the cached one

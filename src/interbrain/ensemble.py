@@ -45,8 +45,8 @@ from interbrain.env import ChaseEnv
 from interbrain.errors import InterbrainError, NonFiniteError
 from interbrain.io import append_jsonl, ensure_dir
 from interbrain.provenance import now, resolve_device
-from interbrain.ppo import (AGENTS, EVENT_KEYS, Z_SAMPLE_EVERY, Rollout, advantages_and_returns, check_finite,
-                            gumbel_noise, policy_loss, settle_rollout)
+from interbrain.ppo import (AGENTS, EVENT_KEYS, Z_SAMPLE_EVERY, FusedAdam, Rollout, advantages_and_returns,
+                            check_finite, gumbel_noise, policy_loss, settle_rollout)
 
 ENSEMBLE_ARCHS = ("rnn",)
 
@@ -258,7 +258,7 @@ class EnsembleTrainer:
         self.unit_ids = [c.unit_id for c in configs]
         E, B = len(units), self.cfg.num_envs
         self.stacks = {a: StackedRNN([u.agents[a] for u in units]).to(self.device) for a in AGENTS}
-        self.optimizers = {a: torch.optim.Adam(self.stacks[a].parameters(), lr=self.cfg.lr) for a in AGENTS}
+        self.optimizers = {a: FusedAdam(self.stacks[a].parameters(), lr=self.cfg.lr) for a in AGENTS}
         for a in AGENTS:
             self.stacks[a].load_adam(self.optimizers[a], [u.optimizers[a] for u in units], [u.agents[a] for u in units])
         self.env = ChaseEnv(configs[0].env, E * B, self.device, episodes=[c.env for c in configs for _ in range(B)])

@@ -459,6 +459,24 @@ def update_rllib(agents: dict[str, Agent], optimizers: dict[str, torch.optim.Opt
     return out
 
 
+class FusedAdam(torch.optim.Adam):
+    """Each agent's optimiser: ``torch.optim.Adam`` with ``fused=True`` (one kernel a step for all of an agent's
+    parameters: 0.10 against 0.48 ms per agent and step for the RNN on the development machine, ~3 ms of a ``paper``
+    update; issue 6) that bumps the parameters' version counters after each step, as the foreach Adam's in-place ops
+    do. The fused kernel writes the parameters without bumping them, so tensors derived from the weights and reused
+    while they are unchanged (:meth:`~interbrain.agents.base.Agent.cached`, :func:`~interbrain.agents.base.param_key`)
+    would outlive the step: an acting pass would read stale input tables and heads (``tests/test_ppo.py``)."""
+
+    def __init__(self, params, lr: float):
+        super().__init__(params, lr=lr, fused=True)
+        self._versioned = [p for group in self.param_groups for p in group["params"]]
+
+    def step(self, closure=None):
+        loss = super().step(closure)
+        torch.autograd.graph.increment_version(self._versioned)
+        return loss
+
+
 class FusedAdamSteps:
     """Repeated steps of a fused ``torch.optim.Adam`` (one parameter group, no AMSGrad, every parameter with a
     gradient) as direct calls of its kernel ``torch._fused_adam_``, the call ``Adam.step`` ends in (issue 6). The

@@ -28,7 +28,7 @@ from interbrain.config import TrainConfig, make_train_config
 from interbrain.env import ChaseEnv
 from interbrain.errors import InterbrainError, NonFiniteError
 from interbrain.io import append_jsonl, ensure_dir, write_text_atomic
-from interbrain.ppo import AGENTS, check_finite, collect_rollout, rollout_metrics, update_clipped, update_rllib
+from interbrain.ppo import AGENTS, FusedAdam, check_finite, collect_rollout, rollout_metrics, update_clipped, update_rllib
 from interbrain.provenance import device_info, now, provenance, resolve_device
 
 MAX_ATTEMPTS = 2
@@ -46,7 +46,7 @@ class Trainer:
         self.config, self.device = config, device
         chaser, explorer = build_pair(config.agent, config.seed)
         self.agents = {"chaser": chaser.to(device), "explorer": explorer.to(device)}
-        self.optimizers = {a: torch.optim.Adam(self.agents[a].parameters(), lr=config.ppo.lr) for a in AGENTS}
+        self.optimizers = {a: FusedAdam(self.agents[a].parameters(), lr=config.ppo.lr) for a in AGENTS}
         self.env = ChaseEnv(config.env, config.ppo.num_envs, device)
         self.env_gen = torch.Generator().manual_seed(derive_seed(config.seed, "env"))
         self.action_gens = {a: torch.Generator(device=device).manual_seed(derive_seed(config.seed, f"action.{a}"))
