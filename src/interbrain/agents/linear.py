@@ -91,8 +91,9 @@ def small_backend() -> str:
     OpenBLAS ~12 µs (its AVX-512 small-matrix kernel); the ``rllib`` update then took 0.4-1.1 s less in paired runs
     (3.8-4.5 -> 2.95-3.4 s), and with the whole minibatch step written out in numpy
     (:class:`interbrain.agents.rnn_numpy.KLPenaltyMinibatches`, chosen by this backend too) 1.8-1.9 s. The same choice
-    sends disrnn's recurrence and acting step (:mod:`interbrain.agents.disrnn`) and the attention agents' acting
-    products (:func:`interbrain.agents.transformer.attend`) to numpy. ``INTERBRAIN_CPU_SMALL_MATMUL`` = ``auto``
+    sends disrnn's recurrence and acting step (:mod:`interbrain.agents.disrnn`), the attention agents' acting
+    products (:func:`interbrain.agents.transformer.attend`) and the learning passes' narrow heads products
+    (:func:`narrow_on_numpy`) to numpy. ``INTERBRAIN_CPU_SMALL_MATMUL`` = ``auto``
     (default: numpy on AMD processors where numpy's BLAS is OpenBLAS and torch runs AVX-512 kernels, else torch: on
     Intel processors MKL runs AVX-512 kernels itself, and the comparison is not measured there), ``torch`` or
     ``numpy``. Fixed per process; recorded in every artifact's provenance (``cpu_small_matmul``) with
