@@ -469,11 +469,10 @@ class FusedAdam(torch.optim.Adam):
 
     def __init__(self, params, lr: float):
         super().__init__(params, lr=lr, fused=True)
-        self._versioned = [p for group in self.param_groups for p in group["params"]]
 
     def step(self, closure=None):
         loss = super().step(closure)
-        torch.autograd.graph.increment_version(self._versioned)
+        torch.autograd.graph.increment_version([p for group in self.param_groups for p in group["params"]])
         return loss
 
 

@@ -165,12 +165,7 @@ class NarrowLinear(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad):
-        x, weight = ctx.saved_tensors
-        grad = grad.contiguous()
-        grad_x = narrow_input_grad(grad, weight) if ctx.needs_input_grad[0] else None
-        grad_weight = narrow_weight_grad(grad, x) if ctx.needs_input_grad[1] else None
-        grad_bias = grad.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
-        return grad_x, grad_weight, grad_bias
+        return _linear_grads(ctx, grad, "numpy")
 
 
 def set_cpu_threads(threads: int) -> None:
@@ -201,17 +196,24 @@ class OneDNNLinear(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad):
-        return _linear_grads(ctx, grad, onednn=True)
+        return _linear_grads(ctx, grad, "onednn")
 
 
-def _linear_grads(ctx, grad: torch.Tensor, onednn: bool) -> tuple:
-    """Gradients of ``x W^T + b`` (x, W saved on ``ctx``; 2-D): the input's as ``grad W`` (on oneDNN with ``onednn``),
-    the weight's as ``grad^T x``, the bias's as the column sums."""
+def _linear_grads(ctx, grad: torch.Tensor, kernel: str) -> tuple:
+    """Gradients of ``x W^T + b`` (x, W saved on ``ctx``; 2-D) on :func:`_kernel`'s ``kernel``: the input's as
+    ``grad W`` (on oneDNN for ``onednn``), the weight's as ``grad^T x`` (both on numpy for ``numpy``: the narrow
+    products), the bias's as the column sums."""
     x, weight = ctx.saved_tensors
-    grad_x = None
+    if kernel == "numpy":
+        grad = grad.contiguous()  # numpy's BLAS takes dense (or transposed) arrays; other strides take its slow loop
+    grad_x = grad_weight = None
     if ctx.needs_input_grad[0]:
-        grad_x = _onednn_product(grad, weight.t(), None) if onednn else grad @ weight
-    grad_weight = grad.t() @ x if ctx.needs_input_grad[1] else None
+        if kernel == "onednn":
+            grad_x = _onednn_product(grad, weight.t(), None)
+        else:
+            grad_x = narrow_input_grad(grad, weight) if kernel == "numpy" else grad @ weight
+    if ctx.needs_input_grad[1]:
+        grad_weight = narrow_weight_grad(grad, x) if kernel == "numpy" else grad.t() @ x
     grad_bias = grad.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
     return grad_x, grad_weight, grad_bias
 
@@ -225,13 +227,13 @@ class KnownLinear(torch.autograd.Function):
     def forward(ctx, x, weight, bias, known):
         x2 = x.reshape(-1, x.shape[-1])
         ctx.save_for_backward(x2, weight)
-        ctx.x_shape, ctx.has_bias, ctx.onednn = x.shape, bias is not None, _onednn_applies(x2, weight)
+        ctx.x_shape, ctx.has_bias, ctx.kernel = x.shape, bias is not None, _kernel(x2, weight)
         return known[0]
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad):
-        grad_x, grad_weight, grad_bias = _linear_grads(ctx, grad.reshape(-1, grad.shape[-1]), ctx.onednn)
+        grad_x, grad_weight, grad_bias = _linear_grads(ctx, grad.reshape(-1, grad.shape[-1]), ctx.kernel)
         return (None if grad_x is None else grad_x.view(ctx.x_shape)), grad_weight, grad_bias, None
 
 
@@ -240,16 +242,25 @@ def _onednn_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
             and x.numel() >= MIN_ROWS * x.shape[-1] > 0 and cpu_backend() == "onednn")
 
 
+def _kernel(x2: torch.Tensor, weight: torch.Tensor) -> str:
+    """The kernel of :func:`linear`'s product of x2 [N, in] (2-D) with ``weight``: ``numpy`` (narrow,
+    :func:`narrow_on_numpy`), ``onednn`` (large, :func:`cpu_backend`) or ``torch``."""
+    if narrow_on_numpy(x2, weight.shape[0]):
+        return "numpy"
+    return "onednn" if _onednn_applies(x2, weight) else "torch"
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``F.linear(x, weight, bias)``; large float32 CPU products on oneDNN when :func:`cpu_backend` says so, narrow
     ones (at most :data:`NARROW_COLS` outputs: the heads) on numpy when :func:`small_backend` says so."""
-    if x.dim() >= 2 and x.numel() and narrow_on_numpy(x.reshape(-1, x.shape[-1]), weight.shape[0]):
-        out = NarrowLinear.apply(x.reshape(-1, x.shape[-1]), weight, bias)
-        return out.view(*x.shape[:-1], weight.shape[0])
-    if _onednn_applies(x, weight):
-        out = OneDNNLinear.apply(x.reshape(-1, x.shape[-1]), weight, bias)
-        return out.view(*x.shape[:-1], weight.shape[0])
-    return F.linear(x, weight, bias)
+    if x.dim() < 2 or not x.numel():
+        return F.linear(x, weight, bias)
+    x2 = x.reshape(-1, x.shape[-1])
+    kernel = _kernel(x2, weight)
+    if kernel == "torch":
+        return F.linear(x, weight, bias)
+    out = (NarrowLinear if kernel == "numpy" else OneDNNLinear).apply(x2, weight, bias)
+    return out.view(*x.shape[:-1], weight.shape[0])
 
 
 def known_linear(x: torch.Tensor, layer: nn.Linear, known: torch.Tensor) -> torch.Tensor:

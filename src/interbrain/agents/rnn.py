@@ -137,9 +137,9 @@ class ReluRNNHeads(torch.autograd.Function):
     passes its gather) and is returned as H. The backward computes the heads' dL/dH for all steps as one product into
     the recurrence's gradient buffer before its step loop (800 calls fewer per ``paper`` update than one product per
     step inside the loop, which it replaced; the same bits on the development machine). The heads' three products
-    are narrow (5 columns) and may run on numpy (:func:`~interbrain.agents.linear.narrow_product`). With ``known`` (the H this
-    forward would compute, recorded by :class:`RNNPair` while acting with the same weights) the recurrence is not run again and
-    ``pre`` is left as it is; a replay may then pass, instead of ``pre``, the input table [201, H] and ``rows`` (the
+    are narrow (5 columns) and may run on numpy (:func:`~interbrain.agents.linear.narrow_product`). With ``known``
+    (the H this forward would compute, recorded by :class:`RNNPair` while acting with the same weights) the recurrence
+    is not run again and ``pre`` is left as it is; a replay may then pass, instead of ``pre``, the input table [201, H] and ``rows`` (the
     [T·B, 2] table rows each step sums, pre = table[rows[:, 0]] + table[rows[:, 1]]): the step inputs, which a replay
     never reads, are not gathered, and their gradient is scattered into the table's (:func:`scatter_two_rows`, as
     :class:`TwoRowGather`'s backward: the same bits; the gather took ~0.7 ms per agent and update). H's own gradient,
