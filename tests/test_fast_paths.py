@@ -426,15 +426,16 @@ def test_transformer_replay_equals_the_recomputed_pass_in_float64(size):
         pair = agents[0].pair_with(agents[1], T)
         assert pair.replays
         state = pair.initial_state(B)
-        hidden, heads = torch.empty(T, 2, B, 256, dtype=torch.float64), torch.empty(T, 2, B, 5, dtype=torch.float64)
+        # agent-major hidden states, as collect_rollout keeps them
+        hidden, heads = torch.empty(2, T, B, 256, dtype=torch.float64), torch.empty(T, 2, B, 5, dtype=torch.float64)
         index = torch.stack([random_index(T, B, seed=7 + i) for i in range(2)], 1)  # [T, 2, B, 2]
         with torch.no_grad():
             for t in range(T):
-                state = pair.step(index[t] + pair.row_offsets, state, hidden[t], heads[t])
+                state = pair.step(index[t] + pair.row_offsets, state, hidden[:, t], heads[t])
         records = pair.records(state, hidden)
         for i, agent in enumerate(agents):
             weights = [torch.randn(x.shape, generator=torch.Generator().manual_seed(30 + j), dtype=torch.float64)
-                       for j, x in enumerate((heads[:, i, :, :4], heads[:, i, :, 4], hidden[:, i]))]
+                       for j, x in enumerate((heads[:, i, :, :4], heads[:, i, :, 4], hidden[i]))]
             results = []
             for replay in (True, False):
                 agent.zero_grad()
@@ -472,13 +473,14 @@ def test_transformer_replay_recomputes_where_an_own_token_weight_is_too_small(ti
     a, agent = AGENTS[0], tr.agents[AGENTS[0]]
     key, record = batch.replay[a]
     # the rebuilt log-sum-exp equals the scores' own, from the recorded q and k (hand check on layer 1)
-    q, k, _ = agent.blocks[0].step_major_heads(record[0]["qkv"])
+    layers = record["layers"]
+    q, k, _ = agent.blocks[0].step_major_heads(layers[0]["qkv"])
     scores = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5
     L = scores.shape[-1]
     scores = scores.masked_fill(~torch.ones(L, L, dtype=torch.bool).tril(), float("-inf"))
-    assert torch.allclose(known_lse(q, k, record[0]["log_self"]), torch.logsumexp(scores, -1), atol=2e-5)
-    record[1]["log_self"][0, 0, 3] = SELF_WEIGHT_FLOOR - 1
-    assert known_lse(*agent.blocks[1].step_major_heads(record[1]["qkv"])[:2], record[1]["log_self"]) is None
+    assert torch.allclose(known_lse(q, k, layers[0]["log_self"]), torch.logsumexp(scores, -1), atol=2e-5)
+    layers[1]["log_self"][0, 0, 3] = SELF_WEIGHT_FLOOR - 1
+    assert known_lse(*agent.blocks[1].step_major_heads(layers[1]["qkv"])[:2], layers[1]["log_self"]) is None
     with torch.no_grad():
         replayed = agent.replay_index(batch.obs_index[a], record)
         fresh = agent.sequence_index(batch.obs_index[a])

@@ -203,7 +203,7 @@ def _linear_grads(ctx, grad: torch.Tensor, kernel: str) -> tuple:
     """Gradients of ``x W^T + b`` (x, W saved on ``ctx``; 2-D) on :func:`_kernel`'s ``kernel``: the input's as
     ``grad W`` (on oneDNN for ``onednn``), the weight's as ``grad^T x`` (both on numpy for ``numpy``: the narrow
     products), the bias's as the column sums."""
-    x, weight = ctx.saved_tensors
+    x, weight = ctx.saved_tensors[:2]
     if kernel == "numpy":
         grad = grad.contiguous()  # numpy's BLAS takes dense (or transposed) arrays; other strides take its slow loop
     grad_x = grad_weight = None
@@ -221,20 +221,24 @@ def _linear_grads(ctx, grad: torch.Tensor, kernel: str) -> tuple:
 class KnownLinear(torch.autograd.Function):
     """``F.linear(x, weight, bias)`` whose output is already known (``known[0]``, x's shape but the last dim, any
     strides: computed from the same x and weights by an acting pass and recorded): the forward returns it without the
-    product; the backward is :func:`linear`'s."""
+    product; the backward is :func:`linear`'s. With ``relu`` the layer is followed by a ReLU and ``known[0]`` is the
+    ReLU's output: the backward first masks the gradient where it is 0 (``threshold_backward``, as ``torch.relu``'s
+    own backward does from its output), so the ReLU costs no forward pass either."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, known):
+    def forward(ctx, x, weight, bias, known, relu=False):
         x2 = x.reshape(-1, x.shape[-1])
-        ctx.save_for_backward(x2, weight)
+        ctx.save_for_backward(x2, weight, *known[:1] if relu else ())
         ctx.x_shape, ctx.has_bias, ctx.kernel = x.shape, bias is not None, _kernel(x2, weight)
         return known[0]
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad):
+        if len(ctx.saved_tensors) == 3:  # relu: d relu(z) / dz = 1 where relu(z) > 0
+            grad = torch.ops.aten.threshold_backward(grad, ctx.saved_tensors[2], 0)
         grad_x, grad_weight, grad_bias = _linear_grads(ctx, grad.reshape(-1, grad.shape[-1]), ctx.kernel)
-        return (None if grad_x is None else grad_x.view(ctx.x_shape)), grad_weight, grad_bias, None
+        return (None if grad_x is None else grad_x.view(ctx.x_shape)), grad_weight, grad_bias, None, None
 
 
 def _onednn_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -263,11 +267,11 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return out.view(*x.shape[:-1], weight.shape[0])
 
 
-def known_linear(x: torch.Tensor, layer: nn.Linear, known: torch.Tensor) -> torch.Tensor:
-    """``layer(x)`` when its value ``known`` (x's shape but the last dim, the layer's output width) was recorded by an
-    acting pass from the same x and weights (to float tolerance): the value is not recomputed, only the backward is
-    built (the first learning epoch's replay, issue 6)."""
-    return KnownLinear.apply(x, layer.weight, layer.bias, (known,))
+def known_linear(x: torch.Tensor, layer: nn.Linear, known: torch.Tensor, relu: bool = False) -> torch.Tensor:
+    """``layer(x)`` (``torch.relu(layer(x))`` with ``relu``) when its value ``known`` (x's shape but the last dim, the
+    layer's output width) was recorded by an acting pass from the same x and weights (to float tolerance): the value
+    is not recomputed, only the backward is built (the first learning epoch's replay, issue 6)."""
+    return KnownLinear.apply(x, layer.weight, layer.bias, (known,), relu)
 
 
 class Linear(nn.Linear):

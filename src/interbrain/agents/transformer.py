@@ -185,16 +185,17 @@ class CausalBlock(nn.Module):
     def replayed(self, x: torch.Tensor, record: dict[str, torch.Tensor], lse: torch.Tensor) -> torch.Tensor:
         """:meth:`causal` for a step-major x [L, N, d] whose products' and attention's outputs were recorded by the
         acting pass under the same weights (:meth:`TransformerPair.records`, this block's part: [L, N, width], log_self
-        [N, heads, L]) and the attention's log-sum-exp ``lse`` [N, heads, L] (:func:`known_lse`): only the LayerNorms,
-        the ReLU and the residual sums are recomputed; the products and the attention are taken from the record with
-        their backward built (:func:`~interbrain.agents.linear.known_linear`, :class:`KnownAttention`)."""
+        [N, heads, L]) and the attention's log-sum-exp ``lse`` [N, heads, L] (:func:`known_lse`): only the LayerNorms
+        and the residual sums are recomputed; the products (the MLP's first with its ReLU: the record holds its output
+        after the ReLU) and the attention are taken from the record with their backward built
+        (:func:`~interbrain.agents.linear.known_linear`, :class:`KnownAttention`)."""
         L, N, d = x.shape
         qkv = known_linear(self.ln_attn(x), self.qkv, record["qkv"])
         q, k, v = self.step_major_heads(qkv)
         att = KnownAttention.apply(q, k, v, (record["att"].view(L, N, self.heads, d // self.heads).permute(1, 2, 0, 3),
                                              lse))
         x = x + known_linear(att.permute(2, 0, 1, 3).reshape(L, N, d), self.attn_out, record["attn_out"])
-        inner = torch.relu(known_linear(self.ln_mlp(x), self.mlp_in, record["mlp_in"]))
+        inner = known_linear(self.ln_mlp(x), self.mlp_in, record["mlp_in"], relu=True)  # recorded after its ReLU
         return x + known_linear(inner, self.mlp_out, record["mlp_out"])
 
     def last_query(self, x: torch.Tensor) -> torch.Tensor:
@@ -365,23 +366,29 @@ class TransformerAgent(WindowedContext, Agent):
         :class:`TransformerPair` recorded over those steps while acting under the same weights
         (:meth:`TransformerPair.records`): the
         blocks' products and attention are not recomputed, their backward is built on the recorded outputs
-        (:meth:`CausalBlock.replayed`). The values equal the recomputed ones to float tolerance (the acting pass
+        (:meth:`CausalBlock.replayed`); nor is the ``matched`` hidden layer's product and ReLU, whose output is the
+        recorded hidden state. The values equal the recomputed ones to float tolerance (the acting pass
         multiplies step by step), not bit for bit. Where an own-token attention weight is too small to give the
         log-sum-exp (:func:`known_lse`) it recomputes: :meth:`sequence_index`."""
         T, B, _ = index.shape
-        if T > self.window or any(rec["qkv"].shape[:2] != (T, B) for rec in record):
-            raise InterbrainError(f"a transformer record of {tuple(record[0]['qkv'].shape[:2])} (steps, episodes) "
+        layers = record["layers"]
+        shapes = [rec["qkv"].shape[:2] for rec in layers] + [record["hidden"].shape[:2]]
+        if T > self.window or any(shape != (T, B) for shape in shapes):
+            raise InterbrainError(f"a transformer record of {tuple(layers[0]['qkv'].shape[:2])} (steps, episodes) "
                                   f"cannot replay {T} steps of {B} episodes (window={self.window})")
         lses = []
-        for block, rec in zip(self.blocks, record):
+        for block, rec in zip(self.blocks, layers):
             lses.append(known_lse(*block.step_major_heads(rec["qkv"])[:2], rec["log_self"]))
             if lses[-1] is None:
                 return self.sequence_index(index)
         x = self.gather_linear(index, self.inp) + self.position_embedding(0, T).unsqueeze(1)  # [T, B, d]
         self._note_context(T)
-        for block, rec, lse in zip(self.blocks, record, lses):
+        for block, rec, lse in zip(self.blocks, layers, lses):
             x = block.replayed(x, rec, lse)
-        hidden = self._emit(x)
+        if self.hidden_proj is None:
+            hidden = self.final_ln(x)
+        else:  # the recorded hidden states are the projection's output after its ReLU
+            hidden = known_linear(self.final_ln(x), self.hidden_proj, record["hidden"], relu=True)
         logits, value = self.readout(hidden)
         return logits, value, hidden
 
@@ -514,14 +521,16 @@ class TransformerPair:
             out.append((t, emb[i, :, kept], *cache))
         return out
 
-    def records(self, state: tuple, hidden: torch.Tensor) -> list:
-        """Each agent's record of the episode's t <= ``window`` steps for :meth:`TransformerAgent.replay_index`: per layer,
-        the outputs of its products and attention, step-major views [W, B, width], and each query's log weight on its
-        own token, [B, heads, W] (the lse's part that :func:`known_lse` completes)."""
+    def records(self, state: tuple, hidden: torch.Tensor) -> list[dict]:
+        """Each agent's record of the episode's t <= ``window`` steps for :meth:`TransformerAgent.replay_index`:
+        ``layers``, per layer the outputs of its products and attention, step-major views [t, B, width], and each
+        query's log weight on its own token, [B, heads, t] (the lse's part that :func:`known_lse` completes); and
+        ``hidden``, its hidden states [t, B, 256] from the rollout's ``hidden`` [2, T, B, 256] (agent-major, as the
+        steps wrote them)."""
         t, emb, _, record = state[:4]
         if record is None:
             raise InterbrainError("this transformer pair keeps no record (it records when acting on CPU)")
         B = emb.shape[1]
-        return [[{name: value[:t, i] if name != "log_self" else value[:t, i * B:(i + 1) * B].permute(1, 2, 0)
-                  for name, value in layer.items()}
-                 for layer in record] for i in range(len(self.agents))]
+        return [{"layers": [{name: value[:t, i] if name != "log_self" else value[:t, i * B:(i + 1) * B].permute(1, 2, 0)
+                             for name, value in layer.items()} for layer in record],
+                 "hidden": hidden[i, :t]} for i in range(len(self.agents))]
