@@ -228,14 +228,14 @@ class KnownLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, known, relu=False):
         x2 = x.reshape(-1, x.shape[-1])
-        ctx.save_for_backward(x2, weight, *known[:1] if relu else ())
-        ctx.x_shape, ctx.has_bias, ctx.kernel = x.shape, bias is not None, _kernel(x2, weight)
+        ctx.save_for_backward(x2, weight, *known[:1] if relu else ())  # the ReLU's output: its mask
+        ctx.x_shape, ctx.has_bias, ctx.kernel, ctx.relu = x.shape, bias is not None, _kernel(x2, weight), relu
         return known[0]
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad):
-        if len(ctx.saved_tensors) == 3:  # relu: d relu(z) / dz = 1 where relu(z) > 0
+        if ctx.relu:  # d relu(z) / dz = 1 where relu(z) > 0
             grad = torch.ops.aten.threshold_backward(grad, ctx.saved_tensors[2], 0)
         grad_x, grad_weight, grad_bias = _linear_grads(ctx, grad.reshape(-1, grad.shape[-1]), ctx.kernel)
         return (None if grad_x is None else grad_x.view(ctx.x_shape)), grad_weight, grad_bias, None, None

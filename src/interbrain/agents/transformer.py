@@ -275,9 +275,15 @@ class TransformerAgent(WindowedContext, Agent):
         return "ReLU(Linear(64->256)(final-LayerNorm residual at step t))"
 
     # --- forward pieces -------------------------------------------------------------------------
-    def _emit(self, x: torch.Tensor) -> torch.Tensor:
+    def _emit(self, x: torch.Tensor, known: torch.Tensor | None = None) -> torch.Tensor:
+        """The hidden state from the residual stream x; with ``known``, the ``matched`` projection's output (after its
+        ReLU) as an acting pass recorded it (the replay: :func:`~interbrain.agents.linear.known_linear`)."""
         h = self.final_ln(x)
-        return h if self.hidden_proj is None else torch.relu(self.hidden_proj(h))
+        if self.hidden_proj is None:
+            return h
+        if known is not None:
+            return known_linear(h, self.hidden_proj, known, relu=True)
+        return torch.relu(self.hidden_proj(h))
 
     def _causal_pass(self, emb: torch.Tensor) -> torch.Tensor:
         """Residual stream of every token of ``emb`` [N, L, d] at positions 0..L-1 (L <= W)."""
@@ -373,8 +379,9 @@ class TransformerAgent(WindowedContext, Agent):
         T, B, _ = index.shape
         layers = record["layers"]
         shapes = [rec["qkv"].shape[:2] for rec in layers] + [record["hidden"].shape[:2]]
-        if T > self.window or any(shape != (T, B) for shape in shapes):
-            raise InterbrainError(f"a transformer record of {tuple(layers[0]['qkv'].shape[:2])} (steps, episodes) "
+        wrong = [shape for shape in shapes if shape != (T, B)]
+        if T > self.window or wrong:
+            raise InterbrainError(f"a transformer record of {tuple((wrong or shapes)[0])} (steps, episodes) "
                                   f"cannot replay {T} steps of {B} episodes (window={self.window})")
         lses = []
         for block, rec in zip(self.blocks, layers):
@@ -385,10 +392,7 @@ class TransformerAgent(WindowedContext, Agent):
         self._note_context(T)
         for block, rec, lse in zip(self.blocks, layers, lses):
             x = block.replayed(x, rec, lse)
-        if self.hidden_proj is None:
-            hidden = self.final_ln(x)
-        else:  # the recorded hidden states are the projection's output after its ReLU
-            hidden = known_linear(self.final_ln(x), self.hidden_proj, record["hidden"], relu=True)
+        hidden = self._emit(x, known=record["hidden"])
         logits, value = self.readout(hidden)
         return logits, value, hidden
 
