@@ -16,9 +16,9 @@ ENVS = REPO / "workflow" / "envs"
 ENV_NAMES = ("train", "analysis", "report")
 # What every script needs to import the package (interbrain.provenance imports torch) and what each stage adds.
 REQUIRED = {
-    "train": {"torch", "numpy", "safetensors", "tqdm", "pyyaml", "jsonschema"},
-    "analysis": {"torch", "numpy", "safetensors", "scipy", "scikit-learn", "threadpoolctl", "pandas"},
-    "report": {"torch", "numpy", "safetensors", "pandas", "matplotlib", "seaborn", "jinja2"},
+    "train": {"torch", "numpy", "numba", "safetensors", "tqdm", "pyyaml", "jsonschema"},
+    "analysis": {"torch", "numpy", "numba", "safetensors", "scipy", "scikit-learn", "threadpoolctl", "pandas"},
+    "report": {"torch", "numpy", "numba", "safetensors", "pandas", "matplotlib", "seaborn", "jinja2"},
 }
 
 

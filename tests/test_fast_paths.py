@@ -272,6 +272,17 @@ def test_softmax_keys_is_the_softmax_over_the_unpadded_keys():
             assert torch.equal(got == 0, ref == 0)
 
 
+def perturbed_norms(agent):
+    """The agent with every LayerNorm's weight and bias drawn at random (initialised, they are all 1 and 0: a step
+    that used one LayerNorm's weights for another's would go unnoticed)."""
+    with torch.no_grad():
+        for module in agent.modules():
+            if isinstance(module, torch.nn.LayerNorm):
+                module.weight.uniform_(0.5, 1.5)
+                module.bias.uniform_(-0.3, 0.3)
+    return agent
+
+
 @pytest.mark.parametrize("size", ["std", "matched"])
 def test_transformer_pair_step_is_bitwise_the_two_agents_own_steps(size):
     """Both transformer agents as one batched call (TransformerPair) give the same bits as each agent's step_index over
@@ -281,7 +292,7 @@ def test_transformer_pair_step_is_bitwise_the_two_agents_own_steps(size):
 
     W, B = 9, 5
     torch.manual_seed(1)
-    agents = [build_agent(AgentConfig(arch="transformer", size=size, window=W)) for _ in range(2)]
+    agents = [perturbed_norms(build_agent(AgentConfig(arch="transformer", size=size, window=W))) for _ in range(2)]
     pair = agents[0].pair_with(agents[1], W)
     assert isinstance(pair, TransformerPair) and agents[0].pair_with(agents[1], W + 1) is None
     twins = [build_agent(AgentConfig(arch="transformer", size=size, window=W)) for _ in range(2)]
@@ -305,6 +316,38 @@ def test_transformer_pair_step_is_bitwise_the_two_agents_own_steps(size):
             assert all(torch.equal(x, y) for x, y in zip(mine[:3], ref[:3]))
     for agent, twin in zip(agents, twins):
         assert (agent.max_position_used, agent.max_context_used) == (W - 1, W)
+
+
+@pytest.mark.parametrize("size", ["std", "matched"])
+def test_transformer_pair_compiled_step_equals_its_torch_step(size):
+    """The pair step on CPU runs its LayerNorms, residual sums, cache writes and attention as compiled loops
+    (acting_kernels); its torch form (the CUDA path: torch's LayerNorm, copies and batched products) gives the same
+    hidden states, heads, records and per-agent states to float tolerance over a whole window, on CPU."""
+    W, B = 12, 6
+    torch.manual_seed(2)
+    agents = [perturbed_norms(build_agent(AgentConfig(arch="transformer", size=size, window=W))) for _ in range(2)]
+    compiled, plain = agents[0].pair_with(agents[1], W), agents[0].pair_with(agents[1], W)
+    assert compiled.compiled
+    plain.compiled, plain.arrays = False, None
+    states = [compiled.initial_state(B), plain.initial_state(B)]
+    assert states[0][-1] is not None and states[1][-1] is None
+    hidden, heads = torch.empty(2, W, 2, B, 256), torch.empty(2, W, 2, B, 5)
+    with torch.no_grad():
+        for t in range(W):
+            index = torch.stack([random_index(1, B, seed=7 * t + i)[0] for i in range(2)]) + compiled.row_offsets
+            states = [pair.step(index, state, hidden[j, t], heads[j, t])
+                      for j, (pair, state) in enumerate(zip((compiled, plain), states))]
+    torch.testing.assert_close(hidden[0], hidden[1], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(heads[0], heads[1], rtol=1e-5, atol=1e-5)
+    records = [pair.records(state, h.transpose(0, 1)) for pair, state, h in zip((compiled, plain), states, hidden)]
+    for mine, ref in zip(*records):
+        for layer_mine, layer_ref in zip(mine["layers"], ref["layers"]):
+            for name in layer_ref:
+                torch.testing.assert_close(layer_mine[name], layer_ref[name], rtol=1e-5, atol=1e-5, msg=name)
+    for mine, ref in zip(compiled.states(states[0]), plain.states(states[1])):
+        assert mine[0] == ref[0] == W
+        for x, y in zip(mine[1:], ref[1:]):
+            torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-5)
 
 
 def test_replayed_first_epoch_is_bitwise_the_recomputed_one(tiny_overrides, monkeypatch):

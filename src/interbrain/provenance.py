@@ -15,7 +15,7 @@ import torch
 
 import interbrain
 
-_PACKAGES = ("torch", "numpy", "scipy", "scikit-learn", "safetensors", "pandas")
+_PACKAGES = ("torch", "numpy", "numba", "scipy", "scikit-learn", "safetensors", "pandas")
 _REPO = Path(__file__).resolve().parents[2]
 
 

@@ -32,6 +32,7 @@ from torch.nn import functional as F
 
 from interbrain.agents.base import (HIDDEN, OBS_DIM, Agent, bag_sum, check_size, index_table, init_heads, param_key,
                                     register, stacked_row_offsets)
+from interbrain.agents.acting_kernels import add_layer_norm, attend_cached, embed_step, layer_norm, write_step
 from interbrain.agents.linear import Linear, known_linear, small_products_on_numpy
 from interbrain.config import AgentConfig
 from interbrain.errors import InterbrainError
@@ -80,6 +81,29 @@ def softmax_keys(scores: torch.Tensor) -> torch.Tensor:
     return torch.softmax(padded, -1)[..., :L]
 
 
+def compiled_acting(*tensors: torch.Tensor) -> bool:
+    """Whether acting over these tensors (the attention, the LayerNorms) runs as
+    :mod:`~interbrain.agents.acting_kernels`' compiled loops: on CPU, in float32 or float64, with no gradient asked
+    for (the loops build no graph)."""
+    first = tensors[0]
+    if first.device.type != "cpu" or first.dtype not in (torch.float32, torch.float64):
+        return False
+    return not (torch.is_grad_enabled() and any(x.requires_grad for x in tensors))
+
+
+def acting_layer_norm(norm: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
+    """``norm(x)`` while acting (no gradient) on CPU: as :func:`~interbrain.agents.acting_kernels.layer_norm`, which
+    the transformer pair step runs (the same bits; 6 against 15 µs at [2, 40, 64]); otherwise the module."""
+    if not compiled_acting(x, norm.weight):
+        return norm(x)
+    d = x.shape[-1]
+    rows = x.detach().reshape(1, -1, d).numpy()
+    out = np.empty_like(rows)
+    layer_norm(rows, norm.weight.detach().numpy()[None], norm.bias.detach().numpy()[None], rows.dtype.type(norm.eps),
+               out)
+    return torch.from_numpy(out).view(x.shape)
+
+
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor | None = None,
            log_self_out: torch.Tensor | None = None) -> torch.Tensor:
     """Softmax attention of a step's few queries over a KV cache (acting): q [N, heads, S, dh], k and v
@@ -92,7 +116,17 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Ten
     ``matched`` transformer's rollout then takes ~20 ms less (121 against 144 ms, interleaved runs). With
     ``log_self_out`` ([N, heads], S = 1) the log of each query's weight on the last key (its own token) is written
     there: with the query's own score it gives the log-sum-exp of its scores (:class:`KnownAttention`) without a
-    reduction; the result is the same."""
+    reduction; the result is the same. A single query (S = 1, no mask) on CPU without a gradient goes to the
+    compiled loops of :mod:`~interbrain.agents.acting_kernels` instead (:func:`compiled_acting`), as the
+    transformer pair step does: the same bits, faster."""
+    if q.shape[2] == 1 and allowed is None and compiled_acting(q, k, v):
+        N, H, _, dh = q.shape
+        q, k, v = q.detach().numpy(), k.detach().numpy(), v.detach().numpy()
+        out = np.empty((N, H, dh), q.dtype)
+        log_last = np.empty((N, H), out.dtype) if log_self_out is None else log_self_out.numpy()
+        attend_cached(q[:, :, 0], k.swapaxes(2, 3), v, k.shape[2],
+                      np.empty((N, H, k.shape[2]), out.dtype), out, log_last)
+        return torch.from_numpy(out).unsqueeze(2)
     # the two products as numpy's (OpenBLAS) where no gradient is asked for: ~107 µs a call against ~146 through
     # torch's batched products (MKL) for a pair step's [80, 4, 1, 16] queries over 1-100 cached steps on the
     # development machine (AMD EPYC)
@@ -161,16 +195,19 @@ class CausalBlock(nn.Module):
             nn.init.xavier_uniform_(layer.weight, gain=gain)
             nn.init.zeros_(layer.bias)
 
-    def _qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _qkv(self, x: torch.Tensor, acting: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q, k, v of LN(x); ``acting``: the LayerNorm as :func:`acting_layer_norm` (the pair step's)."""
         N, L, d = x.shape
-        qkv = self.qkv(self.ln_attn(x)).view(N, L, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        normed = acting_layer_norm(self.ln_attn, x) if acting else self.ln_attn(x)
+        qkv = self.qkv(normed).view(N, L, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # each [N, heads, L, d/heads] (unbind: its backward stacks, no zero-filled buffers)
         return q, k, v
 
-    def _finish(self, x: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
+    def _finish(self, x: torch.Tensor, attended: torch.Tensor, acting: bool = False) -> torch.Tensor:
         N, H, Lq, dh = attended.shape
         x = x + self.attn_out(attended.transpose(1, 2).reshape(N, Lq, H * dh))
-        return x + self.mlp_out(torch.relu(self.mlp_in(self.ln_mlp(x))))
+        normed = acting_layer_norm(self.ln_mlp, x) if acting else self.ln_mlp(x)
+        return x + self.mlp_out(torch.relu(self.mlp_in(normed)))
 
     def causal(self, x: torch.Tensor) -> torch.Tensor:
         """Every token attends to itself and the tokens before it."""
@@ -204,11 +241,13 @@ class CausalBlock(nn.Module):
         return self._finish(x[:, -1:], F.scaled_dot_product_attention(q[:, :, -1:], k, v))
 
     def cached(self, x: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, capacity: int | None = None):
-        """One new token [N, 1, d] attending to the cached keys/values and itself (caches hold up to ``capacity``)."""
-        q, k, v = self._qkv(x)
+        """One new token [N, 1, d] attending to the cached keys/values and itself (caches hold up to ``capacity``).
+        Acting on CPU, its LayerNorms and attention are the compiled loops the transformer pair step runs."""
+        acting = compiled_acting(x, self.ln_attn.weight)
+        q, k, v = self._qkv(x, acting)
         k = append_along(k_cache, k, 2, capacity)
         v = append_along(v_cache, v, 2, capacity)
-        return self._finish(x, attend(q, k, v)), k, v
+        return self._finish(x, attend(q, k, v), acting), k, v
 
 
 class WindowedContext:
@@ -277,8 +316,9 @@ class TransformerAgent(WindowedContext, Agent):
     # --- forward pieces -------------------------------------------------------------------------
     def _emit(self, x: torch.Tensor, known: torch.Tensor | None = None) -> torch.Tensor:
         """The hidden state from the residual stream x; with ``known``, the ``matched`` projection's output (after its
-        ReLU) as an acting pass recorded it (the replay: :func:`~interbrain.agents.linear.known_linear`)."""
-        h = self.final_ln(x)
+        ReLU) as an acting pass recorded it (the replay: :func:`~interbrain.agents.linear.known_linear`). Acting on
+        CPU, the final LayerNorm is :func:`acting_layer_norm` (the pair step's)."""
+        h = acting_layer_norm(self.final_ln, x)
         if self.hidden_proj is None:
             return h
         if known is not None:
@@ -430,6 +470,8 @@ class TransformerPair:
         # on CPU the steps record every product's and attention's output for the first learning epoch's replay
         # (TransformerAgent.replay_index, whose attention backward is the CPU flash kernel's)
         self.replays = first.inp.weight.device.type == "cpu"
+        # on CPU the attention runs as compiled loops (acting_kernels) over a key cache kept transposed
+        self.compiled = self.replays and first.inp.weight.dtype in (torch.float32, torch.float64)
         with torch.no_grad():
             self.table = torch.cat([index_table(a.inp.weight, a.inp.bias) for a in agents])  # [n·201, d]
             self.pos = torch.stack([a.pos_table for a in agents])  # [n, W, d]
@@ -441,6 +483,12 @@ class TransformerPair:
             self.proj = None if first.hidden_proj is None else self._linear([a.hidden_proj for a in agents])
             heads = [a._joint_heads() for a in agents]
             self.heads = (torch.stack([w for w, _ in heads]).transpose(1, 2), torch.stack([b for _, b in heads]).unsqueeze(1))
+        self.arrays = None
+        if self.compiled:  # the compiled loops' views: the input table, positions, and every LayerNorm's weights,
+            # bias and eps in the order the step meets them (per block ln_attn, ln_mlp; then the final one)
+            norms = [block[name] for block in self.blocks for name in ("ln_attn", "ln_mlp")] + [self.final_ln]
+            self.arrays = {"table": self.table.numpy(), "pos": self.pos.numpy(),
+                          "norms": [(w[:, 0].numpy(), b[:, 0].numpy(), w.numpy().dtype.type(eps)) for w, b, eps in norms]}
         self.row_offsets = stacked_row_offsets(n, self.table.device)  # each agent's rows in the stacked table
         self.keys = [param_key(a) for a in agents]
 
@@ -460,9 +508,12 @@ class TransformerPair:
         return torch.addcmul(bias, F.layer_norm(x, (self.d_model,), eps=eps), weight)
 
     def initial_state(self, batch: int) -> tuple:
-        n, W, d = len(self.agents), self.window, self.d_model
+        n, W, d, dh = len(self.agents), self.window, self.d_model, self.d_model // HEADS
         new = lambda *shape: self.table.new_empty(shape)  # noqa: E731
-        caches = [new(n * batch, HEADS, W, d // HEADS) for _ in range(2 * LAYERS)]
+        # per layer the key and the value cache, [n·B, heads, W, dh]; with compiled attention the keys are stored
+        # transposed (time contiguous) and this is a view
+        caches = [new(n * batch, HEADS, dh, W).transpose(2, 3) if self.compiled and j % 2 == 0
+                  else new(n * batch, HEADS, W, dh) for j in range(2 * LAYERS)]
         record = None
         if self.replays:  # per layer, step-major [W, n, B, width] (log_self [W, n·B, heads]): a step's slot is dense
             widths = {"qkv": 3 * d, "att": d, "attn_out": d, "mlp_in": self.mlp_width, "mlp_out": d}
@@ -471,13 +522,63 @@ class TransformerPair:
         # each step's slots per layer ({name: record[i][name][t]}), built once per episode, not per step
         slots = [[{}] * W] * LAYERS if record is None else [
             [dict(zip(layer, views)) for views in zip(*(buf.unbind(0) for buf in layer.values()))] for layer in record]
-        return (0, new(n, batch, W, d), caches, record, slots)
+        emb = new(n, batch, W, d)
+        acting = None
+        if self.compiled:  # the numpy views the compiled loops read and write: the residual stream, its LayerNorm,
+            # and per layer and step the record's slots, the caches (keys transposed) and the scores' scratch
+            normed, scores = new(n, batch, d), new(n * batch, HEADS, W).numpy()
+            acting = {"x": new(n, batch, d).numpy(), "normed": normed, "normed_np": normed.numpy(),
+                      "emb": emb.numpy(), "layers": [
+                          [(slot["qkv"].numpy().reshape(n * batch, 3, HEADS, dh), caches[2 * i].numpy().swapaxes(2, 3),
+                            caches[2 * i + 1].numpy(), slot["att"].numpy().reshape(n * batch, HEADS, dh),
+                            slot["log_self"].numpy(), scores, slot["attn_out"].numpy(), slot["mlp_out"].numpy())
+                           for slot in slots[i]] for i in range(LAYERS)]}
+        return (0, emb, caches, record, slots, acting)
 
     def step(self, rows: torch.Tensor, state: tuple, hidden_out: torch.Tensor, heads_out: torch.Tensor) -> tuple:
         """rows [2, B, 2]: the observation index plus :attr:`row_offsets` (``observation_index(offsets=)``)."""
-        t, emb, caches, record, slots = state
+        t, emb, caches, record, slots, acting = state
         if t >= self.window:
             raise InterbrainError(f"the transformer pair step covers steps 0..{self.window - 1}; got step {t}")
+        if acting is not None:
+            h = self._compiled_step(rows, t, slots, acting)
+        else:
+            h = self._torch_step(rows, t, emb, caches, slots)
+        if self.proj is None:
+            hidden_out.copy_(h)
+        else:
+            torch.baddbmm(self.proj[1], h, self.proj[0], out=hidden_out).relu_()
+        torch.baddbmm(self.heads[1], hidden_out, self.heads[0], out=heads_out)
+        for a in self.agents:  # the context rule's bookkeeping, as each agent's own step keeps it
+            if t > a.max_position_used:  # assigned only when it grows (nn.Module's __setattr__ costs ~5 µs)
+                a.max_position_used = t
+            if t + 1 > a.max_context_used:
+                a.max_context_used = t + 1
+        return (t + 1, emb, caches, record, slots, acting)
+
+    def _compiled_step(self, rows: torch.Tensor, t: int, slots: list, acting: dict) -> torch.Tensor:
+        """The blocks of step t on CPU, the final LayerNorm's output returned: the products as torch's (``baddbmm``,
+        into the record), everything between them as :mod:`~interbrain.agents.acting_kernels`' loops on the
+        preallocated buffers (the embedding, each residual sum with the LayerNorm after it, the cache writes and the
+        attention), so no step allocates."""
+        x, normed, normed_np = acting["x"], acting["normed"], acting["normed_np"]
+        embed_step(self.arrays["table"], rows.numpy(), self.arrays["pos"][:, t], acting["emb"][:, :, t], x)
+        layer_norm(x, *self.arrays["norms"][0], normed_np)
+        for i, block in enumerate(self.blocks):
+            slot = slots[i][t]
+            qkv_rows, keys_t, values, att_rows, log_self, scores, attn_out, mlp_out = acting["layers"][i][t]
+            torch.baddbmm(block["qkv"][1], normed, block["qkv"][0], out=slot["qkv"])
+            write_step(qkv_rows, keys_t, values, t)
+            attend_cached(qkv_rows[:, 0], keys_t, values, t + 1, scores, att_rows, log_self)
+            torch.baddbmm(block["attn_out"][1], slot["att"], block["attn_out"][0], out=slot["attn_out"])
+            add_layer_norm(x, attn_out, *self.arrays["norms"][2 * i + 1], normed_np)
+            torch.baddbmm(block["mlp_in"][1], normed, block["mlp_in"][0], out=slot["mlp_in"]).relu_()
+            torch.baddbmm(block["mlp_out"][1], slot["mlp_in"], block["mlp_out"][0], out=slot["mlp_out"])
+            add_layer_norm(x, mlp_out, *self.arrays["norms"][2 * i + 2], normed_np)  # the next block's or the final
+        return normed
+
+    def _torch_step(self, rows: torch.Tensor, t: int, emb: torch.Tensor, caches: list, slots: list) -> torch.Tensor:
+        """The blocks of step t as torch ops (on CUDA), the final LayerNorm's output returned."""
         n, B, _ = rows.shape
         d, dh = self.d_model, self.d_model // HEADS
         e = bag_sum(self.table, rows.view(-1, 2)).view(n, B, d)
@@ -500,18 +601,7 @@ class TransformerPair:
             inner = torch.baddbmm(block["mlp_in"][1], self._layer_norm(x, block["ln_mlp"]), block["mlp_in"][0],
                                   out=slot.get("mlp_in")).relu_()
             x = x + torch.baddbmm(block["mlp_out"][1], inner, block["mlp_out"][0], out=slot.get("mlp_out"))
-        h = self._layer_norm(x, self.final_ln)
-        if self.proj is None:
-            hidden_out.copy_(h)
-        else:
-            torch.baddbmm(self.proj[1], h, self.proj[0], out=hidden_out).relu_()
-        torch.baddbmm(self.heads[1], hidden_out, self.heads[0], out=heads_out)
-        for a in self.agents:  # the context rule's bookkeeping, as each agent's own step keeps it
-            if t > a.max_position_used:  # assigned only when it grows (nn.Module's __setattr__ costs ~5 µs)
-                a.max_position_used = t
-            if t + 1 > a.max_context_used:
-                a.max_context_used = t + 1
-        return (t + 1, emb, caches, record, slots)
+        return self._layer_norm(x, self.final_ln)
 
     def states(self, state: tuple) -> list[tuple]:
         """Each agent's own state (:meth:`TransformerAgent.initial_state`'s layout) after the steps taken."""
