@@ -34,7 +34,7 @@ def run(q, k, v, L, dtype):
     return out, log_last
 
 
-@pytest.mark.parametrize("dh", [16, 64])
+@pytest.mark.parametrize("dh", [16, 64, 6, 2])
 @pytest.mark.parametrize("dtype,tol", [(np.float32, 2e-6), (np.float64, 1e-13)])
 def test_attend_cached_is_softmax_attention(dh, dtype, tol):
     rng = np.random.default_rng(dh)
