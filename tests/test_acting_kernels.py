@@ -171,10 +171,13 @@ def test_layer_norm_bits_do_not_depend_on_the_layout_or_the_agent_axis():
 
 
 def test_embed_step_sums_the_two_rows_and_adds_the_position():
+    """Rows (r0, r1) = obs[a, at[b] (+ episode_offset[b])], e = table[r0] + table[r1] into emb, e + pos[a] into x."""
     table = np.arange(12, dtype=np.float32).reshape(6, 2)  # row r = (2r, 2r + 1)
-    rows = np.array([[[0, 3], [1, 1]], [[5, 2], [4, 0]]])  # [agents 2, episodes 2, 2 rows]
+    obs = np.array([[[0, 3], [1, 1], [2, 5]], [[5, 2], [4, 0], [3, 3]]])  # [agents 2, states 3, 2 rows]
     pos = np.array([[10.0, 20.0], [30.0, 40.0]], np.float32)
     emb, x = np.zeros((2, 2, 2), np.float32), np.zeros((2, 2, 2), np.float32)
-    embed_step(table, rows, pos, emb, x)
+    embed_step(table, obs, np.array([0, 1]), np.empty(0, np.int64), pos, emb, x)
     assert np.array_equal(emb, [[[6, 8], [4, 6]], [[14, 16], [8, 10]]])
     assert np.array_equal(x, emb + pos[:, None])
+    embed_step(table, obs, np.array([0, 1]), np.array([2, 0]), pos, emb, x)  # episode 0 reads state 2
+    assert np.array_equal(emb[:, 0], [[14, 16], [12, 14]]) and np.array_equal(emb[:, 1], [[4, 6], [8, 10]])

@@ -168,10 +168,12 @@ def test_rnn_pair_step_is_bitwise_the_two_agents_own_steps():
     assert (hidden == 0).any() and (hidden > 0).any()
 
 
+@pytest.mark.parametrize("compiled", [True, False])
 @pytest.mark.parametrize("per_episode", [False, True])
-def test_rnn_pair_play_is_bitwise_the_stepped_loop(per_episode):
+def test_rnn_pair_play_is_bitwise_the_stepped_loop(per_episode, compiled):
     """RNNPair.play (the acting loop written out) gives the bits of the loop it replaces: pair.step, then
-    act_and_move, each step; also with per-episode visibility modes (the observation table's episode offsets)."""
+    act_and_move, each step; also with per-episode visibility modes (the observation table's episode offsets); in
+    both its forms (the CPU one with step_kernels' compiled loops, and the torch calls of the CUDA one)."""
     from interbrain.ppo import act_and_move, gumbel_noise
 
     torch.manual_seed(1)
@@ -192,7 +194,7 @@ def test_rnn_pair_play_is_bitwise_the_stepped_loop(per_episode):
         pairs[0] = env.pair
         with torch.no_grad():
             if way == "play":
-                h = pair.play(env, noise, heads, actions, pairs, hidden)
+                h = pair.play(env, noise, heads, actions, pairs, hidden, compiled=compiled)
             else:
                 h = pair.initial_state(B)
                 for t in range(T):
@@ -316,6 +318,53 @@ def test_transformer_pair_step_is_bitwise_the_two_agents_own_steps(size):
             assert all(torch.equal(x, y) for x, y in zip(mine[:3], ref[:3]))
     for agent, twin in zip(agents, twins):
         assert (agent.max_position_used, agent.max_context_used) == (W - 1, W)
+
+
+@pytest.mark.parametrize("per_episode", [False, True])
+def test_transformer_pair_play_is_bitwise_the_stepped_loop(per_episode):
+    """TransformerPair.play (the acting loop written out, on CPU) gives the bits of the loop it replaces: pair.step,
+    then act_and_move, each step (the observation rows from the environment's table, with per-episode visibility
+    modes too), and the same context bookkeeping; collect_rollout takes it."""
+    from interbrain.ppo import act_and_move, gumbel_noise
+
+    torch.manual_seed(4)
+    T, B = 12, 6
+    agents = [perturbed_norms(build_agent(AgentConfig(arch="transformer", window=T))) for _ in range(2)]
+    cfg = EnvConfig(horizon=T)
+    episodes = [EnvConfig(horizon=T, visibility=("partial", "full", "none")[b % 3], task=("social", "non_social")[b % 2])
+                for b in range(B)] if per_episode else None
+    envs = [ChaseEnv(cfg, batch=B, episodes=episodes) for _ in range(2)]
+    noise = gumbel_noise((T, 2, B, 4), torch.Generator().manual_seed(8), torch.device("cpu"))
+    out = []
+    for way, env in zip(("play", "step"), envs):
+        env.reset(torch.Generator().manual_seed(3))
+        pair = agents[0].pair_with(agents[1], T)
+        assert pair.play is not None
+        heads, actions = torch.empty(T, 2, B, 5), torch.empty(T, 2, B, dtype=torch.long)
+        pairs, hidden = torch.empty(T + 1, B, dtype=torch.long), torch.empty(2, T, B, 256)
+        pairs[0] = env.pair
+        for a in agents:
+            a.max_position_used, a.max_context_used = -1, 0
+        with torch.no_grad():
+            if way == "play":
+                state = pair.play(env, noise, heads, actions, pairs, hidden)
+            else:
+                state = pair.initial_state(B)
+                for t in range(T):
+                    state = pair.step(env.observation_index(offsets=pair.row_offsets), state, hidden[:, t], heads[t])
+                    act_and_move(env, heads[t, ..., :4], noise[t], actions[t], pairs[t + 1])
+        core = env.settle(pairs, actions)
+        records = pair.records(state, hidden)
+        out.append((heads, actions, pairs, hidden, core.rewards, env.t, [a.max_position_used for a in agents],
+                    [a.max_context_used for a in agents], [r["layers"][1]["att"].clone() for r in records],
+                    [s[1].clone() for s in pair.states(state)]))
+    for a, b in zip(*out):
+        if isinstance(a, list):
+            assert all(x == y if isinstance(x, int) else torch.equal(x, y) for x, y in zip(a, b))
+        else:
+            assert a == b if isinstance(a, int) else torch.equal(a, b)
+    assert out[0][6] == [T - 1, T - 1] and out[0][7] == [T, T]
+    assert len(out[0][2].unique()) > 5  # the agents moved
 
 
 @pytest.mark.parametrize("size", ["std", "matched"])

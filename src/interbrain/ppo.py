@@ -123,7 +123,7 @@ def collect_rollout(env: ChaseEnv, agents: dict[str, Agent], env_gen: torch.Gene
         pair = None  # the rllib learner's sequence starts come from the per-agent loop
     if pair is not None:
         hidden = torch.empty(2, T, B, HIDDEN, device=dev)  # agent-major: each agent's [T,B,256] is contiguous
-        if hasattr(pair, "play"):  # the loop below, written out by the pair
+        if getattr(pair, "play", None) is not None:  # the loop below, written out by the pair
             h = pair.play(env, noise, heads, actions, pairs, hidden)
         else:
             lg, nz, act, pr = _step_views(logits, noise, actions, pairs)

@@ -189,13 +189,16 @@ def add_layer_norm(x, y, weight, bias, eps, out):
 
 
 @njit(cache=True, boundscheck=False)
-def embed_step(table, rows, pos, emb, x):
-    """The pair step's input: per agent a and episode r, e = table[rows[a, r, 0]] + table[rows[a, r, 1]] (the
-    observation's two rows of the stacked input tables), written to ``emb[a, r]``, and x[a, r] = e + pos[a]."""
-    for a in range(rows.shape[0]):
-        for r in range(rows.shape[1]):
-            first, second = table[rows[a, r, 0]], table[rows[a, r, 1]]
+def embed_step(table, obs, at, episode_offset, pos, emb, x):
+    """The pair step's input: per agent a and episode b, e = table[r0] + table[r1] with (r0, r1) = obs[a, at[b] +
+    episode_offset[b]] (no offset when ``episode_offset`` is empty; ``ChaseEnv.acting_tables``' table, or the step's
+    rows themselves with ``at`` = 0..B-1), written to ``emb[a, b]``, and x[a, b] = e + pos[a]."""
+    per_episode = episode_offset.shape[0] > 0
+    for b in range(at.shape[0]):
+        row = at[b] + episode_offset[b] if per_episode else at[b]
+        for a in range(x.shape[0]):
+            first, second = table[obs[a, row, 0]], table[obs[a, row, 1]]
             for i in range(table.shape[1]):
                 e = first[i] + second[i]
-                emb[a, r, i] = e
-                x[a, r, i] = e + pos[a, i]
+                emb[a, b, i] = e
+                x[a, b, i] = e + pos[a, i]

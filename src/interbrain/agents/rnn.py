@@ -35,6 +35,7 @@ from interbrain.agents.linear import (SMALL_ROWS, narrow_input_grad, narrow_prod
                                       small_products_on_numpy)
 from interbrain.config import AgentConfig
 from interbrain.errors import InterbrainError
+from interbrain.step_kernels import gather_inputs, sample_and_move
 
 
 def numpy_steps(x: torch.Tensor, w: torch.Tensor) -> bool:
@@ -379,20 +380,37 @@ class RNNPair:
         return step_rows(rows, h, self.table, self.weight_hh, self.heads, hidden_out, heads_out)[1]
 
     def play(self, env, noise: torch.Tensor, heads: torch.Tensor, actions: torch.Tensor, pairs: torch.Tensor,
-             hidden: torch.Tensor) -> torch.Tensor:
+             hidden: torch.Tensor, compiled: bool | None = None) -> torch.Tensor:
         """The whole acting loop of :func:`interbrain.ppo.collect_rollout`, written out: per step the calls of
         ``observation_index(offsets=)``, :meth:`step` and ``act_and_move`` (the same kernels on the same operands,
         so the same bits), without their Python layers (the loop's non-matrix time, issue 6). ``noise`` [T, 2, B, 4];
         writes ``heads`` [T, 2, B, 5], ``actions`` [T, 2, B], ``pairs`` [T + 1, B] (row 0 given: s_0) and ``hidden``
-        [2, T, B, 256]; records the moves in ``env`` (``ChaseEnv.moved``) and returns the last h [2, B, 256]."""
+        [2, T, B, 256]; records the moves in ``env`` (``ChaseEnv.moved``) and returns the last h [2, B, 256]. On CPU
+        (``compiled``: default, on CPU) the work between the products is two compiled loops
+        (:mod:`interbrain.step_kernels`: the input rows written straight into h_t's slot, then ``baddbmm_`` in place;
+        the Gumbel-max actions with the move), the same values as the torch calls of the other form (CUDA)."""
         obs, episode_offset, next_pair = env.acting_tables(self.row_offsets)
         T, E, B = noise.shape[0], len(self.keys), noise.shape[2]
         table, w = self.table, self.weight_hh
         head_w, head_b = self.heads
-        bags = torch.arange(0, 2 * E * B, 2, device=table.device)  # bag_sum's offsets: two rows per bag
         h = self.initial_state(B)
         hid, hd, nz, act, pr = hidden.unbind(1), heads.unbind(0), noise.unbind(0), actions.unbind(0), pairs.unbind(0)
         logits = heads[..., :N_ACTIONS].unbind(0)
+        if compiled is None:
+            compiled = table.device.type == "cpu"
+        if compiled:  # between the products, step_kernels' two compiled loops on numpy views of the same buffers
+            offsets = (np.empty(0, np.int64) if episode_offset is None else episode_offset.numpy())
+            obs_np, table_np, next_np = obs.numpy(), table.numpy(), next_pair.numpy()
+            hid_np, nz_np, act_np, pr_np = hidden.numpy(), noise.numpy(), actions.numpy(), pairs.numpy()
+            logits_np = heads.numpy()[..., :N_ACTIONS]
+            for t in range(T):
+                gather_inputs(obs_np, pr_np[t], offsets, table_np, hid_np[:, t])  # the step's input rows, into h_t
+                h = hid[t].baddbmm_(h, w).relu_()  # step_rows: x + h W (baddbmm's beta 1), then the ReLU
+                torch.baddbmm(head_b, h, head_w, out=hd[t])
+                sample_and_move(logits_np[t], nz_np[t], pr_np[t], next_np, act_np[t], pr_np[t + 1])
+            env.moved(pr[T], T)
+            return h
+        bags = torch.arange(0, 2 * E * B, 2, device=table.device)  # bag_sum's offsets: two rows per bag
         for t in range(T):
             at = pr[t] if episode_offset is None else pr[t] + episode_offset
             rows = torch.index_select(obs, 1, at).view(-1)  # observation_index(offsets=): [2, B, 2]

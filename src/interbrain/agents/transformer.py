@@ -30,12 +30,13 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 from torch.nn import functional as F
 
-from interbrain.agents.base import (HIDDEN, OBS_DIM, Agent, bag_sum, check_size, index_table, init_heads, param_key,
-                                    register, stacked_row_offsets)
+from interbrain.agents.base import (HIDDEN, N_ACTIONS, OBS_DIM, Agent, bag_sum, check_size, index_table, init_heads,
+                                    param_key, register, stacked_row_offsets)
 from interbrain.agents.acting_kernels import add_layer_norm, attend_cached, embed_step, layer_norm, write_step
 from interbrain.agents.linear import Linear, known_linear, small_products_on_numpy
 from interbrain.config import AgentConfig
 from interbrain.errors import InterbrainError
+from interbrain.step_kernels import sample_and_move
 
 LAYERS = 2
 HEADS = 4
@@ -165,6 +166,8 @@ class KnownAttention(torch.autograd.Function):
                                                                                           True)
         return dq, dk, dv, None
 
+
+NO_OFFSETS = np.empty(0, np.int64)  # embed_step without per-episode offsets
 
 SELF_WEIGHT_FLOOR = -60.0  # log of the smallest own-token attention weight a replay takes the log-sum-exp from
 
@@ -489,7 +492,9 @@ class TransformerPair:
             norms = [block[name] for block in self.blocks for name in ("ln_attn", "ln_mlp")] + [self.final_ln]
             self.arrays = {"table": self.table.numpy(), "pos": self.pos.numpy(),
                           "norms": [(w[:, 0].numpy(), b[:, 0].numpy(), w.numpy().dtype.type(eps)) for w, b, eps in norms]}
-        self.row_offsets = stacked_row_offsets(n, self.table.device)  # each agent's rows in the stacked table
+        self.row_offsets = stacked_row_offsets(n, self.table.device)
+        # the acting loop written out where the steps are compiled (collect_rollout runs it; None: its own loop)
+        self.play = self._play if self.compiled else None  # each agent's rows in the stacked table
         self.keys = [param_key(a) for a in agents]
 
     @staticmethod
@@ -541,28 +546,22 @@ class TransformerPair:
         if t >= self.window:
             raise InterbrainError(f"the transformer pair step covers steps 0..{self.window - 1}; got step {t}")
         if acting is not None:
-            h = self._compiled_step(rows, t, slots, acting)
+            rows = rows.numpy()  # the step's rows as their own observation table: obs = rows, at = 0..B-1
+            h = self._compiled_step(rows, np.arange(rows.shape[1]), NO_OFFSETS, t, slots, acting)
         else:
             h = self._torch_step(rows, t, emb, caches, slots)
-        if self.proj is None:
-            hidden_out.copy_(h)
-        else:
-            torch.baddbmm(self.proj[1], h, self.proj[0], out=hidden_out).relu_()
-        torch.baddbmm(self.heads[1], hidden_out, self.heads[0], out=heads_out)
-        for a in self.agents:  # the context rule's bookkeeping, as each agent's own step keeps it
-            if t > a.max_position_used:  # assigned only when it grows (nn.Module's __setattr__ costs ~5 µs)
-                a.max_position_used = t
-            if t + 1 > a.max_context_used:
-                a.max_context_used = t + 1
+        self._emit_heads(h, hidden_out, heads_out)
+        self._note_steps(t + 1)
         return (t + 1, emb, caches, record, slots, acting)
 
-    def _compiled_step(self, rows: torch.Tensor, t: int, slots: list, acting: dict) -> torch.Tensor:
+    def _compiled_step(self, obs: np.ndarray, at: np.ndarray, episode_offset: np.ndarray, t: int, slots: list,
+                       acting: dict) -> torch.Tensor:
         """The blocks of step t on CPU, the final LayerNorm's output returned: the products as torch's (``baddbmm``,
         into the record), everything between them as :mod:`~interbrain.agents.acting_kernels`' loops on the
-        preallocated buffers (the embedding, each residual sum with the LayerNorm after it, the cache writes and the
-        attention), so no step allocates."""
+        preallocated buffers (the embedding of the observation rows ``obs[:, at + episode_offset]``, each residual sum
+        with the LayerNorm after it, the cache writes and the attention), so no step allocates."""
         x, normed, normed_np = acting["x"], acting["normed"], acting["normed_np"]
-        embed_step(self.arrays["table"], rows.numpy(), self.arrays["pos"][:, t], acting["emb"][:, :, t], x)
+        embed_step(self.arrays["table"], obs, at, episode_offset, self.arrays["pos"][:, t], acting["emb"][:, :, t], x)
         layer_norm(x, *self.arrays["norms"][0], normed_np)
         for i, block in enumerate(self.blocks):
             slot = slots[i][t]
@@ -576,6 +575,47 @@ class TransformerPair:
             torch.baddbmm(block["mlp_out"][1], slot["mlp_in"], block["mlp_out"][0], out=slot["mlp_out"])
             add_layer_norm(x, mlp_out, *self.arrays["norms"][2 * i + 2], normed_np)  # the next block's or the final
         return normed
+
+    def _play(self, env, noise: torch.Tensor, heads: torch.Tensor, actions: torch.Tensor, pairs: torch.Tensor,
+              hidden: torch.Tensor) -> tuple:
+        """:func:`interbrain.ppo.collect_rollout`'s acting loop written out (on CPU: :attr:`play`): per step the
+        observation rows straight from the environment's table into the embedding, :meth:`step`'s blocks, heads and
+        bookkeeping, and the Gumbel-max actions with the move as one compiled loop
+        (:func:`interbrain.step_kernels.sample_and_move`); the same bits as the loop of ``pair.step`` and
+        ``act_and_move``. Buffers as :meth:`interbrain.agents.rnn.RNNPair.play`'s; returns the pair's state."""
+        obs, episode_offset, next_pair = env.acting_tables(self.row_offsets)
+        T, B = noise.shape[0], noise.shape[2]
+        offsets = NO_OFFSETS if episode_offset is None else episode_offset.numpy()
+        obs_np, next_np = obs.numpy(), next_pair.numpy()
+        nz_np, act_np, pr_np, logits_np = noise.numpy(), actions.numpy(), pairs.numpy(), heads.numpy()[..., :N_ACTIONS]
+        hid, hd = hidden.unbind(1), heads.unbind(0)
+        if T > self.window:
+            raise InterbrainError(f"the transformer pair step covers steps 0..{self.window - 1}; got {T} steps")
+        _, emb, caches, record, slots, acting = self.initial_state(B)
+        for t in range(T):
+            h = self._compiled_step(obs_np, pr_np[t], offsets, t, slots, acting)
+            self._emit_heads(h, hid[t], hd[t])
+            sample_and_move(logits_np[t], nz_np[t], pr_np[t], next_np, act_np[t], pr_np[t + 1])
+        self._note_steps(T)
+        env.moved(pairs[T], T)
+        return (T, emb, caches, record, slots, acting)
+
+    def _emit_heads(self, h: torch.Tensor, hidden_out: torch.Tensor, heads_out: torch.Tensor) -> None:
+        """The hidden states (the ``matched`` projection and its ReLU) and the joint heads from the final LayerNorm's
+        output h."""
+        if self.proj is None:
+            hidden_out.copy_(h)
+        else:
+            torch.baddbmm(self.proj[1], h, self.proj[0], out=hidden_out).relu_()
+        torch.baddbmm(self.heads[1], hidden_out, self.heads[0], out=heads_out)
+
+    def _note_steps(self, steps: int) -> None:
+        """The context rule's bookkeeping after ``steps`` steps from 0, as each agent's own steps keep it."""
+        for a in self.agents:
+            if steps - 1 > a.max_position_used:  # assigned only when it grows (nn.Module's __setattr__ costs ~5 µs)
+                a.max_position_used = steps - 1
+            if steps > a.max_context_used:
+                a.max_context_used = steps
 
     def _torch_step(self, rows: torch.Tensor, t: int, emb: torch.Tensor, caches: list, slots: list) -> torch.Tensor:
         """The blocks of step t as torch ops (on CUDA), the final LayerNorm's output returned."""

@@ -1,0 +1,46 @@
+"""The written-out acting loops' compiled steps (interbrain/step_kernels.py) against the torch calls they replace:
+the input rows (index_select + embedding_bag), the Gumbel-max actions (argmax of logits + noise: first maximum, NaN
+as the largest) and the environment's move (ChaseEnv.next_pair)."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from interbrain.env import ChaseEnv, EnvConfig
+from interbrain.step_kernels import gather_inputs, sample_and_move
+
+
+def test_sample_and_move_is_argmax_then_the_transition_table():
+    env = ChaseEnv(EnvConfig(horizon=10), batch=7)
+    env.reset(torch.Generator().manual_seed(0))
+    _, _, next_pair = env.acting_tables(torch.zeros(2, 1, 2, dtype=torch.long))
+    g = torch.Generator().manual_seed(1)
+    logits, noise = torch.randn(2, 7, 4, generator=g), torch.randn(2, 7, 4, generator=g)
+    logits[0, 0] = torch.tensor([1.0, 3.0, 3.0, 0.0])  # a tie: the first maximum
+    noise[0, 0] = 0.0
+    logits[1, 1, 2] = float("nan")  # NaN counts as the largest
+    logits[1, 2, 1:3] = float("nan")  # the first NaN
+    actions, pair_out = np.empty((2, 7), np.int64), np.empty(7, np.int64)
+    sample_and_move(logits.numpy(), noise.numpy(), env.pair.numpy(), next_pair.numpy(), actions, pair_out)
+    ref = torch.argmax(logits + noise, dim=-1)
+    assert torch.equal(torch.from_numpy(actions), ref)
+    assert actions[0, 0] == 1 and actions[1, 1] == 2 and actions[1, 2] == 1
+    expected = env.next_pair(env.pair, ref, torch.empty(7, dtype=torch.long))
+    assert torch.equal(torch.from_numpy(pair_out), expected)
+
+
+def test_gather_inputs_is_the_observation_rows_embedding_bag():
+    g = torch.Generator().manual_seed(2)
+    table = torch.randn(2 * 201, 8, generator=g)
+    obs = torch.randint(0, 2 * 201, (2, 50, 2), generator=g)
+    at, offsets = torch.randint(0, 25, (5,), generator=g), torch.tensor([0, 25, 0, 25, 25])
+    out = np.empty((2, 5, 8), np.float32)
+    for episode_offset in (None, offsets):
+        rows = at if episode_offset is None else at + episode_offset
+        gather_inputs(obs.numpy(), at.numpy(), np.empty(0, np.int64) if episode_offset is None else
+                      episode_offset.numpy(), table.numpy(), out)
+        picked = torch.index_select(obs, 1, rows).reshape(-1)
+        ref = torch.embedding_bag(table, picked, torch.arange(0, picked.numel(), 2), False, 0, False, None, False,
+                                  None)[0].view(2, 5, 8)
+        assert torch.equal(torch.from_numpy(out), ref)
