@@ -1,6 +1,7 @@
-"""The written-out acting loops' compiled steps (interbrain/step_kernels.py) against the torch calls they replace:
-the input rows (index_select + embedding_bag), the Gumbel-max actions (argmax of logits + noise: first maximum, NaN
-as the largest) and the environment's move (ChaseEnv.next_pair)."""
+"""Compiled loops against the torch calls they replace: the written-out acting loops' steps
+(interbrain/step_kernels.py: the input rows as index_select + embedding_bag, the Gumbel-max actions as argmax of
+logits + noise with the first maximum and NaN as the largest, the environment's move as ChaseEnv.next_pair) and the
+RNN learning pass's per-step ReLU and ReLU mask (agents/rnn.py)."""
 
 from __future__ import annotations
 
@@ -44,3 +45,22 @@ def test_gather_inputs_is_the_observation_rows_embedding_bag():
         ref = torch.embedding_bag(table, picked, torch.arange(0, picked.numel(), 2), False, 0, False, None, False,
                                   None)[0].view(2, 5, 8)
         assert torch.equal(torch.from_numpy(out), ref)
+
+
+def test_rnn_relu_loops_equal_torchs_relu_and_threshold_backward():
+    """The RNN learning pass's per-step ReLU and ReLU mask (agents/rnn.py's compiled loops) against torch's relu_ and
+    threshold_backward, NaN included (the ReLU keeps it; the mask keeps a gradient where the output is NaN)."""
+    from interbrain.agents.rnn import relu_grad_rows, relu_rows
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(40, 256, generator=g)
+    x[0, :3] = torch.tensor([float("nan"), 0.0, -0.0])
+    mine = x.clone()
+    relu_rows(mine.numpy())
+    assert torch.equal(torch.nan_to_num(mine, nan=7.0), torch.nan_to_num(torch.relu(x), nan=7.0))
+    grad, out = torch.randn(40, 256, generator=g), torch.relu(torch.randn(40, 256, generator=g))
+    out[1, :2] = torch.tensor([float("nan"), 0.0])
+    mine = grad.clone()
+    relu_grad_rows(mine.numpy(), out.numpy())
+    assert torch.equal(mine, torch.ops.aten.threshold_backward(grad, out, 0))
+    assert mine[1, 0] == grad[1, 0] and mine[1, 1] == 0
