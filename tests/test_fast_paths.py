@@ -524,7 +524,7 @@ def test_transformer_replay_equals_the_recomputed_pass_in_float64(size):
         with torch.no_grad():
             for t in range(T):
                 state = pair.step(index[t] + pair.row_offsets, state, hidden[:, t], heads[t])
-        records = pair.records(state, hidden)
+        records = pair.records(state, hidden, heads)
         for i, agent in enumerate(agents):
             weights = [torch.randn(x.shape, generator=torch.Generator().manual_seed(30 + j), dtype=torch.float64)
                        for j, x in enumerate((heads[:, i, :, :4], heads[:, i, :, 4], hidden[i]))]
@@ -546,9 +546,8 @@ def test_transformer_replay_detects_a_wrong_attention_gradient(tiny_overrides, m
     from interbrain.agents import transformer as tf
 
     cfg, tr, batch = _transformer_batch(tiny_overrides)
-    backward = tf.KnownAttention.backward
-    monkeypatch.setattr(tf.KnownAttention, "backward",
-                        staticmethod(lambda ctx, grad: (lambda g: (g[0] * 0, *g[1:]))(backward(ctx, grad))))
+    grads = tf.causal_attention_grads
+    monkeypatch.setattr(tf, "causal_attention_grads", lambda *args: (lambda g: (g[0] * 0, *g[1:]))(grads(*args)))
     a, agent = AGENTS[0], tr.agents[AGENTS[0]]
     adv = torch.randn(batch.rewards[a].shape, generator=torch.Generator().manual_seed(5))
     (_, g1), (_, g2) = (_loss_and_grads(agent, batch, a, adv, cfg, r) for r in (batch.replay[a], None))
@@ -559,20 +558,20 @@ def test_transformer_replay_detects_a_wrong_attention_gradient(tiny_overrides, m
 def test_transformer_replay_recomputes_where_an_own_token_weight_is_too_small(tiny_overrides):
     """The log-sum-exp is rebuilt as s_ii - log w_ii, exact only while the own-token weight w_ii is representable
     with float32 precision: below e^-60 the replay falls back to the recomputed pass, bit for bit."""
-    from interbrain.agents.transformer import SELF_WEIGHT_FLOOR, known_lse
+    from interbrain.agents.transformer import SELF_WEIGHT_FLOOR, known_lse, step_major_heads
 
     cfg, tr, batch = _transformer_batch(tiny_overrides)
     a, agent = AGENTS[0], tr.agents[AGENTS[0]]
     key, record = batch.replay[a]
     # the rebuilt log-sum-exp equals the scores' own, from the recorded q and k (hand check on layer 1)
     layers = record["layers"]
-    q, k, _ = agent.blocks[0].step_major_heads(layers[0]["qkv"])
+    q, k, _ = step_major_heads(layers[0]["qkv"], agent.blocks[0].heads)
     scores = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5
     L = scores.shape[-1]
     scores = scores.masked_fill(~torch.ones(L, L, dtype=torch.bool).tril(), float("-inf"))
     assert torch.allclose(known_lse(q, k, layers[0]["log_self"]), torch.logsumexp(scores, -1), atol=2e-5)
     layers[1]["log_self"][0, 0, 3] = SELF_WEIGHT_FLOOR - 1
-    assert known_lse(*agent.blocks[1].step_major_heads(layers[1]["qkv"])[:2], layers[1]["log_self"]) is None
+    assert known_lse(*step_major_heads(layers[1]["qkv"], agent.blocks[1].heads)[:2], layers[1]["log_self"]) is None
     with torch.no_grad():
         replayed = agent.replay_index(batch.obs_index[a], record)
         fresh = agent.sequence_index(batch.obs_index[a])

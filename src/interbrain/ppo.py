@@ -134,7 +134,7 @@ def collect_rollout(env: ChaseEnv, agents: dict[str, Agent], env_gen: torch.Gene
                 act_and_move(env, lg[t], nz[t], act[t], pr[t + 1])
         z_hidden = {a: hidden[i, ::Z_SAMPLE_EVERY].reshape(-1, HIDDEN) for i, a in enumerate(AGENTS)}
         states = dict(zip(AGENTS, pair.states(h)))
-        replay = dict(zip(AGENTS, zip(pair.keys, pair.records(h, hidden)))) if pair.replays else {}
+        replay = dict(zip(AGENTS, zip(pair.keys, pair.records(h, hidden, heads)))) if pair.replays else {}
         seq_states = {} if seq_len is None else dict(zip(AGENTS, pair.sequence_states(hidden, seq_len)))
     else:
         lg, nz, act, pr = _step_views(logits, noise, actions, pairs)

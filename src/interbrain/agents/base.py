@@ -33,7 +33,7 @@ from typing import Callable, ClassVar
 import torch
 from torch import nn
 
-from interbrain.agents.linear import Linear, linear
+from interbrain.agents.linear import KnownLinear, Linear, linear
 from interbrain.config import AgentConfig
 from interbrain.env import obs_from_index
 from interbrain.errors import InterbrainError
@@ -95,15 +95,17 @@ class Agent(nn.Module):
     def pair_with(self, partner: "Agent", steps: int):
         """An object that steps this agent (chaser) and ``partner`` (explorer) as one batched call while acting, for
         ``steps`` steps from the zero state, with ``keys`` (:func:`param_key` of both agents when built), ``replays``
-        (whether it records what :meth:`replay_index` needs; then ``records(state, hidden)`` gives each agent's record
-        after the episode's steps, from its final state and the hidden states [2, T, B, 256]), ``row_offsets`` (:func:`stacked_row_offsets`
+        (whether it records what :meth:`replay_index` needs; then ``records(state, hidden, heads)`` gives each agent's
+        record after the episode's steps, from its final state, the hidden states [2, T, B, 256] and the heads' outputs
+        [T, 2, B, 5]), ``row_offsets`` (:func:`stacked_row_offsets`
         of its two stacked input tables), ``initial_state(B)``, ``step(rows [2,B,2], state, hidden_out [2,B,256],
         heads_out [2,B,5]) -> state`` (rows: the observation index plus ``row_offsets``, as
         ``ChaseEnv.observation_index(offsets=row_offsets)`` gives it; on CPU the same bits as each agent's
         :meth:`step_index`) and ``states(state)`` (each agent's own state, for a bootstrap step), optionally
         ``sequence_states(hidden, seq_len)`` (each agent's state at every sequence start, from the hidden states
-        [2, T, B, 256] it recorded: the ``rllib`` learner's rollouts then use the pair too); or None (the rollout
-        then calls each agent's :meth:`step_index`)."""
+        [2, T, B, 256] it recorded: the ``rllib`` learner's rollouts then use the pair too) and ``play`` (the whole
+        acting loop written out, :meth:`interbrain.agents.rnn.RNNPair.play`; None or absent: the rollout's own loop of
+        ``step``); or None (the rollout then calls each agent's :meth:`step_index`)."""
         return None
 
     def replay_index(self, index: torch.Tensor, record):
@@ -119,12 +121,14 @@ class Agent(nn.Module):
         ``write_to(agents)`` and ``load_adam``/``store_adam`` (see :class:`interbrain.agents.rnn.StackedRNN`); or None (not available)."""
         return None
 
-    def readout(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def readout(self, hidden: torch.Tensor, known: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Both heads as one Linear(256 -> 5) (rows: the 4 action logits, then the value): one matmul forward and two
-        backward instead of twice that."""
+        backward instead of twice that. With ``known`` (hidden's shape but 5 columns), their output as an acting pass
+        recorded it from the same hidden states and weights: not recomputed, only the backward is built
+        (:class:`~interbrain.agents.linear.KnownLinear`; a replay)."""
         weight, bias = self.cached("heads", (self.action_head.weight, self.action_head.bias, self.value_head.weight,
                                              self.value_head.bias), self._joint_heads)
-        out = linear(hidden, weight, bias)
+        out = linear(hidden, weight, bias) if known is None else KnownLinear.apply(hidden, weight, bias, (known,))
         return out[..., :N_ACTIONS], out[..., N_ACTIONS]
 
     def _joint_heads(self) -> tuple[torch.Tensor, torch.Tensor]:

@@ -470,8 +470,10 @@ class RNNPair:
     def states(self, h: torch.Tensor) -> list[tuple]:
         return [(h[i],) for i in range(len(self.keys))]
 
-    def records(self, h: torch.Tensor, hidden: torch.Tensor) -> list[torch.Tensor]:
-        """Each agent's record for :meth:`RNNAgent.replay_index`: its hidden states [T, B, 256] as recorded."""
+    def records(self, h: torch.Tensor, hidden: torch.Tensor, heads: torch.Tensor | None = None) -> list[torch.Tensor]:
+        """Each agent's record for :meth:`RNNAgent.replay_index`: its hidden states [T, B, 256] as recorded (not the
+        heads: the learning pass recomputes them, on another kernel than the acting one, to keep its replay bit for
+        bit)."""
         return list(hidden.unbind(0))
 
     def sequence_states(self, hidden: torch.Tensor, seq_len: int) -> list[list[tuple]]:

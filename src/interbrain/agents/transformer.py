@@ -145,26 +145,43 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Ten
     return torch.from_numpy(np.matmul(weights.numpy(), v.numpy())) if numpy else torch.matmul(weights, v)
 
 
+def step_major_heads(qkv: torch.Tensor, heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q, k, v [N, heads, L, dh] (views) of step-major qkv outputs [L, N, 3d]."""
+    L, N, d3 = qkv.shape
+    return qkv.view(L, N, 3, heads, d3 // (3 * heads)).permute(2, 1, 3, 0, 4).unbind(0)
+
+
+def causal_attention_grads(grad, q, k, v, out, lse) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv) of causal attention's output ``out`` = sdpa(q, k, v, is_causal=True) ([N, heads, L, dh]) with the
+    log-sum-exp ``lse`` [N, heads, L], from the output's gradient: the CPU flash kernel's backward."""
+    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(grad, q, k, v, out, lse, 0.0, True)
+
+
 class KnownAttention(torch.autograd.Function):
-    """Causal ``scaled_dot_product_attention(q, k, v)`` ([N, heads, L, dh]) whose output and log-sum-exp are already
-    known (``known`` = (out [N, heads, L, dh], lse [N, heads, L]), recorded by the acting pass from the same q, k, v to
-    float tolerance): the forward returns the output without computing it; the backward is the CPU flash kernel's,
-    which recomputes the attention weights from q, k and the log-sum-exp (the first learning epoch's replay).
-    :func:`known_lse` gives the log-sum-exp from what the acting pass recorded."""
+    """Causal ``scaled_dot_product_attention(q, k, v)`` of step-major qkv outputs [L, N, 3d] (q, k, v
+    :func:`step_major_heads`) whose output and log-sum-exp are already known (``known`` = (out [N, heads, L, dh], lse
+    [N, heads, L]), recorded by the acting pass from the same q, k, v to float tolerance): the forward returns the output
+    without computing it; the backward is :func:`causal_attention_grads`, which recomputes the attention weights from
+    q, k and the log-sum-exp (the first learning epoch's replay), written straight into the gradient of qkv (split into
+    q, k and v by autograd, it would be stacked into a new [3, N, heads, L, dh] buffer first: ≈ 1.5 ms of a `fast`
+    update). :func:`known_lse` gives the log-sum-exp from what the acting pass recorded."""
 
     @staticmethod
-    def forward(ctx, q, k, v, known):
+    def forward(ctx, qkv, heads, known):
         out, lse = known
-        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.save_for_backward(qkv, out, lse)
+        ctx.heads = heads
         return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad):
-        q, k, v, out, lse = ctx.saved_tensors
-        dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(grad, q, k, v, out, lse, 0.0,
-                                                                                          True)
-        return dq, dk, dv, None
+        qkv, out, lse = ctx.saved_tensors
+        grad_qkv = torch.empty_like(qkv, memory_format=torch.contiguous_format)
+        for part, value in zip(step_major_heads(grad_qkv, ctx.heads),
+                               causal_attention_grads(grad, *step_major_heads(qkv, ctx.heads), out, lse)):
+            part.copy_(value)
+        return grad_qkv, None, None
 
 
 NO_OFFSETS = np.empty(0, np.int64)  # embed_step without per-episode offsets
@@ -217,11 +234,6 @@ class CausalBlock(nn.Module):
         q, k, v = self._qkv(x)
         return self._finish(x, F.scaled_dot_product_attention(q, k, v, is_causal=True))
 
-    def step_major_heads(self, qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """q, k, v [N, heads, L, dh] (views) of step-major qkv outputs [L, N, 3d]."""
-        L, N, d3 = qkv.shape
-        return qkv.view(L, N, 3, self.heads, d3 // (3 * self.heads)).permute(2, 1, 3, 0, 4).unbind(0)
-
     def replayed(self, x: torch.Tensor, record: dict[str, torch.Tensor], lse: torch.Tensor) -> torch.Tensor:
         """:meth:`causal` for a step-major x [L, N, d] whose products' and attention's outputs were recorded by the
         acting pass under the same weights (:meth:`TransformerPair.records`, this block's part: [L, N, width], log_self
@@ -231,9 +243,8 @@ class CausalBlock(nn.Module):
         (:func:`~interbrain.agents.linear.known_linear`, :class:`KnownAttention`)."""
         L, N, d = x.shape
         qkv = known_linear(self.ln_attn(x), self.qkv, record["qkv"])
-        q, k, v = self.step_major_heads(qkv)
-        att = KnownAttention.apply(q, k, v, (record["att"].view(L, N, self.heads, d // self.heads).permute(1, 2, 0, 3),
-                                             lse))
+        att = KnownAttention.apply(qkv, self.heads, (record["att"].view(L, N, self.heads, d // self.heads)
+                                                     .permute(1, 2, 0, 3), lse))
         x = x + known_linear(att.permute(2, 0, 1, 3).reshape(L, N, d), self.attn_out, record["attn_out"])
         inner = known_linear(self.ln_mlp(x), self.mlp_in, record["mlp_in"], relu=True)  # recorded after its ReLU
         return x + known_linear(inner, self.mlp_out, record["mlp_out"])
@@ -428,7 +439,7 @@ class TransformerAgent(WindowedContext, Agent):
                                   f"cannot replay {T} steps of {B} episodes (window={self.window})")
         lses = []
         for block, rec in zip(self.blocks, layers):
-            lses.append(known_lse(*block.step_major_heads(rec["qkv"])[:2], rec["log_self"]))
+            lses.append(known_lse(*step_major_heads(rec["qkv"], block.heads)[:2], rec["log_self"]))
             if lses[-1] is None:
                 return self.sequence_index(index)
         x = self.gather_linear(index, self.inp) + self.position_embedding(0, T).unsqueeze(1)  # [T, B, d]
@@ -436,7 +447,7 @@ class TransformerAgent(WindowedContext, Agent):
         for block, rec, lse in zip(self.blocks, layers, lses):
             x = block.replayed(x, rec, lse)
         hidden = self._emit(x, known=record["hidden"])
-        logits, value = self.readout(hidden)
+        logits, value = self.readout(hidden, known=record.get("heads"))
         return logits, value, hidden
 
     # --- observation indices: the input embedding as a gather of two rows ------------------------------
@@ -655,16 +666,18 @@ class TransformerPair:
             out.append((t, emb[i, :, kept], *cache))
         return out
 
-    def records(self, state: tuple, hidden: torch.Tensor) -> list[dict]:
+    def records(self, state: tuple, hidden: torch.Tensor, heads: torch.Tensor | None = None) -> list[dict]:
         """Each agent's record of the episode's t <= ``window`` steps for :meth:`TransformerAgent.replay_index`:
         ``layers``, per layer the outputs of its products and attention, step-major views [t, B, width], and each
-        query's log weight on its own token, [B, heads, t] (the lse's part that :func:`known_lse` completes); and
+        query's log weight on its own token, [B, heads, t] (the lse's part that :func:`known_lse` completes);
         ``hidden``, its hidden states [t, B, 256] from the rollout's ``hidden`` [2, T, B, 256] (agent-major, as the
-        steps wrote them)."""
+        steps wrote them); and with the rollout's ``heads`` [T, 2, B, 5], ``heads``: its joint heads' outputs [t, B, 5]
+        (4 logits, then the value)."""
         t, emb, _, record = state[:4]
         if record is None:
             raise InterbrainError("this transformer pair keeps no record (it records when acting on CPU)")
         B = emb.shape[1]
         return [{"layers": [{name: value[:t, i] if name != "log_self" else value[:t, i * B:(i + 1) * B].permute(1, 2, 0)
                              for name, value in layer.items()} for layer in record],
-                 "hidden": hidden[i, :t]} for i in range(len(self.agents))]
+                 "hidden": hidden[i, :t]} | ({} if heads is None else {"heads": heads[:t, i]})
+                for i in range(len(self.agents))]
