@@ -15,13 +15,14 @@ from interbrain.agents.transformer import acting_layer_norm, attend, compiled_ac
 
 
 def reference(q: np.ndarray, k: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Softmax attention in float64 by the textbook formula: q [R, H, dh], k and v [R, H, L, dh] -> out [R, H, dh]
-    and the weights [R, H, L]."""
+    """Softmax attention in float64 by the textbook formula: q [R, H, dh], k and v [R, H, L, dh] -> out [R, H, dh],
+    the weights [R, H, L] and the scores' log-sum-exp [R, H]."""
     q, k, v = (x.astype(np.float64) for x in (q, k, v))
     scores = np.einsum("rhc,rhjc->rhj", q, k) / np.sqrt(q.shape[-1])
-    w = np.exp(scores - scores.max(-1, keepdims=True))
-    w /= w.sum(-1, keepdims=True)
-    return np.einsum("rhj,rhjc->rhc", w, v), w
+    top = scores.max(-1, keepdims=True)
+    w = np.exp(scores - top)
+    total = w.sum(-1, keepdims=True)
+    return np.einsum("rhj,rhjc->rhc", w / total, v), w / total, (top + np.log(total))[..., 0]
 
 
 def run(q, k, v, L, dtype):
@@ -29,9 +30,9 @@ def run(q, k, v, L, dtype):
     time contiguous, in a window-wide buffer)."""
     R, H, W, dh = k.shape
     kt = np.ascontiguousarray(k.swapaxes(2, 3)).astype(dtype)
-    out, log_last = np.empty((R, H, dh), dtype), np.empty((R, H), dtype)
-    attend_cached(q.astype(dtype), kt, v.astype(dtype), L, np.empty((R, H, W), dtype), out, log_last)
-    return out, log_last
+    out, lse = np.empty((R, H, dh), dtype), np.empty((R, H), dtype)
+    attend_cached(q.astype(dtype), kt, v.astype(dtype), L, np.empty((R, H, W), dtype), out, lse)
+    return out, lse
 
 
 @pytest.mark.parametrize("dh", [16, 64, 6, 2])
@@ -41,27 +42,26 @@ def test_attend_cached_is_softmax_attention(dh, dtype, tol):
     R, H, W = 7, 4, 23
     q, k, v = (rng.standard_normal(shape) * 2 for shape in ((R, H, dh), (R, H, W, dh), (R, H, W, dh)))
     for L in (1, 2, 5, 16, 17, W):
-        out, log_last = run(q, k, v, L, dtype)
-        ref, w = reference(q, k[:, :, :L], v[:, :, :L])
+        out, lse = run(q, k, v, L, dtype)
+        ref, w, ref_lse = reference(q, k[:, :, :L], v[:, :, :L])
         np.testing.assert_allclose(out, ref, rtol=0, atol=tol * 10)
-        np.testing.assert_allclose(log_last, np.log(w[..., -1]), rtol=0, atol=tol * 10)
-        if L == 1:  # one key: its weight is 1 and the output is its value, exactly
-            assert np.array_equal(out, v[:, :, 0].astype(dtype)) and np.array_equal(log_last, np.zeros((R, H)))
+        np.testing.assert_allclose(lse, ref_lse, rtol=tol * 10, atol=tol * 10)
+        if L == 1:  # one key: its weight is 1 and the output is its value, exactly; the lse is its score
+            assert np.array_equal(out, v[:, :, 0].astype(dtype))
 
 
 def test_attend_cached_picks_the_key_the_query_points_at():
     """A planted match: each query is a large multiple of one key (orthogonal keys), so the output is that key's value
-    and its log weight is ~0 when it is the last key, very negative otherwise."""
+    and the log-sum-exp is that key's score, 40 (the other seven keys score 0: 40 + log(1 + 7 e^-40))."""
     R, H, L, dh = 3, 2, 8, 16
     keys = np.eye(dh)[:L]  # orthonormal keys
     k = np.broadcast_to(keys, (R, H, L, dh)).copy()
     v = np.random.default_rng(0).standard_normal((R, H, L, dh))
     target = np.array([[0, 7], [3, 5], [7, 1]])
     q = 40.0 * np.sqrt(dh) * keys[target]  # score 40 on the target key, 0 elsewhere
-    out, log_last = run(q, k, v, L, np.float64)
+    out, lse = run(q, k, v, L, np.float64)
     np.testing.assert_allclose(out, v[np.arange(R)[:, None], np.arange(H)[None], target], atol=1e-15)
-    np.testing.assert_allclose(log_last[target == L - 1], 0.0, atol=1e-15)
-    np.testing.assert_allclose(log_last[target != L - 1], -40.0, atol=1e-12)
+    np.testing.assert_allclose(lse, 40.0 + np.log1p(7 * np.exp(-40.0)), rtol=0, atol=1e-13)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
@@ -101,13 +101,12 @@ def test_attend_single_query_takes_the_compiled_loops_and_equals_sdpa():
     torch.manual_seed(0)
     q, k, v = torch.randn(6, 4, 1, 16), torch.randn(6, 4, 12, 16), torch.randn(6, 4, 12, 16)
     assert compiled_acting(q, k, v) and not compiled_acting(q.to(torch.bfloat16))
-    log_self = torch.empty(6, 4)
+    lse = torch.empty(6, 4)
     with torch.no_grad():
-        got = attend(q, k, v, log_self_out=log_self)
+        got = attend(q, k, v, lse_out=lse)
     ref = F.scaled_dot_product_attention(q, k, v)
     torch.testing.assert_close(got, ref, rtol=0, atol=2e-6)
-    w = torch.softmax(q @ k.transpose(2, 3) / 4.0, -1)[:, :, 0, -1]
-    torch.testing.assert_close(log_self, torch.log(w), rtol=0, atol=2e-6)
+    torch.testing.assert_close(lse, torch.logsumexp(q @ k.transpose(2, 3) / 4.0, -1)[:, :, 0], rtol=0, atol=2e-6)
     qg = q.clone().requires_grad_()
     assert not compiled_acting(qg, k, v)
     graph = attend(qg, k, v)

@@ -46,10 +46,11 @@ def write_step(qkv, kt, v, t):
 
 
 @njit(cache=True, boundscheck=False)
-def shifted_scores(q, kt, n_keys, scale, s):
-    """s[r, h, j] = (scale · q[r, h]) · k_j minus the row's largest such score, for the first ``n_keys`` keys: q [rows,
-    heads, dh], kt [rows, heads, dh, >= n_keys], s [rows, heads, >= n_keys]. Each score adds its channels' products in
-    channel order; a pass over the keys takes four channels (a quarter of the passes over s)."""
+def shifted_scores(q, kt, n_keys, scale, s, maxima):
+    """s[r, h, j] = (scale · q[r, h]) · k_j minus the row's largest such score (kept in maxima [rows, heads]), for the
+    first ``n_keys`` keys: q [rows, heads, dh], kt [rows, heads, dh, >= n_keys], s [rows, heads, >= n_keys]. Each score
+    adds its channels' products in channel order; a pass over the keys takes four channels (a quarter of the passes
+    over s)."""
     rows, heads, dh = q.shape
     for r in range(rows):
         for h in range(heads):
@@ -76,14 +77,15 @@ def shifted_scores(q, kt, n_keys, scale, s):
             m = s[r, h, 0]
             for j in range(1, n_keys):
                 m = max(m, s[r, h, j])
+            maxima[r, h] = m
             for j in range(n_keys):
                 s[r, h, j] = s[r, h, j] - m
 
 
 @njit(cache=True, boundscheck=False)
-def weighted_values(e, v, n_keys, out, log_last):
-    """From e = exp(shifted scores) [rows, heads, >= n_keys]: out[r, h] = Σ_j e_j v_j / Σ_j e_j over v [rows, heads,
-    >= n_keys, dh] (out [rows, heads, dh]); log_last[r, h] = the log weight of the last key (the query's own token).
+def weighted_values(e, v, n_keys, maxima, out, lse):
+    """From e = exp(scores - maxima) [rows, heads, >= n_keys]: out[r, h] = Σ_j e_j v_j / Σ_j e_j over v [rows, heads,
+    >= n_keys, dh] (out [rows, heads, dh]); lse[r, h] = maxima[r, h] + log Σ_j e_j, the log-sum-exp of the scores.
     The sums run in four interleaved partial sums (keys j ≡ 0, 1, 2, 3 mod 4), added (0 + 1) + (2 + 3) at the end: four
     independent chains of additions instead of one through memory (2.4× faster at 100 keys)."""
     rows, heads, dh = out.shape
@@ -112,19 +114,20 @@ def weighted_values(e, v, n_keys, out, log_last):
             total = (t0 + t1) + (t2 + t3)
             for c in range(dh):
                 out[r, h, c] = ((acc[0, c] + acc[1, c]) + (acc[2, c] + acc[3, c])) / total
-            log_last[r, h] = math.log(e[r, h, n_keys - 1] / total)
+            lse[r, h] = maxima[r, h] + math.log(total)
 
 
 def attend_cached(q: np.ndarray, kt: np.ndarray, v: np.ndarray, n_keys: int, scores: np.ndarray, out: np.ndarray,
-                  log_last: np.ndarray) -> None:
+                  lse: np.ndarray) -> None:
     """Softmax attention of q [rows, heads, dh] over the first ``n_keys`` cached keys kt [rows, heads, dh, >= n_keys]
-    (transposed) and values v [rows, heads, >= n_keys, dh], scaled by 1/√dh, into out [rows, heads, dh]; the log
-    weight of the last key into log_last [rows, heads]. ``scores`` [rows, heads, >= n_keys] is scratch. All arrays
-    of one dtype (float32 or float64), any strides."""
-    shifted_scores(q, kt, n_keys, q.dtype.type(q.shape[-1] ** -0.5), scores)
+    (transposed) and values v [rows, heads, >= n_keys, dh], scaled by 1/√dh, into out [rows, heads, dh]; the
+    log-sum-exp of each query's scaled scores into lse [rows, heads] (what the flash kernel's backward takes).
+    ``scores`` [rows, heads, >= n_keys] is scratch. All arrays of one dtype (float32 or float64), any strides."""
+    maxima = np.empty(out.shape[:2], out.dtype)
+    shifted_scores(q, kt, n_keys, q.dtype.type(q.shape[-1] ** -0.5), scores, maxima)
     e = scores[:, :, :n_keys]
     np.exp(e, out=e)
-    weighted_values(scores, v, n_keys, out, log_last)
+    weighted_values(scores, v, n_keys, maxima, out, lse)
 
 
 LANES = 16  # LayerNorm's sums: this many partial sums, one per lane of a 512-bit float32 vector

@@ -106,7 +106,7 @@ def acting_layer_norm(norm: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor | None = None,
-           log_self_out: torch.Tensor | None = None) -> torch.Tensor:
+           lse_out: torch.Tensor | None = None) -> torch.Tensor:
     """Softmax attention of a step's few queries over a KV cache (acting): q [N, heads, S, dh], k and v
     [N, heads, L, dh], ``allowed`` (bool [S, L'], None: all) for the last L' <= L keys (every earlier key is allowed:
     a block's causal mask only touches its own new tokens) -> [N, heads, S, dh], as two batched products around a
@@ -115,18 +115,17 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Ten
     attention agents' own step and their pair step use it, so these stay bit for bit equal. The two products run on
     numpy's BLAS where :func:`~interbrain.agents.linear.small_backend` says ``numpy`` (CPU, float32): a
     ``matched`` transformer's rollout then takes ~20 ms less (121 against 144 ms, interleaved runs). With
-    ``log_self_out`` ([N, heads], S = 1) the log of each query's weight on the last key (its own token) is written
-    there: with the query's own score it gives the log-sum-exp of its scores (:class:`KnownAttention`) without a
-    reduction; the result is the same. A single query (S = 1, no mask) on CPU without a gradient goes to the
+    ``lse_out`` ([N, heads], S = 1) the log-sum-exp of each query's scaled scores is written there (what
+    :class:`KnownAttention`'s backward takes); the result is the same. A single query (S = 1, no mask) on CPU without a gradient goes to the
     compiled loops of :mod:`~interbrain.agents.acting_kernels` instead (:func:`compiled_acting`), as the
     transformer pair step does: the same bits, faster."""
     if q.shape[2] == 1 and allowed is None and compiled_acting(q, k, v):
         N, H, _, dh = q.shape
         q, k, v = q.detach().numpy(), k.detach().numpy(), v.detach().numpy()
         out = np.empty((N, H, dh), q.dtype)
-        log_last = np.empty((N, H), out.dtype) if log_self_out is None else log_self_out.numpy()
+        lse = np.empty((N, H), out.dtype) if lse_out is None else lse_out.numpy()
         attend_cached(q[:, :, 0], k.swapaxes(2, 3), v, k.shape[2],
-                      np.empty((N, H, k.shape[2]), out.dtype), out, log_last)
+                      np.empty((N, H, k.shape[2]), out.dtype), out, lse)
         return torch.from_numpy(out).unsqueeze(2)
     # the two products as numpy's (OpenBLAS) where no gradient is asked for: ~107 µs a call against ~146 through
     # torch's batched products (MKL) for a pair step's [80, 4, 1, 16] queries over 1-100 cached steps on the
@@ -140,8 +139,8 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Ten
     if allowed is not None:
         scores[..., scores.shape[-1] - allowed.shape[-1]:].masked_fill_(~allowed, float("-inf"))
     weights = softmax_keys(scores)
-    if log_self_out is not None:
-        torch.log(weights[:, :, 0, -1], out=log_self_out)
+    if lse_out is not None:
+        torch.logsumexp(scores[:, :, 0], -1, out=lse_out)
     return torch.from_numpy(np.matmul(weights.numpy(), v.numpy())) if numpy else torch.matmul(weights, v)
 
 
@@ -164,7 +163,7 @@ class KnownAttention(torch.autograd.Function):
     without computing it; the backward is :func:`causal_attention_grads`, which recomputes the attention weights from
     q, k and the log-sum-exp (the first learning epoch's replay), written straight into the gradient of qkv (split into
     q, k and v by autograd, it would be stacked into a new [3, N, heads, L, dh] buffer first: ≈ 1.5 ms of a `fast`
-    update). :func:`known_lse` gives the log-sum-exp from what the acting pass recorded."""
+    update)."""
 
     @staticmethod
     def forward(ctx, qkv, heads, known):
@@ -185,19 +184,6 @@ class KnownAttention(torch.autograd.Function):
 
 
 NO_OFFSETS = np.empty(0, np.int64)  # embed_step without per-episode offsets
-
-SELF_WEIGHT_FLOOR = -60.0  # log of the smallest own-token attention weight a replay takes the log-sum-exp from
-
-
-def known_lse(q: torch.Tensor, k: torch.Tensor, log_self: torch.Tensor) -> torch.Tensor | None:
-    """The log-sum-exp of causal attention's scaled scores, [N, heads, L], from q and k ([N, heads, L, dh]) and each
-    query's recorded log weight on its own token (``log_self``, [N, heads, L]): since that weight is
-    exp(s_ii - lse_i), lse_i = s_ii - log w_ii, with s_ii = q_i·k_i/√dh; an elementwise product instead of the L×L
-    scores. None when some own-token weight is below e^-60 (or not finite), where float32 would lose its precision."""
-    if not bool(log_self.min() > SELF_WEIGHT_FLOOR):
-        return None
-    return (q * k).sum(-1).mul_(q.shape[-1] ** -0.5).sub_(log_self)
-
 
 class CausalBlock(nn.Module):
     """One pre-LN block: ``x += Attn(LN(x)); x += MLP(LN(x))``."""
@@ -234,17 +220,17 @@ class CausalBlock(nn.Module):
         q, k, v = self._qkv(x)
         return self._finish(x, F.scaled_dot_product_attention(q, k, v, is_causal=True))
 
-    def replayed(self, x: torch.Tensor, record: dict[str, torch.Tensor], lse: torch.Tensor) -> torch.Tensor:
+    def replayed(self, x: torch.Tensor, record: dict[str, torch.Tensor]) -> torch.Tensor:
         """:meth:`causal` for a step-major x [L, N, d] whose products' and attention's outputs were recorded by the
-        acting pass under the same weights (:meth:`TransformerPair.records`, this block's part: [L, N, width], log_self
-        [N, heads, L]) and the attention's log-sum-exp ``lse`` [N, heads, L] (:func:`known_lse`): only the LayerNorms
+        acting pass under the same weights (:meth:`TransformerPair.records`, this block's part: [L, N, width], and the
+        attention's log-sum-exp ``lse`` [N, heads, L]): only the LayerNorms
         and the residual sums are recomputed; the products (the MLP's first with its ReLU: the record holds its output
         after the ReLU) and the attention are taken from the record with their backward built
         (:func:`~interbrain.agents.linear.known_linear`, :class:`KnownAttention`)."""
         L, N, d = x.shape
         qkv = known_linear(self.ln_attn(x), self.qkv, record["qkv"])
         att = KnownAttention.apply(qkv, self.heads, (record["att"].view(L, N, self.heads, d // self.heads)
-                                                     .permute(1, 2, 0, 3), lse))
+                                                     .permute(1, 2, 0, 3), record["lse"]))
         x = x + known_linear(att.permute(2, 0, 1, 3).reshape(L, N, d), self.attn_out, record["attn_out"])
         inner = known_linear(self.ln_mlp(x), self.mlp_in, record["mlp_in"], relu=True)  # recorded after its ReLU
         return x + known_linear(inner, self.mlp_out, record["mlp_out"])
@@ -428,8 +414,7 @@ class TransformerAgent(WindowedContext, Agent):
         blocks' products and attention are not recomputed, their backward is built on the recorded outputs
         (:meth:`CausalBlock.replayed`); nor is the ``matched`` hidden layer's product and ReLU, whose output is the
         recorded hidden state. The values equal the recomputed ones to float tolerance (the acting pass
-        multiplies step by step), not bit for bit. Where an own-token attention weight is too small to give the
-        log-sum-exp (:func:`known_lse`) it recomputes: :meth:`sequence_index`."""
+        multiplies step by step), not bit for bit."""
         T, B, _ = index.shape
         layers = record["layers"]
         shapes = [rec["qkv"].shape[:2] for rec in layers] + [record["hidden"].shape[:2]]
@@ -437,15 +422,10 @@ class TransformerAgent(WindowedContext, Agent):
         if T > self.window or wrong:
             raise InterbrainError(f"a transformer record of {tuple((wrong or shapes)[0])} (steps, episodes) "
                                   f"cannot replay {T} steps of {B} episodes (window={self.window})")
-        lses = []
-        for block, rec in zip(self.blocks, layers):
-            lses.append(known_lse(*step_major_heads(rec["qkv"], block.heads)[:2], rec["log_self"]))
-            if lses[-1] is None:
-                return self.sequence_index(index)
         x = self.gather_linear(index, self.inp) + self.position_embedding(0, T).unsqueeze(1)  # [T, B, d]
         self._note_context(T)
-        for block, rec, lse in zip(self.blocks, layers, lses):
-            x = block.replayed(x, rec, lse)
+        for block, rec in zip(self.blocks, layers):
+            x = block.replayed(x, rec)
         hidden = self._emit(x, known=record["hidden"])
         logits, value = self.readout(hidden, known=record.get("heads"))
         return logits, value, hidden
@@ -531,10 +511,10 @@ class TransformerPair:
         caches = [new(n * batch, HEADS, dh, W).transpose(2, 3) if self.compiled and j % 2 == 0
                   else new(n * batch, HEADS, W, dh) for j in range(2 * LAYERS)]
         record = None
-        if self.replays:  # per layer, step-major [W, n, B, width] (log_self [W, n·B, heads]): a step's slot is dense
+        if self.replays:  # per layer, step-major [W, n, B, width] (lse [W, n·B, heads]): a step's slot is dense
             widths = {"qkv": 3 * d, "att": d, "attn_out": d, "mlp_in": self.mlp_width, "mlp_out": d}
             record = [{name: new(W, n, batch, w) for name, w in widths.items()}
-                      | {"log_self": new(W, n * batch, HEADS)} for _ in range(LAYERS)]
+                      | {"lse": new(W, n * batch, HEADS)} for _ in range(LAYERS)]
         # each step's slots per layer ({name: record[i][name][t]}), built once per episode, not per step
         slots = [[{}] * W] * LAYERS if record is None else [
             [dict(zip(layer, views)) for views in zip(*(buf.unbind(0) for buf in layer.values()))] for layer in record]
@@ -547,7 +527,7 @@ class TransformerPair:
                       "emb": emb.numpy(), "layers": [
                           [(slot["qkv"].numpy().reshape(n * batch, 3, HEADS, dh), caches[2 * i].numpy().swapaxes(2, 3),
                             caches[2 * i + 1].numpy(), slot["att"].numpy().reshape(n * batch, HEADS, dh),
-                            slot["log_self"].numpy(), scores, slot["attn_out"].numpy(), slot["mlp_out"].numpy())
+                            slot["lse"].numpy(), scores, slot["attn_out"].numpy(), slot["mlp_out"].numpy())
                            for slot in slots[i]] for i in range(LAYERS)]}
         return (0, emb, caches, record, slots, acting)
 
@@ -576,10 +556,10 @@ class TransformerPair:
         layer_norm(x, *self.arrays["norms"][0], normed_np)
         for i, block in enumerate(self.blocks):
             slot = slots[i][t]
-            qkv_rows, keys_t, values, att_rows, log_self, scores, attn_out, mlp_out = acting["layers"][i][t]
+            qkv_rows, keys_t, values, att_rows, lse, scores, attn_out, mlp_out = acting["layers"][i][t]
             torch.baddbmm(block["qkv"][1], normed, block["qkv"][0], out=slot["qkv"])
             write_step(qkv_rows, keys_t, values, t)
-            attend_cached(qkv_rows[:, 0], keys_t, values, t + 1, scores, att_rows, log_self)
+            attend_cached(qkv_rows[:, 0], keys_t, values, t + 1, scores, att_rows, lse)
             torch.baddbmm(block["attn_out"][1], slot["att"], block["attn_out"][0], out=slot["attn_out"])
             add_layer_norm(x, attn_out, *self.arrays["norms"][2 * i + 1], normed_np)
             torch.baddbmm(block["mlp_in"][1], normed, block["mlp_in"][0], out=slot["mlp_in"]).relu_()
@@ -644,7 +624,7 @@ class TransformerPair:
             k_cache, v_cache = caches[2 * i], caches[2 * i + 1]
             k_cache[:, :, t] = k[:, :, 0]
             v_cache[:, :, t] = v[:, :, 0]
-            attended = attend(q, k_cache[:, :, :t + 1], v_cache[:, :, :t + 1], log_self_out=slot.get("log_self"))
+            attended = attend(q, k_cache[:, :, :t + 1], v_cache[:, :, :t + 1], lse_out=slot.get("lse"))
             attended = attended.transpose(1, 2).reshape(n, B, d)
             if slot:
                 slot["att"].copy_(attended)
@@ -669,7 +649,7 @@ class TransformerPair:
     def records(self, state: tuple, hidden: torch.Tensor, heads: torch.Tensor | None = None) -> list[dict]:
         """Each agent's record of the episode's t <= ``window`` steps for :meth:`TransformerAgent.replay_index`:
         ``layers``, per layer the outputs of its products and attention, step-major views [t, B, width], and each
-        query's log weight on its own token, [B, heads, t] (the lse's part that :func:`known_lse` completes);
+        log-sum-exp of each query's scaled scores (``lse``, [B, heads, t]);
         ``hidden``, its hidden states [t, B, 256] from the rollout's ``hidden`` [2, T, B, 256] (agent-major, as the
         steps wrote them); and with the rollout's ``heads`` [T, 2, B, 5], ``heads``: its joint heads' outputs [t, B, 5]
         (4 logits, then the value)."""
@@ -677,7 +657,7 @@ class TransformerPair:
         if record is None:
             raise InterbrainError("this transformer pair keeps no record (it records when acting on CPU)")
         B = emb.shape[1]
-        return [{"layers": [{name: value[:t, i] if name != "log_self" else value[:t, i * B:(i + 1) * B].permute(1, 2, 0)
+        return [{"layers": [{name: value[:t, i] if name != "lse" else value[:t, i * B:(i + 1) * B].permute(1, 2, 0)
                              for name, value in layer.items()} for layer in record],
                  "hidden": hidden[i, :t]} | ({} if heads is None else {"heads": heads[:t, i]})
                 for i in range(len(self.agents))]
