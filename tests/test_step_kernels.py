@@ -1,7 +1,7 @@
 """Compiled loops against the torch calls they replace: the written-out acting loops' steps
 (interbrain/step_kernels.py: the input rows as index_select + embedding_bag, the Gumbel-max actions as argmax of
 logits + noise with the first maximum and NaN as the largest, the environment's move as ChaseEnv.next_pair) and the
-RNN learning pass's per-step ReLU and ReLU mask (agents/rnn.py)."""
+RNN learning pass's per-step ReLU and ReLU mask (agents/rnn.py), and the disRNN update nets' hidden layer."""
 
 from __future__ import annotations
 
@@ -64,3 +64,25 @@ def test_rnn_relu_loops_equal_torchs_relu_and_threshold_backward():
     relu_grad_rows(mine.numpy(), out.numpy())
     assert torch.equal(mine, torch.ops.aten.threshold_backward(grad, out, 0))
     assert mine[1, 0] == grad[1, 0] and mine[1, 1] == 0
+
+
+def test_disrnn_leaky_residual_is_the_numpy_layer_bit_for_bit():
+    """The update nets' hidden layer as one compiled pass (agents/disrnn.py) against the numpy calls it replaced
+    (a += bias; slope = max(sign(a), LEAK); s + max(a, LEAK·a)), bit for bit, with a bias per net or per net and
+    episode, NaN and zeros included; without a slope record it writes none."""
+    from interbrain.agents.disrnn import LEAK, NO_SLOPES, leaky_residual
+
+    rng = np.random.default_rng(4)
+    s, a = (rng.standard_normal((10, 40, 38)).astype(np.float32) for _ in range(2))
+    a[0, 0, :3] = [np.nan, 0.0, -0.0]
+    for bias in (rng.standard_normal((10, 1, 38)).astype(np.float32), rng.standard_normal((10, 40, 38)).astype(np.float32)):
+        ref_a = a + bias
+        ref_slope = np.maximum(np.sign(ref_a), LEAK)
+        ref_out = s + np.maximum(ref_a, LEAK * ref_a)
+        out, slope = np.empty_like(s), np.empty_like(s)
+        leaky_residual(s, a, bias, slope, out)
+        assert np.array_equal(out, ref_out, equal_nan=True) and np.array_equal(slope, ref_slope, equal_nan=True)
+        assert np.isnan(out[0, 0, 0]) and np.isnan(slope[0, 0, 0])
+        again = np.empty_like(s)
+        leaky_residual(s, a, bias, NO_SLOPES, again)
+        assert np.array_equal(again, out, equal_nan=True)

@@ -61,6 +61,7 @@ import math
 
 import numpy as np
 import torch
+from numba import njit
 from scipy.special import expit
 from torch import nn
 from torch.autograd.function import once_differentiable
@@ -167,6 +168,31 @@ def _latent_steps_numpy(drive, z, noise, latent_table, layers, out_bias, out_wei
     return torch.from_numpy(zs), torch.from_numpy(means)
 
 
+NO_SLOPES = np.empty((0, 0, 0), np.float32)  # leaky_residual without the derivative's record
+
+
+@njit(cache=True, boundscheck=False)
+def leaky_residual(s, a, bias, slopes, out):
+    """One hidden layer of the update nets after its product ``a`` = s W ([nets, B, n]): a + bias (bias [nets, 1 or B,
+    n]), then out = s + leaky_relu(a + bias); with ``slopes`` [nets, B, n] (not empty) the leaky ReLU's derivative
+    there too, 1 or LEAK (NaN where a + bias is NaN). One pass, where the numpy form took six calls (``+=``, ``sign``,
+    ``maximum``, a product by LEAK, ``maximum``, ``add``: ≈ 25 µs a layer and step for a ``matched`` agent); the same
+    values, element by element."""
+    leak = a.dtype.type(LEAK)
+    one = a.dtype.type(1.0)
+    keep = slopes.shape[0] > 0
+    per_row = bias.shape[1] > 1
+    for i in range(s.shape[0]):
+        for b in range(s.shape[1]):
+            c = bias[i, b] if per_row else bias[i, 0]
+            for j in range(s.shape[2]):
+                x = a[i, b, j] + c[j]
+                y = leak * x
+                out[i, b, j] = s[i, b, j] + (x if x >= y else y)
+                if keep:
+                    slopes[i, b, j] = one if x > 0 else (x if x != x else leak)
+
+
 def _update_nets(s, z, layers, out_bias, out_weight, mean_out, record=None, t=None):
     """One step of E agents' update nets as numpy calls (the body of :func:`_latent_steps`): ``s`` [E·L, B, n] the
     first pre-activations' inputs (observation drive plus latent product), nets stacked latent-major (net l of agent e
@@ -177,10 +203,9 @@ def _update_nets(s, z, layers, out_bias, out_weight, mean_out, record=None, t=No
     E, B, L = z.shape
     for k, (bias, weight) in enumerate(layers):
         a = np.matmul(s, weight)
-        a += bias
-        if record is not None:  # the leaky ReLU's derivative for the backward: max(sign(a), LEAK) = 1 or LEAK
-            np.maximum(np.sign(a, out=record["a"][k][t]), LEAK, out=record["a"][k][t])
-        s = np.add(s, np.maximum(a, LEAK * a), out=None if record is None else record["s"][k + 1][t])
+        out = np.empty_like(s) if record is None else record["s"][k + 1][t]
+        leaky_residual(s, a, bias, NO_SLOPES if record is None else record["a"][k][t], out)
+        s = out
     o = np.matmul(s, out_weight)
     o += out_bias
     o = o.reshape(L, E, B, 2)
