@@ -4,7 +4,8 @@ architecture x preset, the batched ensemble, the environment alone, the analysis
 Prints one JSON document with:
 
 - ``machine`` (the processor: model, family and model numbers, clock, AVX-512, cores; the load at the start),
-  ``device``, the CPU kernels chosen (``cpu_matmul``, ``cpu_small_matmul``: :mod:`interbrain.agents.linear`) and this
+  ``device``, the CPU kernels chosen (``cpu_matmul``, ``cpu_small_matmul``: :mod:`interbrain.agents.linear`;
+  ``numpy_blas_kernels``: the kernels numpy's OpenBLAS ran, e.g. ``SkylakeX`` (AVX-512) or ``Haswell``) and this
   device's dense matmul throughput (``matmul_gflops``: 1024^3 float32 products,
   at ``--threads`` torch threads on CPU, as ``torch.mm`` runs them, i.e. MKL on x86 CPUs, the kernel of the code's
   small and recurrent products; the large dense-layer products may run on oneDNN, ``interbrain.agents.linear``); on
@@ -447,7 +448,8 @@ def main() -> None:
         "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_info()["cpu_model"],
         # the CPU kernels' choices (interbrain.agents.linear): large dense products, the rllib learner's small steps
-        **{k: v for k, v in device_info(device).items() if k in ("cpu_matmul", "cpu_small_matmul")},
+        **{k: v for k, v in device_info(device).items() if k in ("cpu_matmul", "cpu_small_matmul",
+                                                                          "numpy_blas_kernels")},
         "allocator_keeps_freed_memory": kept_freed_memory,  # glibc's mallopt, as training sets it
         "matmul_gflops": peak,
         "onednn_matmul_gflops": onednn,

@@ -949,13 +949,14 @@ def test_stacked_rllib_update_equals_the_agent_by_agent_loop(tiny_overrides, mon
                 assert (m_s[k] - m_p[k]).norm() < 3e-3 * m_p[k].norm(), (a, name, k)
 
 
+@pytest.mark.parametrize("step_products", ["numpy", "torch"])
 @pytest.mark.parametrize("entropy_coef, input_l2", [(0.0, 0.0), (0.01, 0.05)])
-def test_hand_written_rllib_minibatch_equals_policy_loss_per_agent_in_float64(entropy_coef, input_l2):
+def test_hand_written_rllib_minibatch_equals_policy_loss_per_agent_in_float64(entropy_coef, input_l2, step_products):
     """KLPenaltyMinibatches, the rllib learner's minibatch step written out in numpy, against policy_loss's autograd
     for each agent alone on the sequences the minibatch picks (each unit its own) from their stored initial states:
     per-unit loss, statistics and every parameter's gradient, in float64, with both clip branches, the value cap and
-    "partner not shown" rows exercised. With stats=False: the same gradients bit for bit, the same approx_kl, the
-    other statistics NaN."""
+    "partner not shown" rows exercised, the recurrence's step products on numpy's BLAS and on torch's. With
+    stats=False: the same gradients bit for bit, the same approx_kl, the other statistics NaN."""
     import numpy as np
 
     from interbrain.agents.rnn import StackedRNN
@@ -970,7 +971,9 @@ def test_hand_written_rllib_minibatch_equals_policy_loss_per_agent_in_float64(en
     assert (index[..., 1] == 100).any()
     kl_coef, idx = np.array([0.2, 0.45]), np.array([[3, 1, 7, 0], [5, 8, 2, 4]])
     stack = StackedRNN(agents)
-    hand = KLPenaltyMinibatches(stack, cfg, index, actions, old_logp, adv, returns, old_logits, h0)
+    hand = KLPenaltyMinibatches(stack, cfg, index, actions, old_logp, adv, returns, old_logits, h0,
+                                step_products=step_products)
+    assert hand.step_products == step_products
     stats = hand.step(idx, kl_coef)
     grads = {n: p.grad.clone() for n, p in stack.named_parameters()}
     for e, agent in enumerate(agents):
@@ -1002,10 +1005,11 @@ def test_hand_written_rllib_minibatch_equals_policy_loss_per_agent_in_float64(en
     assert np.isnan(np.delete(quiet, kl_row, 0)).all()
 
 
-def test_hand_written_rllib_minibatch_equals_the_torch_graph_in_float32():
+@pytest.mark.parametrize("step_products", ["numpy", "torch"])
+def test_hand_written_rllib_minibatch_equals_the_torch_graph_in_float32(step_products):
     """The same step in float32 (the learner's dtype) against the torch graph it replaces
     (stacked_kl_penalty_loss and its backward) on a 7-sequence minibatch: loss, statistics and gradients equal to float
-    tolerance."""
+    tolerance, with the step products on either BLAS."""
     import numpy as np
 
     from interbrain.agents.rnn import StackedRNN
@@ -1026,8 +1030,8 @@ def test_hand_written_rllib_minibatch_equals_the_torch_graph_in_float32():
     loss.sum().backward()
     ref = {k: v.detach().numpy() for k, v in ref.items()}
     hand_stack = StackedRNN(agents)
-    stats = KLPenaltyMinibatches(hand_stack, cfg, index, actions, old_logp, adv, returns, old_logits,
-                                 h0).step(idx.numpy(), kl_coef.numpy())
+    stats = KLPenaltyMinibatches(hand_stack, cfg, index, actions, old_logp, adv, returns, old_logits, h0,
+                                 step_products=step_products).step(idx.numpy(), kl_coef.numpy())
     for k in STATS:
         np.testing.assert_allclose(stats[STATS.index(k)], ref[k], rtol=1e-5, atol=1e-6, err_msg=k)
     for (n, p), q in zip(stack.named_parameters(), hand_stack.parameters()):
@@ -1193,3 +1197,21 @@ def test_bag_sum_is_embedding_bag_with_its_offsets_made_once(k):
         gw, = torch.autograd.grad((want * w).sum(), table)
         gg, = torch.autograd.grad((got * w).sum(), table)
         assert torch.equal(gg, gw)
+
+
+def test_rllib_step_products_follow_numpys_openblas_kernels(monkeypatch):
+    """numpy's BLAS runs the rllib minibatch's step products only where its OpenBLAS runs AVX-512 kernels (else
+    MKL through torch); an unknown choice is refused; the kernels reported are threadpoolctl's for numpy's library."""
+    from threadpoolctl import threadpool_info
+
+    from interbrain.agents import linear as L
+    from interbrain.agents import rnn_numpy
+
+    numpy_libs = [lib for lib in threadpool_info() if lib.get("internal_api") == "openblas"
+                  and "numpy" in lib.get("filepath", "")]
+    assert L.numpy_blas_kernels() == (numpy_libs[0]["architecture"] if numpy_libs else None)
+    for kernels, expected in [("SkylakeX", "numpy"), ("Cooperlake", "numpy"), ("Haswell", "torch"), (None, "torch")]:
+        monkeypatch.setattr(L, "numpy_blas_kernels", lambda k=kernels: k)
+        assert rnn_numpy.default_step_products() == expected, kernels
+    with pytest.raises(ValueError, match="step_products='mkl'"):
+        rnn_numpy.KLPenaltyMinibatches(None, None, None, None, None, None, None, None, None, step_products="mkl")

@@ -82,11 +82,12 @@ def device_info(device: torch.device | str | None = None) -> dict:
     device = torch.device(device) if device is not None else torch.device("cpu")
     info = {"device": str(device), "torch_threads": torch.get_num_threads(), "machine": platform.machine()}
     if device.type == "cpu":  # which kernels ran the large float32 products (interbrain.agents.linear)
-        from interbrain.agents.linear import cpu_backend, small_backend
+        from interbrain.agents.linear import cpu_backend, numpy_blas_kernels, small_backend
 
         info["cpu_capability"] = torch.backends.cpu.get_cpu_capability()
         info["cpu_matmul"] = cpu_backend()
         info["cpu_small_matmul"] = small_backend()
+        info["numpy_blas_kernels"] = numpy_blas_kernels()  # the kernels of numpy's products (OpenBLAS's choice)
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
         info["tf32_matmul"] = bool(torch.backends.cuda.matmul.allow_tf32)

@@ -83,6 +83,25 @@ def numpy_blas() -> str:
 
 
 @functools.cache
+def numpy_blas_kernels() -> str | None:
+    """The kernels numpy's OpenBLAS runs in this process, as ``threadpoolctl`` reports them (``SkylakeX``,
+    ``Haswell``, ...; ``None`` where numpy's BLAS is not OpenBLAS). OpenBLAS picks them by processor when it loads,
+    unless ``OPENBLAS_CORETYPE`` names them (session 24's host set ``Haswell``, its AVX2 kernels, on a Zen 5 processor
+    with AVX-512): the processor alone does not tell which ran."""
+    import numpy  # noqa: F401  (loaded, so that threadpoolctl sees its library)
+    from threadpoolctl import threadpool_info
+
+    for lib in threadpool_info():
+        if lib.get("internal_api") == "openblas" and "numpy" in lib.get("filepath", ""):
+            return lib.get("architecture")
+    return None
+
+
+#: OpenBLAS's names for its AVX-512 kernels (:func:`numpy_blas_kernels`)
+OPENBLAS_AVX512_KERNELS = ("SkylakeX", "Cooperlake", "SapphireRapids")
+
+
+@functools.cache
 def small_backend() -> str:
     """``torch`` or ``numpy``: who runs the stacked ReLU recurrence's per-step products when a unit has at most
     :data:`SMALL_ROWS` rows (the ``rllib`` learner's minibatches: 6-7 sequences of 20 steps per agent;
@@ -284,4 +303,5 @@ class Linear(nn.Linear):
 __all__ = ["BACKENDS", "ENV_VAR", "KnownLinear", "Linear", "MIN_ROWS", "NARROW_COLS", "NarrowLinear", "OneDNNLinear",
            "SMALL_BACKENDS", "SMALL_ENV_VAR", "SMALL_ROWS",
            "cpu_backend", "known_linear", "linear", "narrow_input_grad", "narrow_on_numpy", "narrow_product",
-           "narrow_weight_grad", "numpy_blas", "onednn_available", "set_cpu_threads", "small_backend"]
+           "narrow_weight_grad", "numpy_blas", "numpy_blas_kernels", "OPENBLAS_AVX512_KERNELS", "onednn_available",
+           "set_cpu_threads", "small_backend"]

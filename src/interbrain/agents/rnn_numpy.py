@@ -13,7 +13,8 @@ the initial states; the recurrence's step products per unit are contiguous [n, H
 
 - input: x_t = W_ih^T[own] + W_ih^T[100 + partner] + b_ih + b_hh, two row gathers from the stacked ``input_rows``
   (W_ih^T), which for the update lives in a buffer with one extra zero row (the "partner not shown" row);
-- recurrence: h_t = ReLU(x_t + h_{t-1} W_hh^T), one BLAS product per step and unit;
+- recurrence: h_t = ReLU(x_t + h_{t-1} W_hh^T), one BLAS product per step and unit (numpy's OpenBLAS where it runs
+  its AVX-512 kernels, else MKL through ``torch.bmm`` on the same buffers: :data:`STEP_PRODUCTS`);
 - heads: [logits, value] = h_t [W_a; W_v]^T + [b_a; b_v]; the loss and its gradient per step as in
   :class:`interbrain.ppo.StackedKLPenaltyLoss` (the same formulas; the old policy's log-probabilities, probabilities
   and the taken action's one-hot are computed once per update);
@@ -71,6 +72,20 @@ def _openblas():
 
 _ROW_MAJOR, _NO_TRANS, _TRANS = 101, 111, 112
 
+#: who runs the recurrence's per-step products ([n, 256] x [256, 256] per unit, n = 6-7), forward and backward:
+#: ``numpy`` (OpenBLAS) or ``torch`` (MKL, ``torch.bmm`` on the same buffers). By default numpy where its OpenBLAS runs
+#: AVX-512 kernels (8.0 µs a [7, 256] x [256, 256] product on session 24's Zen 5, MKL 16-18 µs: MKL runs AVX2 kernels
+#: on AMD), else torch: with OpenBLAS's AVX2 kernels (``OPENBLAS_CORETYPE=Haswell``, as session 24's host set it) the
+#: product takes 25.8 µs, and the ``rllib`` update 2.36-2.46 s against 1.99-2.01 s with MKL's steps.
+STEP_PRODUCTS = ("numpy", "torch")
+
+
+def default_step_products() -> str:
+    """:data:`STEP_PRODUCTS`'s choice for this process (by :func:`interbrain.agents.linear.numpy_blas_kernels`)."""
+    from interbrain.agents.linear import OPENBLAS_AVX512_KERNELS, numpy_blas_kernels
+
+    return "numpy" if numpy_blas_kernels() in OPENBLAS_AVX512_KERNELS else "torch"
+
 
 def transpose_into(dst: np.ndarray, src: np.ndarray) -> None:
     """dst[e] = src[e]^T for C-contiguous [E, n, n] arrays."""
@@ -122,7 +137,12 @@ class KLPenaltyMinibatches:
 
     STATS = STATS
 
-    def __init__(self, stack, cfg: PPOConfig, index, actions, old_logp, adv, returns, old_logits, states0):
+    def __init__(self, stack, cfg: PPOConfig, index, actions, old_logp, adv, returns, old_logits, states0,
+                 step_products: str | None = None):
+        step_products = default_step_products() if step_products is None else step_products
+        if step_products not in STEP_PRODUCTS:
+            raise ValueError(f"step_products={step_products!r} is not one of {list(STEP_PRODUCTS)}")
+        self.step_products = step_products
         E, H = stack.units, stack.weight_hh.shape[-1]
         L, _, S = actions.shape
         self.cfg, self.E, self.H, self.L, self.S = cfg, E, H, L, S
@@ -154,7 +174,10 @@ class KLPenaltyMinibatches:
         self.base = (np.arange(E * L) * S).reshape(E, L, 1)  # row of (unit e, step t, sequence 0) in the data
         self.unit_seq = (np.arange(E) * S).reshape(E, 1)
         self.wt = np.empty_like(self.params["weight_hh"])
+        # torch views of the step products' operands (the same memory), for step_products == "torch"
+        self.torch_w, self.torch_wt = torch.from_numpy(self.params["weight_hh"]), torch.from_numpy(self.wt)
         self.buffers: dict[int, dict[str, np.ndarray]] = {}
+        self.torch_buffers: dict[int, dict[str, torch.Tensor]] = {}
 
     def _buffers(self, n: int) -> dict[str, np.ndarray]:
         if n not in self.buffers:
@@ -163,6 +186,7 @@ class KLPenaltyMinibatches:
                                "g": np.empty((E, L, n, H), dt),
                                "prod": np.empty((E, n, H), dt), "heads": np.empty((E, L * n, N_ACTIONS + 1), dt),
                                "grad_heads": np.empty((E, N_ACTIONS + 1, L * n), dt)}
+            self.torch_buffers[n] = {k: torch.from_numpy(self.buffers[n][k]) for k in ("hidden", "g", "prod")}
         return self.buffers[n]
 
     def step(self, idx: np.ndarray, kl_coef: np.ndarray, stats: bool = True) -> np.ndarray:
@@ -191,8 +215,13 @@ class KLPenaltyMinibatches:
         np.take(self.input_ext, partner, axis=0, out=x, mode="clip")  # outputs: no buffered copy)
         x += (P["bias_ih"] + P["bias_hh"])[:, None, None, :]
         np.add(g, x, out=states)
+        on_torch = self.step_products == "torch"
+        tb = self.torch_buffers[n]
         for t in range(L):
-            np.matmul(hidden[:, t], self.wt, out=prod)
+            if on_torch:
+                torch.bmm(tb["hidden"][:, t], self.torch_wt, out=tb["prod"])
+            else:
+                np.matmul(hidden[:, t], self.wt, out=prod)
             h = hidden[:, t + 1]
             np.add(h, prod, out=h)
             np.maximum(h, 0, out=h)
@@ -237,7 +266,10 @@ class KLPenaltyMinibatches:
         for t in range(L - 1, -1, -1):
             gt = g[:, t]
             if t < L - 1:
-                np.matmul(g[:, t + 1], w, out=prod)
+                if on_torch:
+                    torch.bmm(tb["g"][:, t + 1], self.torch_w, out=tb["prod"])
+                else:
+                    np.matmul(g[:, t + 1], w, out=prod)
                 np.add(gt, prod, out=gt)
             np.multiply(gt, keep[:, t], out=gt)
         g_flat = g.reshape(E, M, H)
