@@ -418,12 +418,14 @@ def test_train_resumes_after_the_job_is_killed(tmp_path):
     assert published == sorted([f"update_{u:06d}.safetensors" for u in range(0, 401, 5)] + ["latest.safetensors"])
     assert os.path.samefile(unit / "checkpoints/update_000400.safetensors",
                             unit / "train_work/checkpoints/update_000400.safetensors")
-    # the same unit, uninterrupted, through the package
+    # the same unit, uninterrupted, through the package, on one thread as the job (--cores 1) ran: numpy's OpenBLAS
+    # splits some products between its threads, so a process that kept its default threads sums in another order
+    # (seen with OpenBLAS's AVX2 kernels, OPENBLAS_CORETYPE=Haswell)
     sys.path.insert(0, str(REPO / "src"))
     from interbrain.train import train
 
     ref = train("rnn", "social", 0, "fast", 400, device="cpu", out=tmp_path / "ref", size="matched",
-                checkpoint_every=5, log_every=5, overrides={"num_envs": 8}, progress=False)
+                checkpoint_every=5, log_every=5, overrides={"num_envs": 8}, progress=False, threads=1)
     assert_same_weights(ref, unit / "checkpoints/latest.safetensors")
 
 
