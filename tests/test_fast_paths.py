@@ -168,38 +168,51 @@ def test_rnn_pair_step_is_bitwise_the_two_agents_own_steps():
     assert (hidden == 0).any() and (hidden > 0).any()
 
 
+def _two_envs(T: int, B: int, per_episode: bool) -> list:
+    """Two identical environments of B episodes of T steps (per-episode visibility modes and tasks, or the default)."""
+    episodes = [EnvConfig(horizon=T, visibility=("partial", "full", "none")[b % 3], task=("social", "non_social")[b % 2])
+                for b in range(B)] if per_episode else None
+    return [ChaseEnv(EnvConfig(horizon=T), batch=B, episodes=episodes) for _ in range(2)]
+
+
+def _play_or_step(pair, env, noise, way: str, **play_options):
+    """Drive ``pair`` through ``env`` for the ``len(noise)`` steps of ``noise`` [T, 2, B, 4]: by its written-out loop
+    (``way == "play"``) or by the loop it replaces (``pair.step``, then ``act_and_move``, each step). Returns the
+    final state and the heads, actions, pairs and hidden states written on the way."""
+    from interbrain.ppo import act_and_move
+
+    T, _, B, _ = noise.shape
+    heads, actions = torch.empty(T, 2, B, 5), torch.empty(T, 2, B, dtype=torch.long)
+    pairs, hidden = torch.empty(T + 1, B, dtype=torch.long), torch.empty(2, T, B, 256)
+    pairs[0] = env.pair
+    with torch.no_grad():
+        if way == "play":
+            state = pair.play(env, noise, heads, actions, pairs, hidden, **play_options)
+        else:
+            state = pair.initial_state(B)
+            for t in range(T):
+                state = pair.step(env.observation_index(offsets=pair.row_offsets), state, hidden[:, t], heads[t])
+                act_and_move(env, heads[t, ..., :4], noise[t], actions[t], pairs[t + 1])
+    return state, heads, actions, pairs, hidden
+
+
 @pytest.mark.parametrize("compiled", [True, False])
 @pytest.mark.parametrize("per_episode", [False, True])
 def test_rnn_pair_play_is_bitwise_the_stepped_loop(per_episode, compiled):
     """RNNPair.play (the acting loop written out) gives the bits of the loop it replaces: pair.step, then
     act_and_move, each step; also with per-episode visibility modes (the observation table's episode offsets); in
     both its forms (the CPU one with step_kernels' compiled loops, and the torch calls of the CUDA one)."""
-    from interbrain.ppo import act_and_move, gumbel_noise
+    from interbrain.ppo import gumbel_noise
 
     torch.manual_seed(1)
     agents = [build_agent(AgentConfig(arch="rnn")) for _ in range(2)]
     T, B = 30, 6
-    cfg = EnvConfig(horizon=T)
-    episodes = [EnvConfig(horizon=T, visibility=("partial", "full", "none")[b % 3], task=("social", "non_social")[b % 2])
-                for b in range(B)] if per_episode else None
-    envs = [ChaseEnv(cfg, batch=B, episodes=episodes) for _ in range(2)]
-    g = torch.Generator().manual_seed(7)
-    noise = gumbel_noise((T, 2, B, 4), g, torch.device("cpu"))
+    noise = gumbel_noise((T, 2, B, 4), torch.Generator().manual_seed(7), torch.device("cpu"))
     out = []
-    for way, env in zip(("play", "step"), envs):
+    for way, env in zip(("play", "step"), _two_envs(T, B, per_episode)):
         env.reset(torch.Generator().manual_seed(3))
         pair = agents[0].pair_with(agents[1], T)
-        heads, actions = torch.empty(T, 2, B, 5), torch.empty(T, 2, B, dtype=torch.long)
-        pairs, hidden = torch.empty(T + 1, B, dtype=torch.long), torch.empty(2, T, B, 256)
-        pairs[0] = env.pair
-        with torch.no_grad():
-            if way == "play":
-                h = pair.play(env, noise, heads, actions, pairs, hidden, compiled=compiled)
-            else:
-                h = pair.initial_state(B)
-                for t in range(T):
-                    h = pair.step(env.observation_index(offsets=pair.row_offsets), h, hidden[:, t], heads[t])
-                    act_and_move(env, heads[t, ..., :4], noise[t], actions[t], pairs[t + 1])
+        h, heads, actions, pairs, hidden = _play_or_step(pair, env, noise, way, compiled=compiled)
         core = env.settle(pairs, actions)
         out.append((heads, actions, pairs, hidden, h.clone(), core.rewards, env.t))
     for a, b in zip(*out):
@@ -325,34 +338,20 @@ def test_transformer_pair_play_is_bitwise_the_stepped_loop(per_episode):
     """TransformerPair.play (the acting loop written out, on CPU) gives the bits of the loop it replaces: pair.step,
     then act_and_move, each step (the observation rows from the environment's table, with per-episode visibility
     modes too), and the same context bookkeeping; collect_rollout takes it."""
-    from interbrain.ppo import act_and_move, gumbel_noise
+    from interbrain.ppo import gumbel_noise
 
     torch.manual_seed(4)
     T, B = 12, 6
     agents = [perturbed_norms(build_agent(AgentConfig(arch="transformer", window=T))) for _ in range(2)]
-    cfg = EnvConfig(horizon=T)
-    episodes = [EnvConfig(horizon=T, visibility=("partial", "full", "none")[b % 3], task=("social", "non_social")[b % 2])
-                for b in range(B)] if per_episode else None
-    envs = [ChaseEnv(cfg, batch=B, episodes=episodes) for _ in range(2)]
     noise = gumbel_noise((T, 2, B, 4), torch.Generator().manual_seed(8), torch.device("cpu"))
     out = []
-    for way, env in zip(("play", "step"), envs):
+    for way, env in zip(("play", "step"), _two_envs(T, B, per_episode)):
         env.reset(torch.Generator().manual_seed(3))
         pair = agents[0].pair_with(agents[1], T)
         assert pair.play is not None
-        heads, actions = torch.empty(T, 2, B, 5), torch.empty(T, 2, B, dtype=torch.long)
-        pairs, hidden = torch.empty(T + 1, B, dtype=torch.long), torch.empty(2, T, B, 256)
-        pairs[0] = env.pair
         for a in agents:
             a.max_position_used, a.max_context_used = -1, 0
-        with torch.no_grad():
-            if way == "play":
-                state = pair.play(env, noise, heads, actions, pairs, hidden)
-            else:
-                state = pair.initial_state(B)
-                for t in range(T):
-                    state = pair.step(env.observation_index(offsets=pair.row_offsets), state, hidden[:, t], heads[t])
-                    act_and_move(env, heads[t, ..., :4], noise[t], actions[t], pairs[t + 1])
+        state, heads, actions, pairs, hidden = _play_or_step(pair, env, noise, way)
         core = env.settle(pairs, actions)
         records = pair.records(state, hidden)
         out.append((heads, actions, pairs, hidden, core.rewards, env.t, [a.max_position_used for a in agents],
@@ -562,7 +561,7 @@ def test_transformer_records_the_attentions_log_sum_exp(tiny_overrides):
 
     cfg, tr, batch = _transformer_batch(tiny_overrides)
     for a in AGENTS:
-        agent, (key, record) = tr.agents[a], batch.replay[a]
+        agent, (_, record) = tr.agents[a], batch.replay[a]
         for block, layer in zip(agent.blocks, record["layers"]):
             q, k, _ = step_major_heads(layer["qkv"], block.heads)
             scores = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5
