@@ -11,9 +11,20 @@ NaN counted as the largest), so a loop using these gives the same bits as the pe
 
 from __future__ import annotations
 
+import numpy as np
+import torch
 from numba import njit
 
-N_ACTIONS = 4
+from interbrain.env import N_ACTIONS
+
+NO_OFFSETS = np.empty(0, np.int64)  # no per-episode offsets (gather_inputs, acting_kernels.embed_step)
+
+
+def loop_arrays(obs: torch.Tensor, episode_offset: torch.Tensor | None,
+                next_pair: torch.Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``ChaseEnv.acting_tables``' tensors as the compiled loops take them: numpy views of the observation table and
+    of the transition table, and the per-episode row offsets (:data:`NO_OFFSETS` without)."""
+    return obs.numpy(), NO_OFFSETS if episode_offset is None else episode_offset.numpy(), next_pair.numpy()
 
 
 @njit(cache=True, boundscheck=False)

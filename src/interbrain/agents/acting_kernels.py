@@ -30,6 +30,8 @@ import math
 import numpy as np
 from numba import njit
 
+from interbrain.step_kernels import gather_inputs
+
 DTYPES = (np.float32, np.float64)
 
 
@@ -195,13 +197,10 @@ def add_layer_norm(x, y, weight, bias, eps, out):
 def embed_step(table, obs, at, episode_offset, pos, emb, x):
     """The pair step's input: per agent a and episode b, e = table[r0] + table[r1] with (r0, r1) = obs[a, at[b] +
     episode_offset[b]] (no offset when ``episode_offset`` is empty; ``ChaseEnv.acting_tables``' table, or the step's
-    rows themselves with ``at`` = 0..B-1), written to ``emb[a, b]``, and x[a, b] = e + pos[a]."""
-    per_episode = episode_offset.shape[0] > 0
-    for b in range(at.shape[0]):
-        row = at[b] + episode_offset[b] if per_episode else at[b]
-        for a in range(x.shape[0]):
-            first, second = table[obs[a, row, 0]], table[obs[a, row, 1]]
-            for i in range(table.shape[1]):
-                e = first[i] + second[i]
-                emb[a, b, i] = e
-                x[a, b, i] = e + pos[a, i]
+    rows themselves with ``at`` = 0..B-1), written to ``emb[a, b]`` (:func:`interbrain.step_kernels.gather_inputs`),
+    and x[a, b] = e + pos[a]."""
+    gather_inputs(obs, at, episode_offset, table, emb)
+    for a in range(x.shape[0]):
+        for b in range(x.shape[1]):
+            for i in range(x.shape[2]):
+                x[a, b, i] = emb[a, b, i] + pos[a, i]

@@ -36,7 +36,7 @@ from interbrain.agents.linear import (SMALL_ROWS, narrow_input_grad, narrow_prod
                                       small_products_on_numpy)
 from interbrain.config import AgentConfig
 from interbrain.errors import InterbrainError
-from interbrain.step_kernels import gather_inputs, sample_and_move
+from interbrain.step_kernels import gather_inputs, loop_arrays, sample_and_move
 
 
 def numpy_steps(x: torch.Tensor, w: torch.Tensor) -> bool:
@@ -442,8 +442,8 @@ class RNNPair:
         if compiled is None:
             compiled = table.device.type == "cpu"
         if compiled:  # between the products, step_kernels' two compiled loops on numpy views of the same buffers
-            offsets = (np.empty(0, np.int64) if episode_offset is None else episode_offset.numpy())
-            obs_np, table_np, next_np = obs.numpy(), table.numpy(), next_pair.numpy()
+            obs_np, offsets, next_np = loop_arrays(obs, episode_offset, next_pair)
+            table_np = table.numpy()
             hid_np, nz_np, act_np, pr_np = hidden.numpy(), noise.numpy(), actions.numpy(), pairs.numpy()
             logits_np = heads.numpy()[..., :N_ACTIONS]
             for t in range(T):

@@ -36,7 +36,7 @@ from interbrain.agents.acting_kernels import add_layer_norm, attend_cached, embe
 from interbrain.agents.linear import Linear, known_linear, small_products_on_numpy
 from interbrain.config import AgentConfig
 from interbrain.errors import InterbrainError
-from interbrain.step_kernels import sample_and_move
+from interbrain.step_kernels import NO_OFFSETS, loop_arrays, sample_and_move
 
 LAYERS = 2
 HEADS = 4
@@ -182,8 +182,6 @@ class KnownAttention(torch.autograd.Function):
             part.copy_(value)
         return grad_qkv, None, None
 
-
-NO_OFFSETS = np.empty(0, np.int64)  # embed_step without per-episode offsets
 
 class CausalBlock(nn.Module):
     """One pre-LN block: ``x += Attn(LN(x)); x += MLP(LN(x))``."""
@@ -483,9 +481,9 @@ class TransformerPair:
             norms = [block[name] for block in self.blocks for name in ("ln_attn", "ln_mlp")] + [self.final_ln]
             self.arrays = {"table": self.table.numpy(), "pos": self.pos.numpy(),
                           "norms": [(w[:, 0].numpy(), b[:, 0].numpy(), w.numpy().dtype.type(eps)) for w, b, eps in norms]}
-        self.row_offsets = stacked_row_offsets(n, self.table.device)
+        self.row_offsets = stacked_row_offsets(n, self.table.device)  # each agent's rows in the stacked table
         # the acting loop written out where the steps are compiled (collect_rollout runs it; None: its own loop)
-        self.play = self._play if self.compiled else None  # each agent's rows in the stacked table
+        self.play = self._play if self.compiled else None
         self.keys = [param_key(a) for a in agents]
 
     @staticmethod
@@ -574,10 +572,8 @@ class TransformerPair:
         bookkeeping, and the Gumbel-max actions with the move as one compiled loop
         (:func:`interbrain.step_kernels.sample_and_move`); the same bits as the loop of ``pair.step`` and
         ``act_and_move``. Buffers as :meth:`interbrain.agents.rnn.RNNPair.play`'s; returns the pair's state."""
-        obs, episode_offset, next_pair = env.acting_tables(self.row_offsets)
+        obs_np, offsets, next_np = loop_arrays(*env.acting_tables(self.row_offsets))
         T, B = noise.shape[0], noise.shape[2]
-        offsets = NO_OFFSETS if episode_offset is None else episode_offset.numpy()
-        obs_np, next_np = obs.numpy(), next_pair.numpy()
         nz_np, act_np, pr_np, logits_np = noise.numpy(), actions.numpy(), pairs.numpy(), heads.numpy()[..., :N_ACTIONS]
         hid, hd = hidden.unbind(1), heads.unbind(0)
         if T > self.window:
