@@ -11,6 +11,7 @@ import torch
 
 from interbrain.agents import ARCHITECTURES, build_agent
 from interbrain.agents.base import action_log_softmax, gather_index, param_key
+from interbrain.agents.linear import small_products_on_numpy
 from interbrain.agents.rnn import ReluRNNHeads, RNNAgent, RNNPair
 from interbrain.config import AgentConfig, EnvConfig, make_train_config
 from interbrain.errors import InterbrainError
@@ -237,6 +238,9 @@ def test_disrnn_pair_step_is_bitwise_the_two_agents_own_steps(size, noisy):
     assert [a.bottlenecks_active for a in agents] == [noisy == "both", noisy != "neither"]
     T, B = 12, 7
     pair = agents[0].pair_with(agents[1], T)
+    if not small_products_on_numpy(agents[0].obs_weight):  # torch runs the small steps here (Intel: small_backend)
+        assert pair is None
+        pytest.skip("the numpy acting path is not this machine's")
     assert isinstance(pair, DisRNNActing)
     assert agents[0].pair_with(build_agent(AgentConfig(arch="disrnn", size="std" if size == "matched" else "matched")),
                                T) is None
