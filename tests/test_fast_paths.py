@@ -638,6 +638,38 @@ def test_index_forms_have_the_float_forms_gradients(arch):
             torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5, msg=name)
 
 
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
+def test_learning_pass_on_cuda_equals_the_cpu_one(arch):
+    """The index-form learning pass on CUDA, where some architectures take another route than on CPU (gru runs
+    cuDNN's nn.GRU there instead of its written-out steps; the numpy paths are CPU-only), gives the CPU pass's
+    outputs and every parameter's gradient to float32 tolerance: each tensor within 1e-4 of its norm (the two
+    devices sum in other orders, so single small elements may differ by more than an element-wise 1e-4)."""
+    from interbrain.provenance import resolve_device
+
+    torch.manual_seed(1)
+    device = resolve_device("cuda")  # turns cuDNN's TF32 off: gru's and lstm's gradients moved by up to 4e-3 with it
+    assert not torch.backends.cudnn.allow_tf32 and not torch.backends.cuda.matmul.allow_tf32
+    cpu = build_agent(AgentConfig(arch=arch, size="matched", window=20))
+    gpu = build_agent(AgentConfig(arch=arch, size="matched", window=20)).to(device)
+    gpu.load_state_dict(cpu.state_dict())
+    index = random_index(25, 3, seed=2)
+    results = []
+    for agent, idx in ((cpu, index), (gpu, index.to(device))):
+        logits, value, hidden = agent.sequence_index(idx)
+        (logits.square().sum() + value.sum() + hidden.square().mean()).backward()
+        results.append(([logits, value, hidden], {n: p.grad for n, p in agent.named_parameters()}))
+    (want_out, want_grad), (got_out, got_grad) = results
+    for name, got, want in zip(("logits", "value", "hidden"), got_out, want_out):
+        assert (got.cpu() - want).norm() <= 1e-4 * want.norm(), name
+    assert got_grad.keys() == want_grad.keys()
+    for name, want in want_grad.items():
+        got = got_grad[name]
+        assert (got is None) == (want is None), name
+        if got is not None:
+            assert (got.cpu() - want).norm() <= 1e-4 * want.norm(), name
+
 def test_joint_readout_equals_the_two_heads():
     agent = build_agent(AgentConfig(arch="rnn", init="modern"))
     h = torch.randn(7, 256)

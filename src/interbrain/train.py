@@ -29,7 +29,7 @@ from interbrain.env import ChaseEnv
 from interbrain.errors import InterbrainError, NonFiniteError
 from interbrain.io import append_jsonl, ensure_dir, write_text_atomic
 from interbrain.ppo import AGENTS, FusedAdam, check_finite, collect_rollout, rollout_metrics, update_clipped, update_rllib
-from interbrain.provenance import device_info, now, provenance, resolve_device
+from interbrain.provenance import device_info, float32_on_cuda, now, provenance, resolve_device
 
 MAX_ATTEMPTS = 2
 
@@ -44,6 +44,8 @@ class Trainer:
 
     def __init__(self, config: TrainConfig, device: torch.device):
         self.config, self.device = config, device
+        if device.type == "cuda":
+            float32_on_cuda()
         chaser, explorer = build_pair(config.agent, config.seed)
         self.agents = {"chaser": chaser.to(device), "explorer": explorer.to(device)}
         self.optimizers = {a: FusedAdam(self.agents[a].parameters(), lr=config.ppo.lr) for a in AGENTS}

@@ -16,7 +16,8 @@ Recurrent L2 (SPEC §3.4 "L2 option on ``weight_hh_l0``"): :meth:`recurrent_weig
 gate blocks, so the preset's ``recurrent_l2`` acts on it (set it to 0 to train without). ``input_weight_norm`` is
 ‖W_ih‖_F. ``sequence`` runs ``nn.GRU`` (MKL/cuDNN); ``step`` writes out one cell update with the same weights
 (``step_index`` gathers the input gates from W_ih's columns, :meth:`TorchRNNAgent.step_index`), and so does
-``sequence_index`` for all steps at once before running the same cell update step by step (the learning pass).
+``sequence_index`` for all steps at once before running the same cell update step by step (the learning pass on
+CPU; on CUDA it runs ``nn.GRU``).
 The state is ``(h,)`` with ``h`` [B, w].
 """
 
@@ -72,7 +73,11 @@ class GRUAgent(TorchRNNAgent):
         """:meth:`sequence` from observation indices [T, B, 2]: the input gates gathered from W_ih's columns for all
         steps at once, then the steps of :meth:`_update`. ``nn.GRU`` would multiply the two-hot [T·B, 200] inputs by
         W_ih^T forward and backward instead (≈ 33 ms of a ``matched`` `fast` update's 110 ms of learning, session
-        23); its per-step gates are the same ops."""
+        23); its per-step gates are the same ops. On CUDA the sequence runs ``nn.GRU`` (cuDNN's fused kernels):
+        the steps written out launch ~10 small kernels per step forward and backward, and a `paper` update took
+        0.67 s there instead of ≈ 0.2 (H100, session 25)."""
+        if index.device.type == "cuda":
+            return super().sequence_index(index, state0)
         h = self.initial_state(index.shape[1], index.device)[0] if state0 is None else state0[0]
         steps = []
         for gates_in in self.gather_weights(index, self.rnn.weight_ih_l0, self.rnn.bias_ih_l0).unbind(0):
