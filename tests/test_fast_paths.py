@@ -337,6 +337,61 @@ def test_transformer_pair_step_is_bitwise_the_two_agents_own_steps(size):
         assert (agent.max_position_used, agent.max_context_used) == (W - 1, W)
 
 
+@pytest.mark.parametrize("size,dtype,steps", [("std", torch.float32, 9), ("matched", torch.float32, 9),
+                                              ("matched", torch.float64, 9), ("matched", torch.float32, 4)])
+def test_tok_transformer_pair_step_equals_the_two_agents_own_steps(size, dtype, steps):
+    """Both tok_transformer agents as one batched step (TokTransformerPair: compiled attention per token of a step's
+    block, compiled LayerNorms) give each agent's step_index to float tolerance (in float64 to 1e-12: the same
+    function, summed in another order) over a whole window or part of one (KV caches, the context bookkeeping), and
+    the per-agent states it hands back continue as the agents' own do (the next step: a cached one, or at the window
+    the first recompute); offered only for the default token layout, a partner of the same shape and episodes
+    within the window."""
+    from interbrain.agents.tok_transformer import TokTransformerPair
+
+    W, B = 9, 5
+    tol = 1e-12 if dtype == torch.float64 else 2e-5
+    torch.manual_seed(1)
+    agents = [perturbed_norms(build_agent(AgentConfig(arch="tok_transformer", size=size, window=W))).to(dtype)
+              for _ in range(2)]
+    with torch.no_grad():  # the compute tokens and positions at their init are small: make each token count
+        for a in agents:
+            a.compute_tokens.normal_(0, 0.5)
+            a.pos_table.normal_(0, 0.5)
+    pair = agents[0].pair_with(agents[1], W)
+    assert isinstance(pair, TokTransformerPair) and agents[0].pair_with(agents[1], W + 1) is None
+    for other in (AgentConfig(arch="tok_transformer", size=size, window=W, tok_mode="concat"),
+                  AgentConfig(arch="tok_transformer", size=size, window=W, tok_type_embedding=True),
+                  AgentConfig(arch="tok_transformer", size="std" if size == "matched" else "matched", window=W),
+                  AgentConfig(arch="tok_transformer", size=size, window=W + 1), AgentConfig(arch="transformer")):
+        assert agents[0].pair_with(build_agent(other).to(dtype), W) is None
+    twins = [build_agent(AgentConfig(arch="tok_transformer", size=size, window=W)).to(dtype) for _ in range(2)]
+    for twin, agent in zip(twins, agents):
+        twin.load_state_dict(agent.state_dict())
+    state, own = pair.initial_state(B), [a.initial_state(B) for a in twins]
+    hidden, heads = torch.empty(steps, 2, B, 256, dtype=dtype), torch.empty(steps, 2, B, 5, dtype=dtype)
+    with torch.no_grad():
+        for t in range(steps):
+            index = torch.stack([random_index(1, B, seed=10 * t + i)[0] for i in range(2)])
+            state = pair.step(index + pair.row_offsets, state, hidden[t], heads[t])  # observation_index(offsets=)
+            for i, twin in enumerate(twins):
+                logits, value, h_i, own[i] = twin.step_index(index[i], own[i])
+                torch.testing.assert_close(hidden[t, i], h_i, rtol=0, atol=tol)
+                torch.testing.assert_close(heads[t, i], torch.cat([logits, value[:, None]], 1), rtol=0, atol=tol)
+        if steps == W:
+            with pytest.raises(InterbrainError, match="covers steps 0..8"):
+                pair.step(index, state, hidden[0], heads[0])
+        index = random_index(1, B, seed=99)[0]
+        for i, (agent_state, twin) in enumerate(zip(pair.states(state), twins)):
+            assert agent_state[0] == own[i][0] and torch.equal(agent_state[1], own[i][1])  # step count, indices
+            for got, want in zip(agent_state[2:], own[i][2:]):  # the KV caches
+                torch.testing.assert_close(got, want, rtol=0, atol=tol)
+            mine, ref = twin.step_index(index, agent_state), twin.step_index(index, own[i])
+            for got, want in zip(mine[:3], ref[:3]):
+                torch.testing.assert_close(got, want, rtol=0, atol=tol)
+    for agent in agents:
+        assert (agent.max_position_used, agent.max_context_used) == (steps - 1, steps)
+
+
 @pytest.mark.parametrize("per_episode", [False, True])
 def test_transformer_pair_play_is_bitwise_the_stepped_loop(per_episode):
     """TransformerPair.play (the acting loop written out, on CPU) gives the bits of the loop it replaces: pair.step,
@@ -839,7 +894,7 @@ def plain_rollout(env, agents, env_gen, action_gens):
     return {k: torch.stack(v) for k, v in out.items()}
 
 
-@pytest.mark.parametrize("arch", ["rnn", "mlp", "transformer"])
+@pytest.mark.parametrize("arch", ["rnn", "mlp", "transformer", "tok_transformer"])
 def test_collect_rollout_equals_the_plain_loop(arch, tiny_overrides):
     cfg = make_train_config(arch, "social", 0, "fast", 1, size="matched", overrides=tiny_overrides)
     fast, plain = Trainer(cfg, torch.device("cpu")), Trainer(cfg, torch.device("cpu"))

@@ -31,6 +31,9 @@ embedding and position table N(0, 0.02); blocks as in `transformer` (our choice 
 projection Kaiming-uniform (ReLU); heads :func:`interbrain.agents.base.init_heads`. Previous-action/-reward tokens
 (``tok_prev_action``/``tok_prev_reward``) are refused, as ``step`` receives the observation only; so is ``pos="rope"``.
 
+Acting on CPU, both agents of a rollout step as one :class:`TokTransformerPair` (compiled attention and LayerNorms over
+preallocated buffers; equal to each agent's ``step_index`` to float tolerance).
+
 State: ``(t, ids, k_1, v_1, k_2, v_2)``: ``t`` the python-int step counter, ``ids`` [B, min(t, W-1), 2] (long) the
 (own, partner) indices of the previous steps (the tokens are rebuilt from them with the current weights), and the
 per-layer key/value caches [B, heads, t·S, d/heads] (empty once t >= W, when windows are recomputed).
@@ -40,16 +43,20 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-from interbrain.agents.base import HIDDEN, N_CELLS, OBS_DIM, Agent, check_size, init_heads, register
+from interbrain.agents.acting_kernels import add_layer_norm, attend_cached, embed_step, layer_norm, write_step
+from interbrain.agents.base import (HIDDEN, N_CELLS, OBS_DIM, Agent, check_size, init_heads, param_key, register,
+                                    stacked_row_offsets)
 from interbrain.agents.linear import Linear
-from interbrain.agents.transformer import (CHUNK_ELEMENTS, HEADS, LAYERS, SIZES, CausalBlock, WindowedContext,
-                                          append_along, attend)
+from interbrain.agents.transformer import (CHUNK_ELEMENTS, HEADS, LAYERS, SIZES, CausalBlock, TransformerPair,
+                                          WindowedContext, append_along, attend, compiled_acting)
 from interbrain.config import AgentConfig
 from interbrain.errors import InterbrainError
+from interbrain.step_kernels import NO_OFFSETS
 
 NOT_VISIBLE = N_CELLS  # partner index when the partner is not shown
 
@@ -261,3 +268,157 @@ class TokTransformerAgent(WindowedContext, Agent):
 
     def input_weight_norm(self):
         return torch.sqrt(self.own_embed.weight.square().sum() + self.partner_embed.weight.square().sum())
+
+    def pair_with(self, partner: Agent, steps: int) -> TokTransformerPair | None:
+        """Both agents as :class:`TokTransformerPair` while acting on CPU (float32/64, no gradient), for the
+        default token layout (``tok_mode="sum"``, no type embedding) and episodes within the window; else None."""
+        same = (type(partner) is TokTransformerAgent and steps <= self.window
+                and all(getattr(partner, name) == getattr(self, name)
+                        for name in ("window", "d_model", "mlp_width", "mode", "n_compute"))
+                and self.mode == "sum" and self.type_embed is None and partner.type_embed is None
+                and (self.hidden_proj is None) == (partner.hidden_proj is None)
+                and compiled_acting(self.pos_table.detach(), partner.pos_table.detach())
+                and self.pos_table.dtype == partner.pos_table.dtype)
+        return TokTransformerPair(self, partner) if same else None
+
+
+class TokTransformerPair:
+    """Both tok_transformer agents acting as one batched step on CPU (issue 6), for the first ``window`` steps of an
+    episode (the KV-cache phase; a training episode of horizon <= window never leaves it), after
+    :class:`~interbrain.agents.transformer.TransformerPair`: per step one gather of both agents' observation tokens
+    from their stacked (own, partner) tables, the compute tokens added to the step position, per block the products
+    of both agents' S·B token rows as one ``baddbmm`` each, and everything between them as the compiled loops of
+    :mod:`~interbrain.agents.acting_kernels` on buffers preallocated for the episode: the LayerNorms (with the
+    residual sums), the cache writes and the attention, one compiled single-query call per token of the step's block
+    over the keys the block mask allows it (:func:`attend_block`'s rule: cached steps and the block's tokens up to
+    itself), with the key caches kept transposed (time contiguous). The last block computes only the last token's
+    attention and MLP, as :func:`cached_block` does. The attention sums in another order than the agents' own step
+    (:func:`~interbrain.agents.transformer.attend`), so the pair equals each agent's ``step_index`` to float
+    tolerance, not bit for bit (``tests/test_fast_paths.py``). Built from the current weights (no gradient)."""
+
+    replays = False  # the learning pass recomputes the episode (no first-epoch replay for this architecture)
+    play = None  # collect_rollout's own loop drives step()
+
+    def __init__(self, *agents: TokTransformerAgent):
+        self.agents = agents
+        first = agents[0]
+        self.window, self.d_model, self.mlp_width = first.window, first.d_model, first.mlp_width
+        self.block_len, self.n_compute = first.block_len, first.n_compute
+        n = len(agents)
+        with torch.no_grad():
+            # per agent 201 rows: own cells 0..99, then partner cells 0..99 and "not visible" (INDEX_OFFSETS' layout)
+            self.table = torch.cat([torch.cat([a.own_embed.weight, a.partner_embed.weight]) for a in agents])
+            self.pos = torch.stack([a.pos_table for a in agents])  # [n, W, d]
+            self.compute = (torch.stack([a.compute_tokens for a in agents]) if self.n_compute
+                            else None)  # [n, K, d]
+            self.blocks = [{name: TransformerPair._linear([getattr(a.blocks[i], name) for a in agents])
+                            for name in ("qkv", "attn_out", "mlp_in", "mlp_out")}
+                           | {name: TransformerPair._norm([getattr(a.blocks[i], name) for a in agents])
+                              for name in ("ln_attn", "ln_mlp")} for i in range(LAYERS)]
+            self.final_ln = TransformerPair._norm([a.final_ln for a in agents])
+            self.proj = (None if first.hidden_proj is None
+                         else TransformerPair._linear([a.hidden_proj for a in agents]))
+            heads = [a._joint_heads() for a in agents]
+            self.heads = (torch.stack([w for w, _ in heads]).transpose(1, 2),
+                          torch.stack([b for _, b in heads]).unsqueeze(1))
+        norms = [block[name] for block in self.blocks for name in ("ln_attn", "ln_mlp")] + [self.final_ln]
+        self.norms = [(w[:, 0].numpy(), b[:, 0].numpy(), w.numpy().dtype.type(eps)) for w, b, eps in norms]
+        self.table_np, self.pos_np = self.table.numpy(), self.pos.numpy()
+        self.compute_np = None if self.compute is None else self.compute.numpy()
+        self.row_offsets = stacked_row_offsets(n, self.table.device)
+        self.keys = [param_key(a) for a in agents]
+
+    def initial_state(self, batch: int) -> tuple:
+        n, W, S, d = len(self.agents), self.window, self.block_len, self.d_model
+        dh = d // HEADS
+        new = lambda *shape: self.table.new_empty(shape)  # noqa: E731
+        # per layer the key cache (stored transposed, time contiguous; this is a [n·B, heads, W·S, dh] view) and the
+        # value cache
+        caches = [new(n * batch, HEADS, dh, W * S).transpose(2, 3) if j % 2 == 0 else new(n * batch, HEADS, W * S, dh)
+                  for j in range(2 * LAYERS)]
+        x = new(n, batch, S, d)  # the residual stream of the step's tokens, token-minor per episode
+        normed = new(n, batch * S, d)
+        qkv = new(n, batch * S, 3 * d)
+        att = new(n, batch * S, d)
+        rows_out = {"attn_out": new(n, batch * S, d), "mlp_in": new(n, batch * S, self.mlp_width),
+                    "mlp_out": new(n, batch * S, d)}
+        ids = torch.empty(n, batch, W, 2, dtype=torch.long)  # each step's (own, partner) indices, for states()
+        last = {"att": new(n, batch, d), "attn_out": new(n, batch, d), "mlp_in": new(n, batch, self.mlp_width),
+                "mlp_out": new(n, batch, d), "normed": new(n, batch, d)}  # the last block's rows: one token each
+        buffers = {"x": x, "normed": normed, "qkv": qkv, "att": att, **rows_out, "last": last,
+                   "emb": new(n, batch, d).numpy(), "scores": new(n * batch, HEADS, W * S).numpy(),
+                   "lse": new(n * batch, HEADS).numpy(),
+                   "kv": [(caches[2 * i].numpy().swapaxes(2, 3), caches[2 * i + 1].numpy()) for i in range(LAYERS)]}
+        return (0, caches, ids, buffers)
+
+    def step(self, rows: torch.Tensor, state: tuple, hidden_out: torch.Tensor, heads_out: torch.Tensor) -> tuple:
+        """rows [2, B, 2]: the observation index plus :attr:`row_offsets` (``observation_index(offsets=)``)."""
+        t, caches, ids, buf = state
+        if t >= self.window:
+            raise InterbrainError(f"the tok_transformer pair step covers steps 0..{self.window - 1}; got step {t}")
+        torch.sub(rows, self.row_offsets, out=ids[:, :, t])
+        h = self._compiled_step(rows.numpy(), t, buf)
+        if self.proj is None:
+            hidden_out.copy_(h)
+        else:
+            torch.baddbmm(self.proj[1], h, self.proj[0], out=hidden_out).relu_()
+        torch.baddbmm(self.heads[1], hidden_out, self.heads[0], out=heads_out)
+        for a in self.agents:  # the context rule's bookkeeping, as each agent's own step keeps it
+            if t > a.max_position_used:
+                a.max_position_used = t
+            if t + 1 > a.max_context_used:
+                a.max_context_used = t + 1
+        return (t + 1, caches, ids, buf)
+
+    def _compiled_step(self, rows: np.ndarray, t: int, buf: dict) -> torch.Tensor:
+        """The blocks of step t; returns the final LayerNorm's output of each episode's last token [n, B, d]."""
+        n, B, _ = rows.shape
+        S, d, K = self.block_len, self.d_model, self.n_compute
+        x = buf["x"].numpy()
+        pos = self.pos_np[:, t]
+        # the observation token: (own + partner) + position; the compute tokens: compute_k + position
+        embed_step(self.table_np, rows, np.arange(B), NO_OFFSETS, pos, buf["emb"], x[:, :, 0])
+        for k in range(K):
+            np.add(self.compute_np[:, k, None], pos[:, None], out=x[:, :, 1 + k])
+        x_rows = x.reshape(n, B * S, d)
+        normed, normed_np = buf["normed"], buf["normed"].numpy()
+        layer_norm(x_rows, *self.norms[0], normed_np)
+        scores, lse = buf["scores"], buf["lse"]
+        att_np = buf["att"].numpy().reshape(n * B, S, HEADS, d // HEADS)
+        for i, block in enumerate(self.blocks):
+            last = i == len(self.blocks) - 1
+            kt, v = buf["kv"][i]
+            qkv = torch.baddbmm(block["qkv"][1], normed, block["qkv"][0], out=buf["qkv"])
+            qkv_np = qkv.numpy().reshape(n * B, S, 3, HEADS, d // HEADS)
+            for s in range(S):
+                write_step(qkv_np[:, s], kt, v, t * S + s)
+            if last:  # only the last token's output is read
+                out = buf["last"]
+                att = out["att"]
+                attend_cached(qkv_np[:, S - 1, 0], kt, v, (t + 1) * S, scores,
+                              att.numpy().reshape(n * B, HEADS, d // HEADS), lse)
+                resid, normed_rows = x[:, :, S - 1], out["normed"]
+            else:
+                for s in range(S):
+                    attend_cached(qkv_np[:, s, 0], kt, v, t * S + s + 1, scores, att_np[:, s], lse)
+                att = buf["att"]
+                out = {k: buf[k] for k in ("attn_out", "mlp_in", "mlp_out")}
+                resid, normed_rows = x_rows, normed
+            normed_rows_np = normed_rows.numpy()
+            torch.baddbmm(block["attn_out"][1], att, block["attn_out"][0], out=out["attn_out"])
+            add_layer_norm(resid, out["attn_out"].numpy(), *self.norms[2 * i + 1], normed_rows_np)
+            torch.baddbmm(block["mlp_in"][1], normed_rows, block["mlp_in"][0], out=out["mlp_in"]).relu_()
+            torch.baddbmm(block["mlp_out"][1], out["mlp_in"], block["mlp_out"][0], out=out["mlp_out"])
+            add_layer_norm(resid, out["mlp_out"].numpy(), *self.norms[2 * i + 2], normed_rows_np)
+        return buf["last"]["normed"]
+
+    def states(self, state: tuple) -> list[tuple]:
+        """Each agent's own state (:meth:`TokTransformerAgent.initial_state`'s layout) after the steps taken."""
+        t, caches, ids = state[:3]
+        W, S, B = self.window, self.block_len, ids.shape[1]
+        kept = slice(max(0, t - (W - 1)), t)  # the last min(t, W-1) steps' indices
+        out = []
+        for i in range(len(self.agents)):
+            rows = slice(i * B, (i + 1) * B)
+            out.append((t, ids[i, :, kept], *(c[rows, :, :t * S if t < W else 0] for c in caches)))
+        return out
