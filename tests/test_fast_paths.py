@@ -302,6 +302,23 @@ def perturbed_norms(agent):
     return agent
 
 
+def _step_pair_and_twins(pair, twins, steps: int, B: int, check, dtype=torch.float32):
+    """``steps`` steps from the zero state of ``pair`` and of each of its agents' ``twins`` (the same weights) on the
+    same random observation indices; ``check(got, want)`` on each agent's hidden state and heads (4 logits, then the
+    value) at every step. Returns the pair's final state, the twins' states and the last step's indices."""
+    state, own = pair.initial_state(B), [a.initial_state(B) for a in twins]
+    hidden, heads = torch.empty(steps, 2, B, 256, dtype=dtype), torch.empty(steps, 2, B, 5, dtype=dtype)
+    with torch.no_grad():
+        for t in range(steps):
+            index = torch.stack([random_index(1, B, seed=10 * t + i)[0] for i in range(2)])
+            state = pair.step(index + pair.row_offsets, state, hidden[t], heads[t])  # observation_index(offsets=)
+            for i, twin in enumerate(twins):
+                logits, value, h_i, own[i] = twin.step_index(index[i], own[i])
+                check(hidden[t, i], h_i)
+                check(heads[t, i], torch.cat([logits, value[:, None]], 1))
+    return state, own, index
+
+
 @pytest.mark.parametrize("size", ["std", "matched"])
 def test_transformer_pair_step_is_bitwise_the_two_agents_own_steps(size):
     """Both transformer agents as one batched call (TransformerPair) give the same bits as each agent's step_index over
@@ -317,18 +334,14 @@ def test_transformer_pair_step_is_bitwise_the_two_agents_own_steps(size):
     twins = [build_agent(AgentConfig(arch="transformer", size=size, window=W)) for _ in range(2)]
     for twin, agent in zip(twins, agents):
         twin.load_state_dict(agent.state_dict())
-    state, own = pair.initial_state(B), [a.initial_state(B) for a in twins]
-    hidden, heads = torch.empty(W, 2, B, 256), torch.empty(W, 2, B, 5)
+
+    def bitwise(got, want):
+        assert torch.equal(got, want)
+
+    state, own, index = _step_pair_and_twins(pair, twins, W, B, bitwise)
     with torch.no_grad():
-        for t in range(W):
-            index = torch.stack([random_index(1, B, seed=10 * t + i)[0] for i in range(2)])
-            state = pair.step(index + pair.row_offsets, state, hidden[t], heads[t])  # observation_index(offsets=)
-            for i, twin in enumerate(twins):
-                logits, value, h_i, own[i] = twin.step_index(index[i], own[i])
-                assert torch.equal(hidden[t, i], h_i)
-                assert torch.equal(heads[t, i, :, :4], logits) and torch.equal(heads[t, i, :, 4], value)
         with pytest.raises(InterbrainError, match="covers steps 0..8"):
-            pair.step(index, state, hidden[0], heads[0])
+            pair.step(index, state, torch.empty(2, B, 256), torch.empty(2, B, 5))
         index = random_index(1, B, seed=99)[0]
         for i, (agent_state, twin) in enumerate(zip(pair.states(state), twins)):  # step W: the first window recompute
             mine, ref = twins[i].step_index(index, agent_state), twin.step_index(index, own[i])
@@ -367,19 +380,15 @@ def test_tok_transformer_pair_step_equals_the_two_agents_own_steps(size, dtype, 
     twins = [build_agent(AgentConfig(arch="tok_transformer", size=size, window=W)).to(dtype) for _ in range(2)]
     for twin, agent in zip(twins, agents):
         twin.load_state_dict(agent.state_dict())
-    state, own = pair.initial_state(B), [a.initial_state(B) for a in twins]
-    hidden, heads = torch.empty(steps, 2, B, 256, dtype=dtype), torch.empty(steps, 2, B, 5, dtype=dtype)
+
+    def close(got, want):
+        torch.testing.assert_close(got, want, rtol=0, atol=tol)
+
+    state, own, index = _step_pair_and_twins(pair, twins, steps, B, close, dtype)
     with torch.no_grad():
-        for t in range(steps):
-            index = torch.stack([random_index(1, B, seed=10 * t + i)[0] for i in range(2)])
-            state = pair.step(index + pair.row_offsets, state, hidden[t], heads[t])  # observation_index(offsets=)
-            for i, twin in enumerate(twins):
-                logits, value, h_i, own[i] = twin.step_index(index[i], own[i])
-                torch.testing.assert_close(hidden[t, i], h_i, rtol=0, atol=tol)
-                torch.testing.assert_close(heads[t, i], torch.cat([logits, value[:, None]], 1), rtol=0, atol=tol)
         if steps == W:
             with pytest.raises(InterbrainError, match="covers steps 0..8"):
-                pair.step(index, state, hidden[0], heads[0])
+                pair.step(index, state, torch.empty(2, B, 256, dtype=dtype), torch.empty(2, B, 5, dtype=dtype))
         index = random_index(1, B, seed=99)[0]
         for i, (agent_state, twin) in enumerate(zip(pair.states(state), twins)):
             assert agent_state[0] == own[i][0] and torch.equal(agent_state[1], own[i][1])  # step count, indices
@@ -693,7 +702,6 @@ def test_index_forms_have_the_float_forms_gradients(arch):
             torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5, msg=name)
 
 
-
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
 def test_learning_pass_on_cuda_equals_the_cpu_one(arch):
@@ -724,6 +732,7 @@ def test_learning_pass_on_cuda_equals_the_cpu_one(arch):
         assert (got is None) == (want is None), name
         if got is not None:
             assert (got.cpu() - want).norm() <= 1e-4 * want.norm(), name
+
 
 def test_joint_readout_equals_the_two_heads():
     agent = build_agent(AgentConfig(arch="rnn", init="modern"))

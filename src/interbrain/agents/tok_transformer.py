@@ -49,10 +49,10 @@ from torch import nn
 from torch.nn import functional as F
 
 from interbrain.agents.acting_kernels import add_layer_norm, attend_cached, embed_step, layer_norm, write_step
-from interbrain.agents.base import (HIDDEN, N_CELLS, OBS_DIM, Agent, check_size, init_heads, param_key, register,
+from interbrain.agents.base import (HIDDEN, N_CELLS, OBS_DIM, Agent, check_size, init_heads, register,
                                     stacked_row_offsets)
 from interbrain.agents.linear import Linear
-from interbrain.agents.transformer import (CHUNK_ELEMENTS, HEADS, LAYERS, SIZES, CausalBlock, TransformerPair,
+from interbrain.agents.transformer import (CHUNK_ELEMENTS, HEADS, LAYERS, SIZES, CausalBlock, StackedBlocks,
                                           WindowedContext, append_along, attend, compiled_acting)
 from interbrain.config import AgentConfig
 from interbrain.errors import InterbrainError
@@ -282,7 +282,7 @@ class TokTransformerAgent(WindowedContext, Agent):
         return TokTransformerPair(self, partner) if same else None
 
 
-class TokTransformerPair:
+class TokTransformerPair(StackedBlocks):
     """Both tok_transformer agents acting as one batched step on CPU (issue 6), for the first ``window`` steps of an
     episode (the KV-cache phase; a training episode of horizon <= window never leaves it), after
     :class:`~interbrain.agents.transformer.TransformerPair`: per step one gather of both agents' observation tokens
@@ -300,33 +300,18 @@ class TokTransformerPair:
     play = None  # collect_rollout's own loop drives step()
 
     def __init__(self, *agents: TokTransformerAgent):
-        self.agents = agents
-        first = agents[0]
-        self.window, self.d_model, self.mlp_width = first.window, first.d_model, first.mlp_width
-        self.block_len, self.n_compute = first.block_len, first.n_compute
-        n = len(agents)
+        super().__init__(agents)
+        self.block_len, self.n_compute = agents[0].block_len, agents[0].n_compute
         with torch.no_grad():
             # per agent 201 rows: own cells 0..99, then partner cells 0..99 and "not visible" (INDEX_OFFSETS' layout)
             self.table = torch.cat([torch.cat([a.own_embed.weight, a.partner_embed.weight]) for a in agents])
             self.pos = torch.stack([a.pos_table for a in agents])  # [n, W, d]
             self.compute = (torch.stack([a.compute_tokens for a in agents]) if self.n_compute
                             else None)  # [n, K, d]
-            self.blocks = [{name: TransformerPair._linear([getattr(a.blocks[i], name) for a in agents])
-                            for name in ("qkv", "attn_out", "mlp_in", "mlp_out")}
-                           | {name: TransformerPair._norm([getattr(a.blocks[i], name) for a in agents])
-                              for name in ("ln_attn", "ln_mlp")} for i in range(LAYERS)]
-            self.final_ln = TransformerPair._norm([a.final_ln for a in agents])
-            self.proj = (None if first.hidden_proj is None
-                         else TransformerPair._linear([a.hidden_proj for a in agents]))
-            heads = [a._joint_heads() for a in agents]
-            self.heads = (torch.stack([w for w, _ in heads]).transpose(1, 2),
-                          torch.stack([b for _, b in heads]).unsqueeze(1))
-        norms = [block[name] for block in self.blocks for name in ("ln_attn", "ln_mlp")] + [self.final_ln]
-        self.norms = [(w[:, 0].numpy(), b[:, 0].numpy(), w.numpy().dtype.type(eps)) for w, b, eps in norms]
+        self.norms = self.norm_arrays()
         self.table_np, self.pos_np = self.table.numpy(), self.pos.numpy()
         self.compute_np = None if self.compute is None else self.compute.numpy()
-        self.row_offsets = stacked_row_offsets(n, self.table.device)
-        self.keys = [param_key(a) for a in agents]
+        self.row_offsets = stacked_row_offsets(len(agents), self.table.device)
 
     def initial_state(self, batch: int) -> tuple:
         n, W, S, d = len(self.agents), self.window, self.block_len, self.d_model
@@ -336,16 +321,14 @@ class TokTransformerPair:
         # value cache
         caches = [new(n * batch, HEADS, dh, W * S).transpose(2, 3) if j % 2 == 0 else new(n * batch, HEADS, W * S, dh)
                   for j in range(2 * LAYERS)]
-        x = new(n, batch, S, d)  # the residual stream of the step's tokens, token-minor per episode
-        normed = new(n, batch * S, d)
-        qkv = new(n, batch * S, 3 * d)
-        att = new(n, batch * S, d)
-        rows_out = {"attn_out": new(n, batch * S, d), "mlp_in": new(n, batch * S, self.mlp_width),
-                    "mlp_out": new(n, batch * S, d)}
         ids = torch.empty(n, batch, W, 2, dtype=torch.long)  # each step's (own, partner) indices, for states()
-        last = {"att": new(n, batch, d), "attn_out": new(n, batch, d), "mlp_in": new(n, batch, self.mlp_width),
-                "mlp_out": new(n, batch, d), "normed": new(n, batch, d)}  # the last block's rows: one token each
-        buffers = {"x": x, "normed": normed, "qkv": qkv, "att": att, **rows_out, "last": last,
+        # per block the outputs of its products, attention and LayerNorms: for every token of the step ("all", rows
+        # b·S + s), and for the last block, which computes the last token only ("last", rows b)
+        rows = {part: {"att": new(n, r, d), "attn_out": new(n, r, d), "mlp_in": new(n, r, self.mlp_width),
+                       "mlp_out": new(n, r, d), "normed": new(n, r, d)}
+                for part, r in (("all", batch * S), ("last", batch))}
+        buffers = {"x": new(n, batch, S, d),  # the residual stream of the step's tokens, token-minor per episode
+                   "qkv": new(n, batch * S, 3 * d), **rows,
                    "emb": new(n, batch, d).numpy(), "scores": new(n * batch, HEADS, W * S).numpy(),
                    "lse": new(n * batch, HEADS).numpy(),
                    "kv": [(caches[2 * i].numpy().swapaxes(2, 3), caches[2 * i + 1].numpy()) for i in range(LAYERS)]}
@@ -357,17 +340,8 @@ class TokTransformerPair:
         if t >= self.window:
             raise InterbrainError(f"the tok_transformer pair step covers steps 0..{self.window - 1}; got step {t}")
         torch.sub(rows, self.row_offsets, out=ids[:, :, t])
-        h = self._compiled_step(rows.numpy(), t, buf)
-        if self.proj is None:
-            hidden_out.copy_(h)
-        else:
-            torch.baddbmm(self.proj[1], h, self.proj[0], out=hidden_out).relu_()
-        torch.baddbmm(self.heads[1], hidden_out, self.heads[0], out=heads_out)
-        for a in self.agents:  # the context rule's bookkeeping, as each agent's own step keeps it
-            if t > a.max_position_used:
-                a.max_position_used = t
-            if t + 1 > a.max_context_used:
-                a.max_context_used = t + 1
+        self._emit_heads(self._compiled_step(rows.numpy(), t, buf), hidden_out, heads_out)
+        self._note_steps(t + 1)
         return (t + 1, caches, ids, buf)
 
     def _compiled_step(self, rows: np.ndarray, t: int, buf: dict) -> torch.Tensor:
@@ -381,35 +355,30 @@ class TokTransformerPair:
         for k in range(K):
             np.add(self.compute_np[:, k, None], pos[:, None], out=x[:, :, 1 + k])
         x_rows = x.reshape(n, B * S, d)
-        normed, normed_np = buf["normed"], buf["normed"].numpy()
-        layer_norm(x_rows, *self.norms[0], normed_np)
+        normed = buf["all"]["normed"]  # LN(x) of every token: the next block's qkv input
+        layer_norm(x_rows, *self.norms[0], normed.numpy())
         scores, lse = buf["scores"], buf["lse"]
-        att_np = buf["att"].numpy().reshape(n * B, S, HEADS, d // HEADS)
         for i, block in enumerate(self.blocks):
-            last = i == len(self.blocks) - 1
             kt, v = buf["kv"][i]
             qkv = torch.baddbmm(block["qkv"][1], normed, block["qkv"][0], out=buf["qkv"])
             qkv_np = qkv.numpy().reshape(n * B, S, 3, HEADS, d // HEADS)
             for s in range(S):
                 write_step(qkv_np[:, s], kt, v, t * S + s)
-            if last:  # only the last token's output is read
-                out = buf["last"]
-                att = out["att"]
+            if i == len(self.blocks) - 1:  # only the last token's output is read
+                out, resid = buf["last"], x[:, :, S - 1]
                 attend_cached(qkv_np[:, S - 1, 0], kt, v, (t + 1) * S, scores,
-                              att.numpy().reshape(n * B, HEADS, d // HEADS), lse)
-                resid, normed_rows = x[:, :, S - 1], out["normed"]
+                              out["att"].numpy().reshape(n * B, HEADS, d // HEADS), lse)
             else:
+                out, resid = buf["all"], x_rows
+                att_np = out["att"].numpy().reshape(n * B, S, HEADS, d // HEADS)
                 for s in range(S):
                     attend_cached(qkv_np[:, s, 0], kt, v, t * S + s + 1, scores, att_np[:, s], lse)
-                att = buf["att"]
-                out = {k: buf[k] for k in ("attn_out", "mlp_in", "mlp_out")}
-                resid, normed_rows = x_rows, normed
-            normed_rows_np = normed_rows.numpy()
-            torch.baddbmm(block["attn_out"][1], att, block["attn_out"][0], out=out["attn_out"])
-            add_layer_norm(resid, out["attn_out"].numpy(), *self.norms[2 * i + 1], normed_rows_np)
-            torch.baddbmm(block["mlp_in"][1], normed_rows, block["mlp_in"][0], out=out["mlp_in"]).relu_()
+            normed_np = out["normed"].numpy()
+            torch.baddbmm(block["attn_out"][1], out["att"], block["attn_out"][0], out=out["attn_out"])
+            add_layer_norm(resid, out["attn_out"].numpy(), *self.norms[2 * i + 1], normed_np)
+            torch.baddbmm(block["mlp_in"][1], out["normed"], block["mlp_in"][0], out=out["mlp_in"]).relu_()
             torch.baddbmm(block["mlp_out"][1], out["mlp_in"], block["mlp_out"][0], out=out["mlp_out"])
-            add_layer_norm(resid, out["mlp_out"].numpy(), *self.norms[2 * i + 2], normed_rows_np)
+            add_layer_norm(resid, out["mlp_out"].numpy(), *self.norms[2 * i + 2], normed_np)
         return buf["last"]["normed"]
 
     def states(self, state: tuple) -> list[tuple]:

@@ -443,30 +443,18 @@ class TransformerAgent(WindowedContext, Agent):
         return TransformerPair(self, partner) if same and steps <= self.window else None
 
 
-class TransformerPair:
-    """Both transformer agents acting as one batched call (issue 6), for the first ``window`` steps of an episode (the
-    KV-cache phase: a training episode of horizon <= window never leaves it). Per step: one gather from the two
-    stacked input tables; per block, the products of both agents as one ``baddbmm`` each (the same bits as each
-    agent's ``Linear``: ``addmm`` per batch on CPU), each LayerNorm as the plain normalisation followed by one
-    ``addcmul`` with the stacked affine weights (the same bits as the affine kernel), and one :func:`attend` over
-    both agents' 2·B rows (batched products per row and head, so the same bits); the KV caches and the
-    input-embedding history are preallocated for the whole episode. ``tests/test_fast_paths.py`` checks the bits
-    against each agent's ``step_index``. Built from the current weights (no gradient); rebuild it after they
-    change."""
+class StackedBlocks:
+    """What both attention agents' pair steps (:class:`TransformerPair`,
+    :class:`~interbrain.agents.tok_transformer.TokTransformerPair`) take from their agents, stacked agent-major:
+    each block's products (W^T [n, in, out] and bias [n, 1, out], one ``baddbmm`` for all agents) and LayerNorms,
+    the final LayerNorm, the ``matched`` projection and the joint heads (no gradient); then the heads' outputs and
+    the context rule's bookkeeping after a step. Built from the current weights."""
 
-    def __init__(self, *agents: TransformerAgent):
+    def __init__(self, agents):
         self.agents = agents
         first = agents[0]
         self.window, self.d_model, self.mlp_width = first.window, first.d_model, first.mlp_width
-        n = len(agents)
-        # on CPU the steps record every product's and attention's output for the first learning epoch's replay
-        # (TransformerAgent.replay_index, whose attention backward is the CPU flash kernel's)
-        self.replays = first.inp.weight.device.type == "cpu"
-        # on CPU the attention runs as compiled loops (acting_kernels) over a key cache kept transposed
-        self.compiled = self.replays and first.inp.weight.dtype in (torch.float32, torch.float64)
         with torch.no_grad():
-            self.table = torch.cat([index_table(a.inp.weight, a.inp.bias) for a in agents])  # [n·201, d]
-            self.pos = torch.stack([a.pos_table for a in agents])  # [n, W, d]
             self.blocks = [{name: self._linear([getattr(a.blocks[i], name) for a in agents])
                             for name in ("qkv", "attn_out", "mlp_in", "mlp_out")}
                            | {name: self._norm([getattr(a.blocks[i], name) for a in agents])
@@ -475,15 +463,6 @@ class TransformerPair:
             self.proj = None if first.hidden_proj is None else self._linear([a.hidden_proj for a in agents])
             heads = [a._joint_heads() for a in agents]
             self.heads = (torch.stack([w for w, _ in heads]).transpose(1, 2), torch.stack([b for _, b in heads]).unsqueeze(1))
-        self.arrays = None
-        if self.compiled:  # the compiled loops' views: the input table, positions, and every LayerNorm's weights,
-            # bias and eps in the order the step meets them (per block ln_attn, ln_mlp; then the final one)
-            norms = [block[name] for block in self.blocks for name in ("ln_attn", "ln_mlp")] + [self.final_ln]
-            self.arrays = {"table": self.table.numpy(), "pos": self.pos.numpy(),
-                          "norms": [(w[:, 0].numpy(), b[:, 0].numpy(), w.numpy().dtype.type(eps)) for w, b, eps in norms]}
-        self.row_offsets = stacked_row_offsets(n, self.table.device)  # each agent's rows in the stacked table
-        # the acting loop written out where the steps are compiled (collect_rollout runs it; None: its own loop)
-        self.play = self._play if self.compiled else None
         self.keys = [param_key(a) for a in agents]
 
     @staticmethod
@@ -496,6 +475,60 @@ class TransformerPair:
     def _norm(layers: list[nn.LayerNorm]) -> tuple[torch.Tensor, torch.Tensor, float]:
         return (torch.stack([m.weight for m in layers]).unsqueeze(1), torch.stack([m.bias for m in layers]).unsqueeze(1),
                 layers[0].eps)
+
+    def norm_arrays(self) -> list[tuple]:
+        """Every LayerNorm's weight and bias [n, d] and eps as the compiled loops take them, in the order a step meets
+        them: per block ln_attn, ln_mlp; then the final one."""
+        norms = [block[name] for block in self.blocks for name in ("ln_attn", "ln_mlp")] + [self.final_ln]
+        return [(w[:, 0].numpy(), b[:, 0].numpy(), w.numpy().dtype.type(eps)) for w, b, eps in norms]
+
+    def _emit_heads(self, h: torch.Tensor, hidden_out: torch.Tensor, heads_out: torch.Tensor) -> None:
+        """The hidden states (the ``matched`` projection and its ReLU) and the joint heads from the final LayerNorm's
+        output h."""
+        if self.proj is None:
+            hidden_out.copy_(h)
+        else:
+            torch.baddbmm(self.proj[1], h, self.proj[0], out=hidden_out).relu_()
+        torch.baddbmm(self.heads[1], hidden_out, self.heads[0], out=heads_out)
+
+    def _note_steps(self, steps: int) -> None:
+        """The context rule's bookkeeping after ``steps`` steps from 0, as each agent's own steps keep it."""
+        for a in self.agents:
+            if steps - 1 > a.max_position_used:  # assigned only when it grows (nn.Module's __setattr__ costs ~5 µs)
+                a.max_position_used = steps - 1
+            if steps > a.max_context_used:
+                a.max_context_used = steps
+
+
+class TransformerPair(StackedBlocks):
+    """Both transformer agents acting as one batched call (issue 6), for the first ``window`` steps of an episode (the
+    KV-cache phase: a training episode of horizon <= window never leaves it). Per step: one gather from the two
+    stacked input tables; per block, the products of both agents as one ``baddbmm`` each (the same bits as each
+    agent's ``Linear``: ``addmm`` per batch on CPU), each LayerNorm as the plain normalisation followed by one
+    ``addcmul`` with the stacked affine weights (the same bits as the affine kernel), and one :func:`attend` over
+    both agents' 2·B rows (batched products per row and head, so the same bits); the KV caches and the
+    input-embedding history are preallocated for the whole episode. ``tests/test_fast_paths.py`` checks the bits
+    against each agent's ``step_index``. Built from the current weights (no gradient); rebuild it after they
+    change."""
+
+    def __init__(self, *agents: TransformerAgent):
+        super().__init__(agents)
+        first = agents[0]
+        n = len(agents)
+        # on CPU the steps record every product's and attention's output for the first learning epoch's replay
+        # (TransformerAgent.replay_index, whose attention backward is the CPU flash kernel's)
+        self.replays = first.inp.weight.device.type == "cpu"
+        # on CPU the attention runs as compiled loops (acting_kernels) over a key cache kept transposed
+        self.compiled = self.replays and first.inp.weight.dtype in (torch.float32, torch.float64)
+        with torch.no_grad():
+            self.table = torch.cat([index_table(a.inp.weight, a.inp.bias) for a in agents])  # [n·201, d]
+            self.pos = torch.stack([a.pos_table for a in agents])  # [n, W, d]
+        self.arrays = None
+        if self.compiled:  # the compiled loops' views: the input table, positions and the LayerNorms
+            self.arrays = {"table": self.table.numpy(), "pos": self.pos.numpy(), "norms": self.norm_arrays()}
+        self.row_offsets = stacked_row_offsets(n, self.table.device)  # each agent's rows in the stacked table
+        # the acting loop written out where the steps are compiled (collect_rollout runs it; None: its own loop)
+        self.play = self._play if self.compiled else None
 
     def _layer_norm(self, x: torch.Tensor, norm) -> torch.Tensor:
         weight, bias, eps = norm
@@ -586,23 +619,6 @@ class TransformerPair:
         self._note_steps(T)
         env.moved(pairs[T], T)
         return (T, emb, caches, record, slots, acting)
-
-    def _emit_heads(self, h: torch.Tensor, hidden_out: torch.Tensor, heads_out: torch.Tensor) -> None:
-        """The hidden states (the ``matched`` projection and its ReLU) and the joint heads from the final LayerNorm's
-        output h."""
-        if self.proj is None:
-            hidden_out.copy_(h)
-        else:
-            torch.baddbmm(self.proj[1], h, self.proj[0], out=hidden_out).relu_()
-        torch.baddbmm(self.heads[1], hidden_out, self.heads[0], out=heads_out)
-
-    def _note_steps(self, steps: int) -> None:
-        """The context rule's bookkeeping after ``steps`` steps from 0, as each agent's own steps keep it."""
-        for a in self.agents:
-            if steps - 1 > a.max_position_used:  # assigned only when it grows (nn.Module's __setattr__ costs ~5 µs)
-                a.max_position_used = steps - 1
-            if steps > a.max_context_used:
-                a.max_context_used = steps
 
     def _torch_step(self, rows: torch.Tensor, t: int, emb: torch.Tensor, caches: list, slots: list) -> torch.Tensor:
         """The blocks of step t as torch ops (on CUDA), the final LayerNorm's output returned."""
