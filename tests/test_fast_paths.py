@@ -1048,13 +1048,13 @@ def test_stacked_rllib_update_equals_the_agent_by_agent_loop(tiny_overrides, mon
                 assert (m_s[k] - m_p[k]).norm() < 3e-3 * m_p[k].norm(), (a, name, k)
 
 
-@pytest.mark.parametrize("step_products", ["numpy", "torch"])
+@pytest.mark.parametrize("step_products", ["compiled", "torch"])
 @pytest.mark.parametrize("entropy_coef, input_l2", [(0.0, 0.0), (0.01, 0.05)])
 def test_hand_written_rllib_minibatch_equals_policy_loss_per_agent_in_float64(entropy_coef, input_l2, step_products):
     """KLPenaltyMinibatches, the rllib learner's minibatch step written out in numpy, against policy_loss's autograd
     for each agent alone on the sequences the minibatch picks (each unit its own) from their stored initial states:
     per-unit loss, statistics and every parameter's gradient, in float64, with both clip branches, the value cap and
-    "partner not shown" rows exercised, the recurrence's step products on numpy's BLAS and on torch's. With
+    "partner not shown" rows exercised, the recurrence's step products compiled and on torch's BLAS. With
     stats=False: the same gradients bit for bit, the same approx_kl, the other statistics NaN."""
     import numpy as np
 
@@ -1104,11 +1104,17 @@ def test_hand_written_rllib_minibatch_equals_policy_loss_per_agent_in_float64(en
     assert np.isnan(np.delete(quiet, kl_row, 0)).all()
 
 
-@pytest.mark.parametrize("step_products", ["numpy", "torch"])
-def test_hand_written_rllib_minibatch_equals_the_torch_graph_in_float32(step_products):
+@pytest.mark.parametrize("step_products, weight_grad_on_onednn",
+                         [("compiled", True), ("compiled", False), ("torch", True), ("torch", False)])
+def test_hand_written_rllib_minibatch_equals_the_torch_graph_in_float32(step_products, weight_grad_on_onednn):
     """The same step in float32 (the learner's dtype) against the torch graph it replaces
     (stacked_kl_penalty_loss and its backward) on a 7-sequence minibatch: loss, statistics and gradients equal to float
-    tolerance, with the step products on either BLAS."""
+    tolerance, with the step products compiled or on torch's BLAS, the recurrent weight's gradient on oneDNN or
+    OpenBLAS."""
+    from interbrain.agents.linear import onednn_available
+
+    if weight_grad_on_onednn and not onednn_available():
+        pytest.skip("this torch build has no oneDNN dense-layer kernel")
     import numpy as np
 
     from interbrain.agents.rnn import StackedRNN
@@ -1129,8 +1135,10 @@ def test_hand_written_rllib_minibatch_equals_the_torch_graph_in_float32(step_pro
     loss.sum().backward()
     ref = {k: v.detach().numpy() for k, v in ref.items()}
     hand_stack = StackedRNN(agents)
-    stats = KLPenaltyMinibatches(hand_stack, cfg, index, actions, old_logp, adv, returns, old_logits, h0,
-                                 step_products=step_products).step(idx.numpy(), kl_coef.numpy())
+    hand = KLPenaltyMinibatches(hand_stack, cfg, index, actions, old_logp, adv, returns, old_logits, h0,
+                                step_products=step_products, weight_grad_on_onednn=weight_grad_on_onednn)
+    assert (hand.step_products, hand.weight_grad_on_onednn) == (step_products, weight_grad_on_onednn)
+    stats = hand.step(idx.numpy(), kl_coef.numpy())
     for k in STATS:
         np.testing.assert_allclose(stats[STATS.index(k)], ref[k], rtol=1e-5, atol=1e-6, err_msg=k)
     for (n, p), q in zip(stack.named_parameters(), hand_stack.parameters()):
@@ -1163,8 +1171,34 @@ def test_transpose_into_and_add_at_b(monkeypatch, openblas):
         want = out + np.einsum("eki,ekj->eij", a.astype(np.float64), b.astype(np.float64))
         rnn_numpy.add_at_b(out, a, b)
         np.testing.assert_allclose(out, want, rtol=1e-5 if dtype == np.float32 else 1e-12, atol=1e-5)
+        # rectangular, from rows strided as the step's buffers (unit e's rows big[e, :8] as [40, 6])
+        dst = np.empty((2, 6, 40), dtype)
+        rnn_numpy.transpose_into(dst, a)
+        assert np.array_equal(dst, a.transpose(0, 2, 1))
     with pytest.raises(ValueError, match="transpose_into"):
         rnn_numpy.transpose_into(np.empty((2, 6, 6)), np.empty((2, 6, 6))[:, ::-1])
+    with pytest.raises(ValueError, match="transpose_into"):
+        rnn_numpy.transpose_into(np.empty((2, 6, 5)), np.empty((2, 6, 5)))
+
+
+def test_add_at_b_onednn():
+    """out[e] += a[e]^T b[e] on oneDNN from rows strided as the step's buffers, against float64 (float32 sums)."""
+    import numpy as np
+
+    from interbrain.agents import rnn_numpy
+    from interbrain.agents.linear import onednn_available
+
+    if not onednn_available():
+        pytest.skip("this torch build has no oneDNN dense-layer kernel")
+    rng = np.random.default_rng(1)
+    big = rng.standard_normal((2, 21, 7, 64)).astype(np.float32)
+    a, b = big[:, :20].reshape(2, 140, 64), big[:, 1:].reshape(2, 140, 64)
+    out = torch.from_numpy(rng.standard_normal((2, 64, 64)).astype(np.float32))
+    want = out.double() + torch.from_numpy(np.einsum("eki,ekj->eij", a.astype(np.float64), b.astype(np.float64)))
+    a_t, b_t = np.empty((2, 64, 140), np.float32), np.empty((2, 64, 140), np.float32)
+    rnn_numpy.add_at_b_onednn(out, a, b, a_t, b_t)
+    torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=1e-4)
+    assert np.array_equal(a_t, a.transpose(0, 2, 1)) and np.array_equal(b_t, b.transpose(0, 2, 1))
 
 
 @pytest.mark.parametrize("start", ["fresh", "loaded"])
@@ -1298,19 +1332,27 @@ def test_bag_sum_is_embedding_bag_with_its_offsets_made_once(k):
         assert torch.equal(gg, gw)
 
 
-def test_rllib_step_products_follow_numpys_openblas_kernels(monkeypatch):
-    """numpy's BLAS runs the rllib minibatch's step products only where its OpenBLAS runs AVX-512 kernels (else
-    MKL through torch); an unknown choice is refused; the kernels reported are threadpoolctl's for numpy's library."""
+def test_rllib_step_products_follow_the_processor(monkeypatch):
+    """The rllib minibatch's step products are compiled where the processor runs AVX-512 and the hidden width is a
+    multiple of the kernels' column block, else MKL through torch; an unknown choice is refused, and so is the weight
+    gradient on oneDNN in float64. numpy_blas_kernels (provenance) reports threadpoolctl's kernels for numpy's
+    library."""
     from threadpoolctl import threadpool_info
 
     from interbrain.agents import linear as L
     from interbrain.agents import rnn_numpy
+    from interbrain.agents.rnn import StackedRNN
 
     numpy_libs = [lib for lib in threadpool_info() if lib.get("internal_api") == "openblas"
                   and "numpy" in lib.get("filepath", "")]
     assert L.numpy_blas_kernels() == (numpy_libs[0]["architecture"] if numpy_libs else None)
-    for kernels, expected in [("SkylakeX", "numpy"), ("Cooperlake", "numpy"), ("Haswell", "torch"), (None, "torch")]:
-        monkeypatch.setattr(L, "numpy_blas_kernels", lambda k=kernels: k)
-        assert rnn_numpy.default_step_products() == expected, kernels
+    for capability, hidden, expected in [("AVX512", 256, "compiled"), ("AVX512", 96, "compiled"),
+                                         ("AVX512", 250, "torch"), ("AVX2", 256, "torch"), ("DEFAULT", 256, "torch")]:
+        monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda c=capability: c)
+        assert rnn_numpy.default_step_products(hidden) == expected, (capability, hidden)
     with pytest.raises(ValueError, match="step_products='mkl'"):
         rnn_numpy.KLPenaltyMinibatches(None, None, None, None, None, None, None, None, None, step_products="mkl")
+    stack = StackedRNN([RNNAgent(AgentConfig("rnn", "matched", "modern")).double() for _ in range(2)])
+    with pytest.raises(ValueError, match="float32"):
+        rnn_numpy.KLPenaltyMinibatches(stack, None, None, None, None, None, None, None, None,
+                                       weight_grad_on_onednn=True)

@@ -97,10 +97,6 @@ def numpy_blas_kernels() -> str | None:
     return None
 
 
-#: OpenBLAS's names for its AVX-512 kernels (:func:`numpy_blas_kernels`)
-OPENBLAS_AVX512_KERNELS = ("SkylakeX", "Cooperlake", "SapphireRapids")
-
-
 @functools.cache
 def small_backend() -> str:
     """``torch`` or ``numpy``: who runs the stacked ReLU recurrence's per-step products when a unit has at most
@@ -303,5 +299,5 @@ class Linear(nn.Linear):
 __all__ = ["BACKENDS", "ENV_VAR", "KnownLinear", "Linear", "MIN_ROWS", "NARROW_COLS", "NarrowLinear", "OneDNNLinear",
            "SMALL_BACKENDS", "SMALL_ENV_VAR", "SMALL_ROWS",
            "cpu_backend", "known_linear", "linear", "narrow_input_grad", "narrow_on_numpy", "narrow_product",
-           "narrow_weight_grad", "numpy_blas", "numpy_blas_kernels", "OPENBLAS_AVX512_KERNELS", "onednn_available",
+           "narrow_weight_grad", "numpy_blas", "numpy_blas_kernels", "onednn_available",
            "set_cpu_threads", "small_backend"]

@@ -13,13 +13,16 @@ the initial states; the recurrence's step products per unit are contiguous [n, H
 
 - input: x_t = W_ih^T[own] + W_ih^T[100 + partner] + b_ih + b_hh, two row gathers from the stacked ``input_rows``
   (W_ih^T), which for the update lives in a buffer with one extra zero row (the "partner not shown" row);
-- recurrence: h_t = ReLU(x_t + h_{t-1} W_hh^T), one BLAS product per step and unit (numpy's OpenBLAS where it runs
-  its AVX-512 kernels, else MKL through ``torch.bmm`` on the same buffers: :data:`STEP_PRODUCTS`);
+- recurrence: h_t = ReLU(x_t + h_{t-1} W_hh^T), one compiled call per step for both units with the ReLU fused in
+  (:mod:`interbrain.agents.small_products`, on processors with AVX-512), else MKL through ``torch.bmm`` on the same
+  buffers and numpy's add and ReLU (:data:`STEP_PRODUCTS`);
 - heads: [logits, value] = h_t [W_a; W_v]^T + [b_a; b_v]; the loss and its gradient per step as in
   :class:`interbrain.ppo.StackedKLPenaltyLoss` (the same formulas; the old policy's log-probabilities, probabilities
   and the taken action's one-hot are computed once per update);
-- backward: dL/dh_t = g_heads,t [W_a; W_v] + dL/dx_{t+1} W_hh, dL/dx_t = dL/dh_t · [h_t > 0]; dW_hh = sum_t
-  (dL/dx_t)^T h_{t-1} as one product over all steps; W_ih's rows and the biases by ``index_add_`` and sums;
+- backward: dL/dh_t = g_heads,t [W_a; W_v] + dL/dx_{t+1} W_hh, dL/dx_t = dL/dh_t · [h_t > 0] (the step products as
+  the forward's, the mask fused in); dW_hh = sum_t (dL/dx_t)^T h_{t-1} as one product over all steps (oneDNN in
+  float32 where the dense layers run on it, :func:`add_at_b_onednn`, else OpenBLAS); W_ih's rows and the biases by
+  ``index_add_`` and sums;
   λ_rec W_hh / ||W_hh||_F (and λ_in W_ih / ||W_ih||_F) for the norm penalties.
 
 Used where :func:`interbrain.agents.rnn.numpy_steps` sends the stacked recurrence's steps to numpy (CPU, float32,
@@ -39,6 +42,7 @@ import numpy as np
 import torch
 
 from interbrain.agents.base import N_ACTIONS, N_CELLS, action_log_softmax
+from interbrain.agents.small_products import step_relu, step_relu_grad
 from interbrain.config import PPOConfig
 
 #: the statistics of one minibatch step, rows of :meth:`KLPenaltyMinibatches.step`'s result (those of
@@ -73,31 +77,38 @@ def _openblas():
 _ROW_MAJOR, _NO_TRANS, _TRANS = 101, 111, 112
 
 #: who runs the recurrence's per-step products ([n, 256] x [256, 256] per unit, n = 6-7), forward and backward:
-#: ``numpy`` (OpenBLAS) or ``torch`` (MKL, ``torch.bmm`` on the same buffers). By default numpy where its OpenBLAS runs
-#: AVX-512 kernels (8.0 µs a [7, 256] x [256, 256] product on session 24's Zen 5, MKL 16-18 µs: MKL runs AVX2 kernels
-#: on AMD), else torch: with OpenBLAS's AVX2 kernels (``OPENBLAS_CORETYPE=Haswell``, as session 24's host set it) the
-#: product takes 25.8 µs, and the ``rllib`` update 2.36-2.46 s against 1.99-2.01 s with MKL's steps.
-STEP_PRODUCTS = ("numpy", "torch")
+#: ``compiled`` (:mod:`interbrain.agents.small_products`' register-blocked loops, with the step's ReLU or its mask
+#: fused in) or ``torch`` (MKL, ``torch.bmm`` on the same buffers, then numpy's add and ReLU). By default compiled where
+#: the processor runs AVX-512 (numba then compiles for it) and the hidden width is a multiple of
+#: :data:`~interbrain.agents.small_products.COLS`, else torch. Both units' 7-row forward step on session 26's Zen 5:
+#: 13.6 µs compiled with the ReLU, 34-38 µs on MKL (AVX2 kernels on AMD) before the add and ReLU; numpy's OpenBLAS
+#: took 53 µs with the AVX2 kernels the host's ``OPENBLAS_CORETYPE=Haswell`` selects (16.5 µs with its AVX-512 ones,
+#: which sessions 24-25 used where OpenBLAS ran them).
+STEP_PRODUCTS = ("compiled", "torch")
 
 
-def default_step_products() -> str:
-    """:data:`STEP_PRODUCTS`'s choice for this process (by :func:`interbrain.agents.linear.numpy_blas_kernels`)."""
-    from interbrain.agents.linear import OPENBLAS_AVX512_KERNELS, numpy_blas_kernels
+def default_step_products(hidden: int = 256) -> str:
+    """:data:`STEP_PRODUCTS`'s choice for this process and a hidden width of ``hidden``."""
+    from interbrain.agents.small_products import applies
 
-    return "numpy" if numpy_blas_kernels() in OPENBLAS_AVX512_KERNELS else "torch"
+    return "compiled" if torch.backends.cpu.get_cpu_capability() == "AVX512" and applies(1, hidden) else "torch"
 
 
 def transpose_into(dst: np.ndarray, src: np.ndarray) -> None:
-    """dst[e] = src[e]^T for C-contiguous [E, n, n] arrays."""
-    if not (src.flags.c_contiguous and dst.flags.c_contiguous and src.shape == dst.shape == (src.shape[0],) + src.shape[1:2] * 2):
-        raise ValueError(f"transpose_into needs C-contiguous [E, n, n] arrays, got {src.shape} and {dst.shape}")
-    blas, n = _openblas(), src.shape[-1]
+    """dst[e] = src[e]^T for src [E, r, c] (each matrix's rows contiguous and in order, any stride between matrices)
+    and a C-contiguous dst [E, c, r]."""
+    E, r, c = src.shape
+    if not (dst.flags.c_contiguous and dst.shape == (E, c, r) and dst.dtype == src.dtype
+            and src.strides[-1] == src.itemsize and src.strides[1] >= c * src.itemsize):
+        raise ValueError(f"transpose_into needs src [E, r, c] with contiguous rows in order and a C-contiguous dst "
+                         f"[E, c, r], got {src.shape} (strides {src.strides}) and {dst.shape}")
+    blas = _openblas()
     if blas is None:
         torch.from_numpy(dst).copy_(torch.from_numpy(src).transpose(1, 2))
         return
-    f = blas["omatcopy", src.dtype]
-    for e in range(src.shape[0]):
-        f(_ROW_MAJOR, _TRANS, n, n, 1.0, src[e].ctypes.data, n, dst[e].ctypes.data, n)
+    f, lda = blas["omatcopy", src.dtype], src.strides[1] // src.itemsize
+    for e in range(E):
+        f(_ROW_MAJOR, _TRANS, r, c, 1.0, src[e].ctypes.data, lda, dst[e].ctypes.data, r)
 
 
 def add_at_b(out: np.ndarray, a: np.ndarray, b: np.ndarray) -> None:
@@ -115,6 +126,18 @@ def add_at_b(out: np.ndarray, a: np.ndarray, b: np.ndarray) -> None:
     for e in range(out.shape[0]):
         f(_ROW_MAJOR, _TRANS, _NO_TRANS, M, N, K, 1.0, a[e].ctypes.data, lda, b[e].ctypes.data, ldb, 1.0,
           out[e].ctypes.data, N)
+
+
+def add_at_b_onednn(out: torch.Tensor, a: np.ndarray, b: np.ndarray, a_t: np.ndarray, b_t: np.ndarray) -> None:
+    """:func:`add_at_b` (out[e] += a[e]^T b[e]) on oneDNN's dense-layer kernel, which computes x w^T from x and w with
+    contiguous rows: x = a[e]^T and w = b[e]^T, transposed into the C-contiguous [E, K, M] and [E, K, N] buffers
+    ``a_t`` and ``b_t`` first. float32 (oneDNN's AVX-512 kernels: both units' [256, 140]^T [140, 256] in 225 µs with
+    the transposes and the sum, against 304 µs on OpenBLAS's AVX2 kernels, session 26's Zen 5)."""
+    transpose_into(a_t, a)
+    transpose_into(b_t, b)
+    x, w = torch.from_numpy(a_t), torch.from_numpy(b_t)
+    for e in range(out.shape[0]):
+        out[e] += torch.ops.mkldnn._linear_pointwise(x[e], w[e], None, "none", [], "")
 
 
 def norm_penalty(w: np.ndarray, coef: float) -> tuple[np.ndarray, np.ndarray]:
@@ -138,11 +161,18 @@ class KLPenaltyMinibatches:
     STATS = STATS
 
     def __init__(self, stack, cfg: PPOConfig, index, actions, old_logp, adv, returns, old_logits, states0,
-                 step_products: str | None = None):
-        step_products = default_step_products() if step_products is None else step_products
+                 step_products: str | None = None, weight_grad_on_onednn: bool | None = None):
+        step_products = default_step_products(stack.weight_hh.shape[-1]) if step_products is None else step_products
         if step_products not in STEP_PRODUCTS:
             raise ValueError(f"step_products={step_products!r} is not one of {list(STEP_PRODUCTS)}")
         self.step_products = step_products
+        if weight_grad_on_onednn is None:  # where the dense layers' large products run on oneDNN, in float32
+            from interbrain.agents.linear import cpu_backend
+
+            weight_grad_on_onednn = stack.weight_hh.dtype == torch.float32 and cpu_backend() == "onednn"
+        elif weight_grad_on_onednn and stack.weight_hh.dtype != torch.float32:
+            raise ValueError(f"the weight gradient on oneDNN needs float32 parameters, got {stack.weight_hh.dtype}")
+        self.weight_grad_on_onednn = weight_grad_on_onednn
         E, H = stack.units, stack.weight_hh.shape[-1]
         L, _, S = actions.shape
         self.cfg, self.E, self.H, self.L, self.S = cfg, E, H, L, S
@@ -176,6 +206,7 @@ class KLPenaltyMinibatches:
         self.wt = np.empty_like(self.params["weight_hh"])
         # torch views of the step products' operands (the same memory), for step_products == "torch"
         self.torch_w, self.torch_wt = torch.from_numpy(self.params["weight_hh"]), torch.from_numpy(self.wt)
+        self.torch_grad_whh = torch.from_numpy(self.grads["weight_hh"])
         self.buffers: dict[int, dict[str, np.ndarray]] = {}
         self.torch_buffers: dict[int, dict[str, torch.Tensor]] = {}
 
@@ -185,7 +216,8 @@ class KLPenaltyMinibatches:
             self.buffers[n] = {"hidden": np.empty((E, L + 1, n, H), dt), "x": np.empty((E, L, n, H), dt),
                                "g": np.empty((E, L, n, H), dt),
                                "prod": np.empty((E, n, H), dt), "heads": np.empty((E, L * n, N_ACTIONS + 1), dt),
-                               "grad_heads": np.empty((E, N_ACTIONS + 1, L * n), dt)}
+                               "grad_heads": np.empty((E, N_ACTIONS + 1, L * n), dt),
+                               "g_t": np.empty((E, H, L * n), dt), "h_t": np.empty((E, H, L * n), dt)}
             self.torch_buffers[n] = {k: torch.from_numpy(self.buffers[n][k]) for k in ("hidden", "g", "prod")}
         return self.buffers[n]
 
@@ -217,14 +249,14 @@ class KLPenaltyMinibatches:
         np.add(g, x, out=states)
         on_torch = self.step_products == "torch"
         tb = self.torch_buffers[n]
-        for t in range(L):
+        for t in range(L):  # h_{t+1} = ReLU(x_{t+1} + h_t W_hh^T), x_{t+1} already in h_{t+1}'s slot
             if on_torch:
                 torch.bmm(tb["hidden"][:, t], self.torch_wt, out=tb["prod"])
+                h = hidden[:, t + 1]
+                np.add(h, prod, out=h)
+                np.maximum(h, 0, out=h)
             else:
-                np.matmul(hidden[:, t], self.wt, out=prod)
-            h = hidden[:, t + 1]
-            np.add(h, prod, out=h)
-            np.maximum(h, 0, out=h)
+                step_relu(hidden[:, t], self.wt, hidden[:, t + 1])
         head_w = np.concatenate([P["action_weight"], P["value_weight"]], 1)  # [E, 5, H]
         head_b = np.concatenate([P["action_bias"], P["value_bias"]], 1)
         flat = states.reshape(E, M, H)
@@ -261,19 +293,23 @@ class KLPenaltyMinibatches:
 
         # backward through the heads and the recurrence
         np.matmul(gh.transpose(0, 2, 1).copy(), head_w, out=g.reshape(E, M, H))
-        keep = x  # the inputs' buffer, free now: ReLU's mask [h_t > 0]
-        np.greater(states, 0, out=keep)
-        for t in range(L - 1, -1, -1):
+        # dL/dx_t = (dL/dh_t from the heads + dL/dx_{t+1} W_hh) where h_t > 0, else 0
+        keep = np.greater(states, 0, out=x) if on_torch else None  # in the inputs' buffer, free now: [h_t > 0]
+        np.multiply(g[:, L - 1], states[:, L - 1] > 0, out=g[:, L - 1])
+        for t in range(L - 2, -1, -1):
             gt = g[:, t]
-            if t < L - 1:
-                if on_torch:
-                    torch.bmm(tb["g"][:, t + 1], self.torch_w, out=tb["prod"])
-                else:
-                    np.matmul(g[:, t + 1], w, out=prod)
+            if on_torch:
+                torch.bmm(tb["g"][:, t + 1], self.torch_w, out=tb["prod"])
                 np.add(gt, prod, out=gt)
-            np.multiply(gt, keep[:, t], out=gt)
+                np.multiply(gt, keep[:, t], out=gt)
+            else:
+                step_relu_grad(g[:, t + 1], w, gt, states[:, t])
         g_flat = g.reshape(E, M, H)
-        add_at_b(G["weight_hh"], g_flat, hidden[:, :L].reshape(E, M, H))  # dW_hh = sum_t g_t^T h_{t-1}, onto the norm's
+        h_prev = hidden[:, :L].reshape(E, M, H)
+        if self.weight_grad_on_onednn:  # dW_hh = sum_t g_t^T h_{t-1}, onto the norm's
+            add_at_b_onednn(self.torch_grad_whh, g_flat, h_prev, buf["g_t"], buf["h_t"])
+        else:
+            add_at_b(G["weight_hh"], g_flat, h_prev)
         head_grad = np.matmul(gh, flat)  # [E, 5, H]
         G["action_weight"][:], G["value_weight"][:] = head_grad[:, :N_ACTIONS], head_grad[:, N_ACTIONS:]
         head_bias_grad = gh.sum(2)
