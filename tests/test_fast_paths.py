@@ -6,6 +6,8 @@ rollout loop written here from SPEC §4.4 (``collect_rollout``)."""
 
 from __future__ import annotations
 
+import types
+
 import pytest
 import torch
 
@@ -1171,10 +1173,14 @@ def test_transpose_into_and_add_at_b(monkeypatch, openblas):
         want = out + np.einsum("eki,ekj->eij", a.astype(np.float64), b.astype(np.float64))
         rnn_numpy.add_at_b(out, a, b)
         np.testing.assert_allclose(out, want, rtol=1e-5 if dtype == np.float32 else 1e-12, atol=1e-5)
-        # rectangular, from rows strided as the step's buffers (unit e's rows big[e, :8] as [40, 6])
+        # rectangular, from rows strided as the step's buffers (unit e's rows big[e, :8] as [40, 6]), and from rows
+        # padded apart (row stride 9 for 6 columns)
         dst = np.empty((2, 6, 40), dtype)
         rnn_numpy.transpose_into(dst, a)
         assert np.array_equal(dst, a.transpose(0, 2, 1))
+        padded = rng.standard_normal((2, 40, 9)).astype(dtype)[:, :, :6]
+        rnn_numpy.transpose_into(dst, padded)
+        assert np.array_equal(dst, padded.transpose(0, 2, 1))
     with pytest.raises(ValueError, match="transpose_into"):
         rnn_numpy.transpose_into(np.empty((2, 6, 6)), np.empty((2, 6, 6))[:, ::-1])
     with pytest.raises(ValueError, match="transpose_into"):
@@ -1356,3 +1362,7 @@ def test_rllib_step_products_follow_the_processor(monkeypatch):
     with pytest.raises(ValueError, match="float32"):
         rnn_numpy.KLPenaltyMinibatches(stack, None, None, None, None, None, None, None, None,
                                        weight_grad_on_onednn=True)
+    narrow = types.SimpleNamespace(weight_hh=torch.zeros(2, 50, 50))  # a hidden width the kernels do not take
+    with pytest.raises(ValueError, match="multiple of 32"):
+        rnn_numpy.KLPenaltyMinibatches(narrow, None, None, None, None, None, None, None, None,
+                                       step_products="compiled")

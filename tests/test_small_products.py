@@ -19,17 +19,14 @@ def _ordered_products(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return acc
 
 
-def _step_buffers(rng, dtype, rows, H=64, K=64, E=2, steps=5):
-    """Views laid out as the minibatch step's: [E, steps, rows, H] buffers indexed at one step."""
-    hidden = rng.standard_normal((E, steps, rows, max(H, K))).astype(dtype)
-    return hidden, rng.standard_normal((E, K, H)).astype(dtype)
-
-
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("rows", [1, 3, 7, 8, 9, 17])
 def test_step_relu_and_its_backward_equal_their_definition(dtype, rows):
+    """With a and out rows of one [E, steps, rows, H] buffer at two steps, as the minibatch step lays them out."""
     rng = np.random.default_rng(rows)
-    buf, b = _step_buffers(rng, dtype, rows)
+    buf = rng.standard_normal((2, 5, rows, 64)).astype(dtype)
+    b = rng.standard_normal((2, 64, 64)).astype(dtype)
+    b0 = b.copy()
     a, out = buf[:, 1], buf[:, 2]  # strided views: each unit's rows contiguous, units apart
     x, before = out.copy(), buf.copy()
     sp.step_relu(a, b, out)
@@ -45,6 +42,25 @@ def test_step_relu_and_its_backward_equal_their_definition(dtype, rows):
     sp.step_relu_grad(a, b, grad, h)
     assert np.array_equal(grad, np.where(h > 0, g0 + _ordered_products(a, b), 0))
     assert np.array_equal(np.delete(buf, 3, 1), np.delete(before, 3, 1))
+    assert np.array_equal(b, b0)
+
+
+@pytest.mark.parametrize("rows", [2, 7])
+def test_step_products_of_other_widths(rows):
+    """K = 48 inner and N = 96 output columns (three column blocks): a kernel that mixed up K and N, or one column
+    block with another, fails."""
+    rng = np.random.default_rng(10 + rows)
+    a = rng.standard_normal((3, 4, rows, 48))[:, 1]
+    b = rng.standard_normal((3, 48, 96))
+    out = rng.standard_normal((3, 4, rows, 96))[:, 2]
+    x = out.copy()
+    sp.step_relu(a, b, out)
+    want = x + _ordered_products(a, b)
+    assert np.array_equal(out, np.where(want < 0, 0, want))
+    g, h = rng.standard_normal(out.shape), rng.standard_normal(out.shape)
+    g0 = g.copy()
+    sp.step_relu_grad(a, b, g, h)
+    assert np.array_equal(g, np.where(h > 0, g0 + _ordered_products(a, b), 0))
 
 
 def test_nan_handling_is_numpys_relu_and_torchs_threshold_backward():
@@ -67,6 +83,21 @@ def test_nan_handling_is_numpys_relu_and_torchs_threshold_backward():
 def test_what_the_kernels_take():
     assert sp.applies(7, 256) and sp.applies(1, 32)
     assert not sp.applies(7, 250) and not sp.applies(7, 16) and not sp.applies(0, 256)
+    # the kernels index without bounds checks: shapes they would read or write past are refused before they run
+    a, b, out = np.zeros((2, 3, 64)), np.zeros((2, 64, 48)), np.zeros((2, 3, 48))
+    wide = np.zeros((2, 3, 96))
+    for args in [(a, b, out),  # N = 48: not a multiple of 32
+                 (a, np.zeros((2, 64, 64)), wide[:, :, :64][:, :2]),  # out's rows
+                 (a[:, :, :32], np.zeros((2, 64, 64)), wide[:, :, :64]),  # a's K
+                 (a, np.zeros((1, 64, 64)), wide[:, :, :64]),  # units
+                 (a.astype(np.float32), np.zeros((2, 64, 64)), wide[:, :, :64])]:  # dtypes
+        with pytest.raises(ValueError, match="step products need"):
+            sp.step_relu(*args)
+    with pytest.raises(ValueError, match="step products need"):
+        sp.step_relu_grad(a, np.zeros((2, 64, 64)), wide[:, :, :64], np.zeros((2, 3, 32)))
+    assert not wide.any()
+    # one cached kernel per (rows, epilogue, dtype), however the dtype is named
+    assert sp.step_kernel(2, "relu", np.float32) is sp.step_kernel(2.0, "relu", np.dtype("float32"))
     for rows, epilogue in [(0, "relu"), (sp.MAX_ROWS + 1, "relu"), (4, "gelu")]:
         with pytest.raises(ValueError, match="no step kernel"):
             sp._source(rows, epilogue)

@@ -42,6 +42,7 @@ import numpy as np
 import torch
 
 from interbrain.agents.base import N_ACTIONS, N_CELLS, action_log_softmax
+from interbrain.agents import small_products
 from interbrain.agents.small_products import step_relu, step_relu_grad
 from interbrain.config import PPOConfig
 
@@ -130,9 +131,10 @@ def add_at_b(out: np.ndarray, a: np.ndarray, b: np.ndarray) -> None:
 
 def add_at_b_onednn(out: torch.Tensor, a: np.ndarray, b: np.ndarray, a_t: np.ndarray, b_t: np.ndarray) -> None:
     """:func:`add_at_b` (out[e] += a[e]^T b[e]) on oneDNN's dense-layer kernel, which computes x w^T from x and w with
-    contiguous rows: x = a[e]^T and w = b[e]^T, transposed into the C-contiguous [E, K, M] and [E, K, N] buffers
-    ``a_t`` and ``b_t`` first. float32 (oneDNN's AVX-512 kernels: both units' [256, 140]^T [140, 256] in 225 µs with
-    the transposes and the sum, against 304 µs on OpenBLAS's AVX2 kernels, session 26's Zen 5)."""
+    contiguous rows: x = a[e]^T and w = b[e]^T, for a [E, K, M] and b [E, K, N] transposed into the C-contiguous
+    [E, M, K] and [E, N, K] buffers ``a_t`` and ``b_t`` first. float32 (oneDNN's AVX-512 kernels: both units'
+    [140, 256]^T x [140, 256] in 225 µs with the transposes and the sum, against 304 µs on OpenBLAS's AVX2 kernels,
+    session 26's Zen 5)."""
     transpose_into(a_t, a)
     transpose_into(b_t, b)
     x, w = torch.from_numpy(a_t), torch.from_numpy(b_t)
@@ -165,6 +167,9 @@ class KLPenaltyMinibatches:
         step_products = default_step_products(stack.weight_hh.shape[-1]) if step_products is None else step_products
         if step_products not in STEP_PRODUCTS:
             raise ValueError(f"step_products={step_products!r} is not one of {list(STEP_PRODUCTS)}")
+        if step_products == "compiled" and not small_products.applies(1, stack.weight_hh.shape[-1]):
+            raise ValueError(f"compiled step products need a hidden width that is a multiple of "
+                             f"{small_products.COLS}, got {stack.weight_hh.shape[-1]}")
         self.step_products = step_products
         if weight_grad_on_onednn is None:  # where the dense layers' large products run on oneDNN, in float32
             from interbrain.agents.linear import cpu_backend
@@ -172,6 +177,12 @@ class KLPenaltyMinibatches:
             weight_grad_on_onednn = stack.weight_hh.dtype == torch.float32 and cpu_backend() == "onednn"
         elif weight_grad_on_onednn and stack.weight_hh.dtype != torch.float32:
             raise ValueError(f"the weight gradient on oneDNN needs float32 parameters, got {stack.weight_hh.dtype}")
+        elif weight_grad_on_onednn:
+            from interbrain.agents.linear import onednn_available
+
+            if not onednn_available():
+                raise ValueError("the weight gradient on oneDNN needs torch's oneDNN dense-layer kernel, which this "
+                                 "torch build lacks")
         self.weight_grad_on_onednn = weight_grad_on_onednn
         E, H = stack.units, stack.weight_hh.shape[-1]
         L, _, S = actions.shape
@@ -295,7 +306,10 @@ class KLPenaltyMinibatches:
         np.matmul(gh.transpose(0, 2, 1).copy(), head_w, out=g.reshape(E, M, H))
         # dL/dx_t = (dL/dh_t from the heads + dL/dx_{t+1} W_hh) where h_t > 0, else 0
         keep = np.greater(states, 0, out=x) if on_torch else None  # in the inputs' buffer, free now: [h_t > 0]
-        np.multiply(g[:, L - 1], states[:, L - 1] > 0, out=g[:, L - 1])
+        if on_torch:
+            np.multiply(g[:, L - 1], keep[:, L - 1], out=g[:, L - 1])
+        else:  # zero where masked, NaN too, as the compiled steps (and torch's threshold_backward) do
+            np.copyto(g[:, L - 1], 0, where=~(states[:, L - 1] > 0))
         for t in range(L - 2, -1, -1):
             gt = g[:, t]
             if on_torch:

@@ -72,13 +72,17 @@ def _signature(dtype: np.dtype, epilogue: str):
     return (strided, contiguous, strided) + ((strided,) if epilogue == "relu_grad" else ())
 
 
-@functools.cache
-def step_kernel(rows: int, epilogue: str, dtype: np.dtype):
+def step_kernel(rows: int, epilogue: str, dtype) -> numba.core.registry.CPUDispatcher:
     """The compiled kernel for ``rows`` rows (1..:data:`MAX_ROWS`), ``epilogue`` and ``dtype`` (float32, float64),
     compiled on the first call with numba's SLP vectorizer on; no other signature is compiled afterwards."""
-    if np.dtype(dtype) not in (np.dtype(np.float32), np.dtype(np.float64)):
+    return _step_kernel(int(rows), epilogue, np.dtype(dtype))
+
+
+@functools.cache
+def _step_kernel(rows: int, epilogue: str, dtype: np.dtype):
+    if dtype not in (np.dtype(np.float32), np.dtype(np.float64)):
         raise ValueError(f"step kernels take float32 or float64, got {dtype}")
-    namespace = {"np": np, "dtype": np.dtype(dtype).type, "zero": np.dtype(dtype).type(0)}  # numba's constants
+    namespace = {"np": np, "dtype": dtype.type, "zero": dtype.type(0)}  # numba takes globals as typed constants
     exec(compile(_source(rows, epilogue), f"<step kernel rows={rows} {epilogue}>", "exec"), namespace)  # noqa: S102
     kernel = njit(boundscheck=False)(namespace["kernel"])
     saved = numba.config.SLP_VECTORIZE
@@ -96,8 +100,19 @@ def applies(n_rows: int, cols: int) -> bool:
     return n_rows >= 1 and cols >= COLS and cols % COLS == 0
 
 
+def _check(a: np.ndarray, b: np.ndarray, out: np.ndarray, h: np.ndarray | None = None) -> None:
+    """The kernels index without bounds checks: refuse shapes they would read or write past."""
+    E, K, N = b.shape
+    if not (applies(a.shape[1], N) and a.shape == (E, a.shape[1], K) and out.shape == (E, a.shape[1], N)
+            and (h is None or h.shape == out.shape) and a.dtype == b.dtype == out.dtype):
+        raise ValueError(f"step products need a [E, rows, K], b [E, K, N] with N a multiple of {COLS}, out (and h) "
+                         f"[E, rows, N] of one dtype; got a {a.shape}, b {b.shape}, out {out.shape}"
+                         + ("" if h is None else f", h {h.shape}"))
+
+
 def step_relu(a: np.ndarray, b: np.ndarray, out: np.ndarray) -> None:
     """out = max(out + a b, 0) per unit (see the module), in blocks of at most :data:`MAX_ROWS` rows."""
+    _check(a, b, out)
     for r in range(0, a.shape[1], MAX_ROWS):
         rows = slice(r, r + MAX_ROWS)
         block = a[:, rows]
@@ -106,6 +121,7 @@ def step_relu(a: np.ndarray, b: np.ndarray, out: np.ndarray) -> None:
 
 def step_relu_grad(a: np.ndarray, b: np.ndarray, out: np.ndarray, h: np.ndarray) -> None:
     """out = (out + a b) where h > 0, else 0, per unit (see the module), in blocks of at most :data:`MAX_ROWS` rows."""
+    _check(a, b, out, h)
     for r in range(0, a.shape[1], MAX_ROWS):
         rows = slice(r, r + MAX_ROWS)
         block = a[:, rows]
