@@ -81,7 +81,7 @@ def test_resume_under_another_small_step_backend_warns(tmp_path, tiny_overrides,
     events = [json.loads(x) for x in (tmp_path / "events.jsonl").read_text().splitlines()]
     resumed = [e for e in events if e["event"] == "resumed"][-1]
     assert resumed["cpu_small_matmul"] == {"checkpoint": "torch", "now": "numpy"}
-    assert "cpu_small_matmul backend 'numpy'" in capsys.readouterr().err
+    assert "cpu_small_matmul 'numpy'" in capsys.readouterr().err
     small_matmul("numpy")  # an architecture without the stacked recurrence: the choice changes nothing, no warning
     _run(tmp_path / "mlp", 1, tiny_overrides, "mlp", "fast")
     small_matmul("torch")
@@ -90,6 +90,25 @@ def test_resume_under_another_small_step_backend_warns(tmp_path, tiny_overrides,
     events = [json.loads(x) for x in (tmp_path / "mlp" / "events.jsonl").read_text().splitlines()]
     assert "cpu_small_matmul" not in [e for e in events if e["event"] == "resumed"][-1]
     assert "not bit for bit" not in capsys.readouterr().err
+
+
+def test_resume_on_another_vector_capability_warns(tmp_path, tiny_overrides, monkeypatch, capsys):
+    """The rnn's rllib step products are compiled on AVX-512 processors and MKL's elsewhere
+    (interbrain.agents.rnn_numpy): a resume where torch reports another CPU capability says so, as for the kernels."""
+    def resumed_event():
+        events = [json.loads(x) for x in (tmp_path / "events.jsonl").read_text().splitlines()]
+        return [e for e in events if e["event"] == "resumed"][-1]
+
+    _run(tmp_path, 1, tiny_overrides, "rnn", "rllib", checkpoint_every=1)
+    capsys.readouterr()
+    _run(tmp_path, 2, tiny_overrides, "rnn", "rllib", checkpoint_every=1)  # the same processor: nothing said
+    assert "cpu_capability" not in resumed_event() and "not bit for bit" not in capsys.readouterr().err
+    real = torch.backends.cpu.get_cpu_capability()
+    other = "AVX2" if real != "AVX2" else "AVX512"
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: other)
+    _run(tmp_path, 3, tiny_overrides, "rnn", "rllib", checkpoint_every=1)
+    assert resumed_event()["cpu_capability"] == {"checkpoint": real, "now": other}
+    assert f"cpu_capability {other!r}" in capsys.readouterr().err
 
 
 def test_same_seed_same_weights_and_schedule(tmp_path, tiny_overrides):

@@ -230,16 +230,19 @@ class UnitOutput:
             event = {"event": "resumed", "update": trainer.update, "from": str(resume_from.path), "time": now()}
             info = device_info(device)
             # the CPU kernels' choices (interbrain.agents.linear); the small-step one matters to the rnn's stacked
-            # recurrence only and was torch's before it was recorded
-            keys = ("cpu_matmul", "cpu_small_matmul") if self.config.agent.arch == "rnn" else ("cpu_matmul",)
+            # recurrence only and was torch's before it was recorded, and so does the processor's vector capability,
+            # which picks the rllib learner's step products (compiled or MKL; interbrain.agents.rnn_numpy)
+            keys = (("cpu_matmul", "cpu_small_matmul", "cpu_capability") if self.config.agent.arch == "rnn"
+                    else ("cpu_matmul",))
             for key in keys:
+                if key == "cpu_capability" and key not in resume_from.provenance:
+                    continue
                 then = resume_from.provenance.get(key, "torch" if key == "cpu_small_matmul" else None)
                 current = info.get(key)
                 if then != current:  # another kernel: other float summation order from here on
                     event[key] = {"checkpoint": then, "now": current}
-                    print(f"warning: resuming from {resume_from.path} with {key} backend {current!r} (the "
-                          f"checkpoint's: {then!r}): the continued run is not bit for bit the uninterrupted one",
-                          file=sys.stderr)
+                    print(f"warning: resuming from {resume_from.path} with {key} {current!r} (the checkpoint's: "
+                          f"{then!r}): the continued run is not bit for bit the uninterrupted one", file=sys.stderr)
             append_jsonl(self.events, event)
         else:
             trainer = Trainer(self.config, device)
