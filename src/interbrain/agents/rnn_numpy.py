@@ -41,9 +41,8 @@ import os
 import numpy as np
 import torch
 
-from interbrain.agents.base import N_ACTIONS, N_CELLS, action_log_softmax
 from interbrain.agents import small_products
-from interbrain.agents.small_products import step_relu, step_relu_grad
+from interbrain.agents.base import N_ACTIONS, N_CELLS, action_log_softmax
 from interbrain.config import PPOConfig
 
 #: the statistics of one minibatch step, rows of :meth:`KLPenaltyMinibatches.step`'s result (those of
@@ -90,9 +89,8 @@ STEP_PRODUCTS = ("compiled", "torch")
 
 def default_step_products(hidden: int = 256) -> str:
     """:data:`STEP_PRODUCTS`'s choice for this process and a hidden width of ``hidden``."""
-    from interbrain.agents.small_products import applies
-
-    return "compiled" if torch.backends.cpu.get_cpu_capability() == "AVX512" and applies(1, hidden) else "torch"
+    avx512 = torch.backends.cpu.get_cpu_capability() == "AVX512"
+    return "compiled" if avx512 and small_products.applies(1, hidden) else "torch"
 
 
 def transpose_into(dst: np.ndarray, src: np.ndarray) -> None:
@@ -227,8 +225,9 @@ class KLPenaltyMinibatches:
             self.buffers[n] = {"hidden": np.empty((E, L + 1, n, H), dt), "x": np.empty((E, L, n, H), dt),
                                "g": np.empty((E, L, n, H), dt),
                                "prod": np.empty((E, n, H), dt), "heads": np.empty((E, L * n, N_ACTIONS + 1), dt),
-                               "grad_heads": np.empty((E, N_ACTIONS + 1, L * n), dt),
-                               "g_t": np.empty((E, H, L * n), dt), "h_t": np.empty((E, H, L * n), dt)}
+                               "grad_heads": np.empty((E, N_ACTIONS + 1, L * n), dt)}
+            if self.weight_grad_on_onednn:  # the transposed copies add_at_b_onednn multiplies
+                self.buffers[n] |= {"g_t": np.empty((E, H, L * n), dt), "h_t": np.empty((E, H, L * n), dt)}
             self.torch_buffers[n] = {k: torch.from_numpy(self.buffers[n][k]) for k in ("hidden", "g", "prod")}
         return self.buffers[n]
 
@@ -267,7 +266,7 @@ class KLPenaltyMinibatches:
                 np.add(h, prod, out=h)
                 np.maximum(h, 0, out=h)
             else:
-                step_relu(hidden[:, t], self.wt, hidden[:, t + 1])
+                small_products.step_relu(hidden[:, t], self.wt, hidden[:, t + 1])
         head_w = np.concatenate([P["action_weight"], P["value_weight"]], 1)  # [E, 5, H]
         head_b = np.concatenate([P["action_bias"], P["value_bias"]], 1)
         flat = states.reshape(E, M, H)
@@ -317,7 +316,7 @@ class KLPenaltyMinibatches:
                 np.add(gt, prod, out=gt)
                 np.multiply(gt, keep[:, t], out=gt)
             else:
-                step_relu_grad(g[:, t + 1], w, gt, states[:, t])
+                small_products.step_relu_grad(g[:, t + 1], w, gt, states[:, t])
         g_flat = g.reshape(E, M, H)
         h_prev = hidden[:, :L].reshape(E, M, H)
         if self.weight_grad_on_onednn:  # dW_hh = sum_t g_t^T h_{t-1}, onto the norm's

@@ -110,19 +110,20 @@ def _check(a: np.ndarray, b: np.ndarray, out: np.ndarray, h: np.ndarray | None =
                          + ("" if h is None else f", h {h.shape}"))
 
 
-def step_relu(a: np.ndarray, b: np.ndarray, out: np.ndarray) -> None:
-    """out = max(out + a b, 0) per unit (see the module), in blocks of at most :data:`MAX_ROWS` rows."""
-    _check(a, b, out)
+def _in_row_blocks(epilogue: str, a: np.ndarray, b: np.ndarray, out: np.ndarray, *mask: np.ndarray) -> None:
+    """The ``epilogue`` kernel over the rows of a, out (and the mask h) in blocks of at most :data:`MAX_ROWS`."""
+    _check(a, b, out, *mask)
     for r in range(0, a.shape[1], MAX_ROWS):
         rows = slice(r, r + MAX_ROWS)
         block = a[:, rows]
-        step_kernel(block.shape[1], "relu", a.dtype)(block, b, out[:, rows])
+        step_kernel(block.shape[1], epilogue, a.dtype)(block, b, out[:, rows], *(m[:, rows] for m in mask))
+
+
+def step_relu(a: np.ndarray, b: np.ndarray, out: np.ndarray) -> None:
+    """out = max(out + a b, 0) per unit (see the module), in blocks of at most :data:`MAX_ROWS` rows."""
+    _in_row_blocks("relu", a, b, out)
 
 
 def step_relu_grad(a: np.ndarray, b: np.ndarray, out: np.ndarray, h: np.ndarray) -> None:
     """out = (out + a b) where h > 0, else 0, per unit (see the module), in blocks of at most :data:`MAX_ROWS` rows."""
-    _check(a, b, out, h)
-    for r in range(0, a.shape[1], MAX_ROWS):
-        rows = slice(r, r + MAX_ROWS)
-        block = a[:, rows]
-        step_kernel(block.shape[1], "relu_grad", a.dtype)(block, b, out[:, rows], h[:, rows])
+    _in_row_blocks("relu_grad", a, b, out, h)
